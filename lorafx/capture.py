@@ -1,0 +1,224 @@
+"""Capture a model as a torch.fx GraphModule with torch.export.
+
+``capture(model, example_inputs, example_kwargs, dynamic=True)`` works on Hugging
+Face transformers models and plain ``nn.Module``s:
+
+* positional inputs are bound to the forward's parameter names, so the graph is
+  called with keywords (``gm(input_ids=ids)``);
+* for transformers models ``use_cache`` is off and ``return_dict`` on during
+  export (the model's config is restored afterwards);
+* batch (dim 0) and sequence (dim 1 of integer inputs and of 3-d+ float inputs)
+  are dynamic; an example of size 1 is repeated to 2 first, since torch.export
+  would otherwise specialise it to a constant;
+* the model is exported in training mode (so dropout nodes exist) and nothing
+  about the user's model is changed: its mode and config are restored.
+
+The symbolic dims are recorded in ``gm.meta["lorafx_dims"]`` ({symbol: "batch"|"seq"})
+and every call_function node gets an ``OriginRecord`` naming its module.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch.export import Dim
+
+from .meta import OriginRecord, set_record
+
+__all__ = ["capture", "CaptureError", "bind_inputs", "is_hf_model"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as an fx graph."""
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def bind_inputs(model: torch.nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]]) -> Tuple[tuple, dict]:
+    """Bind positional ``args`` to the forward's parameter names; drops None keywords.
+
+    Returns ``(remaining_args, kwargs)``; ``remaining_args`` is empty unless the
+    forward takes ``*args``.
+    """
+    kwargs = dict(kwargs or {})
+    args = tuple(args or ())
+    sig = inspect.signature(model.forward)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
+        return args, {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError as e:
+        names = [p for p in sig.parameters]
+        raise CaptureError(
+            f"example inputs do not match {type(model).__name__}.forward{sig}: {e}. "
+            f"Pass inputs by name, e.g. example_kwargs={{'{names[0] if names else 'x'}': tensor}}."
+        ) from None
+    out = {}
+    for name, value in bound.arguments.items():
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update({k: v for k, v in value.items() if v is not None})
+        elif value is not None:
+            out[name] = value
+    return (), out
+
+
+def _dynamic_dims(t: torch.Tensor) -> Dict[int, str]:
+    """Which dims of an example tensor are batch/seq."""
+    if t.dim() == 0:
+        return {}
+    dims = {0: "batch"}
+    is_int = not (t.is_floating_point() or t.is_complex())
+    if t.dim() >= 2 and (is_int or t.dim() >= 3):
+        dims[1] = "seq"
+    return dims
+
+
+def _grow_unit_dims(kwargs: dict, args: tuple, dynamic: bool):
+    """Repeat size-1 batch/seq dims to 2 (torch.export specialises size-1 dims)."""
+    if not dynamic:
+        return args, kwargs
+
+    def grow(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        for d in _dynamic_dims(t):
+            if t.shape[d] == 1:
+                reps = [1] * t.dim()
+                reps[d] = 2
+                t = t.repeat(*reps)
+        return t
+
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """torch.export dynamic_shapes keyed by the forward's parameter names."""
+
+    def spec(t):
+        if isinstance(t, torch.Tensor):
+            return {d: Dim.AUTO for d in _dynamic_dims(t)} or None
+        return torch.utils._pytree.tree_map(lambda _: None, t)
+
+    shapes = {k: spec(v) for k, v in kwargs.items()}
+    if args:
+        params = inspect.signature(model.forward).parameters.values()
+        var_name = next(p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL)
+        shapes = {var_name: tuple(spec(a) for a in args), **shapes}
+    return shapes
+
+
+@contextlib.contextmanager
+def _export_settings(model: torch.nn.Module):
+    """Training mode, and for transformers models use_cache=False/return_dict=True; restored after."""
+    modes = {m: m.training for m in model.modules()}
+    config = getattr(model, "config", None) if is_hf_model(model) else None
+    saved = {}
+    if config is not None:
+        for key, value in (("use_cache", False), ("return_dict", True)):
+            if hasattr(config, key):
+                saved[key] = getattr(config, key)
+                setattr(config, key, value)
+    model.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for key, value in saved.items():
+            setattr(config, key, value)
+
+
+def _hint(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    first = text.splitlines()[0][:400]
+    hints = []
+    low = text.lower()
+    if "data-dependent" in low or "guardonDataDependent".lower() in low:
+        hints.append("the model branches on tensor values; make that branch static or pass dynamic=False")
+    if "constraint" in low or "specializ" in low or "dim" in low:
+        hints.append("retry with dynamic=False (fixed shapes), or use example inputs of the size you will run")
+    if "cache" in low:
+        hints.append("pass use_cache=False / disable the KV cache in the model's config")
+    hints.append("check that example_inputs/example_kwargs are what model(...) accepts in eager mode")
+    return f"{first}\n  what to try: " + "; ".join(hints)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: Optional[Dict[str, Any]] = None,
+    *,
+    dynamic: bool = True,
+) -> torch.fx.GraphModule:
+    """Export ``model`` to an fx GraphModule called with keyword inputs.
+
+    Requires: ``model(*example_inputs, **example_kwargs)`` runs in eager mode.
+    Provides: a GraphModule whose parameters and buffers are the model's own
+    tensors (no copy), with dynamic batch/seq dims when ``dynamic``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not example_inputs and not example_kwargs:
+        raise CaptureError(
+            f"capture({type(model).__name__}) needs example inputs: pass example_inputs=(tensor, ...) "
+            "or example_kwargs={'input_ids': ids}"
+        )
+    args, kwargs = bind_inputs(model, example_inputs, example_kwargs)
+    args, kwargs = _grow_unit_dims(kwargs, args, dynamic)
+    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    with _export_settings(model):
+        try:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as e:  # torch.export raises many exception types
+            raise CaptureError(f"could not capture {type(model).__name__}: {_hint(e)}") from e
+    gm = ep.module()
+    gm.meta["lorafx_dims"] = _name_symbols(gm) if dynamic else {}
+    gm.meta["lorafx_inputs"] = {"kwargs": sorted(kwargs), "nargs": len(args)}
+    gm.meta["lorafx_output_modules"] = _output_modules(model)
+    _record_origins(gm)
+    return gm
+
+
+def _output_modules(model: torch.nn.Module) -> list:
+    """Names of the model's output layer(s), which "all-linear" leaves alone."""
+    names = []
+    head = model.get_output_embeddings() if is_hf_model(model) else None
+    for name, mod in model.named_modules():
+        if (head is not None and mod is head) or name.rsplit(".", 1)[-1] in ("lm_head", "classifier", "score"):
+            names.append(name)
+    return names
+
+
+def _name_symbols(gm: torch.fx.GraphModule) -> Dict[str, str]:
+    names: Dict[str, str] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, role in _dynamic_dims(val).items():
+            size = val.shape[d]
+            if isinstance(size, torch.SymInt):
+                names.setdefault(str(size.node.expr), role)
+    return names
+
+
+def _record_origins(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path, mtype = list(stack.values())[-1]
+            mtype = mtype if isinstance(mtype, str) else getattr(mtype, "__qualname__", str(mtype))
+            set_record(node, OriginRecord(module=path, module_type=mtype.rsplit(".", 1)[-1]))

@@ -1,0 +1,230 @@
+"""CompiledModel: the nn.Module that ``lorafx.compile`` returns.
+
+It runs the rewritten graph and owns the same parameters under the original
+model's names (plus ``<site>.lora_A`` / ``<site>.lora_B``), so ``state_dict()``,
+optimizers and the transformers ``Trainer`` see an ordinary module.
+
+A captured graph is specialised to the set of keyword inputs it was captured
+with.  Called with another set (say ``labels=`` added for the loss), the model
+captures that signature once, runs the same pipeline on it and binds it to the
+same parameters, so every variant trains the same adapters.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx
+
+from .capture import bind_inputs, capture
+from .meta import LoraRecord, get_record
+from .pipeline import PassReport, Pipeline, lint_graph
+
+__all__ = ["CompiledModel", "CompileReport"]
+
+
+class CompileReport:
+    """Per-pass rows (nodes before/after, seconds, info) plus graph totals."""
+
+    def __init__(self, reports: List[PassReport], capture_seconds: float, nodes_captured: int,
+                 adapter_sites: int, trainable: int, total: int):
+        self.passes = list(reports)
+        self.capture_seconds = capture_seconds
+        self.nodes_captured = nodes_captured
+        self.adapter_sites = adapter_sites
+        self.trainable_params = trainable
+        self.total_params = total
+
+    def as_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, dict):
+                return {str(k): clean(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+        return {
+            "capture": {"seconds": self.capture_seconds, "nodes": self.nodes_captured},
+            "passes": [clean(r.as_dict()) for r in self.passes],
+            "adapter_sites": self.adapter_sites,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": 100.0 * self.trainable_params / max(self.total_params, 1),
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.as_dict(), indent=2, **kw)
+
+    def __str__(self) -> str:
+        rows = [("capture", "-", str(self.nodes_captured), f"{self.capture_seconds * 1000:.0f}", "")]
+        for r in self.passes:
+            note = ", ".join(f"{k}={v}" for k, v in r.info.items() if not isinstance(v, (dict, list)))
+            rows.append((r.name, str(r.nodes_before), str(r.nodes_after), f"{r.seconds * 1000:.0f}", note))
+        head = ("pass", "nodes before", "nodes after", "ms", "info")
+        widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(4)]
+        fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
+        lines = [fmt(head), fmt(tuple("-" * w for w in widths) + ("----",))] + [fmt(r) for r in rows]
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        lines.append(f"adapter sites: {self.adapter_sites}   trainable params: {self.trainable_params:,} "
+                     f"of {self.total_params:,} ({pct:.3f}%)")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _signature_key(args: tuple, kwargs: dict) -> Tuple[int, Tuple[str, ...]]:
+    return len(args), tuple(sorted(kwargs))
+
+
+class CompiledModel(torch.nn.Module):
+    def __init__(self, source: torch.nn.Module, graph_module: torch.fx.GraphModule, pipeline: Pipeline,
+                 report: CompileReport, *, target: str = "cpu", dynamic: bool = True,
+                 options: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        # Share the graph module's attribute tables: parameters keep the model's own names.
+        object.__setattr__(self, "_modules", graph_module._modules)
+        object.__setattr__(self, "_parameters", graph_module._parameters)
+        object.__setattr__(self, "_buffers", graph_module._buffers)
+        self.__dict__["graph_module"] = graph_module
+        self.__dict__["_source"] = source
+        self.__dict__["_pipeline"] = pipeline
+        self.__dict__["_variants"] = {}
+        self.__dict__["_report"] = report
+        self.__dict__["_merged"] = False
+        self.target = target
+        self.dynamic = dynamic
+        self.options = dict(options or {})
+        inputs = graph_module.meta.get("lorafx_inputs", {})
+        self._variants[(inputs.get("nargs", 0), tuple(inputs.get("kwargs", ())))] = graph_module
+        self.train(source.training)
+
+    # -- running --------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        args, kwargs = bind_inputs(self._source, args, kwargs)
+        gm = self._variants.get(_signature_key(args, kwargs))
+        if gm is None:
+            gm = self._add_variant(args, kwargs)
+        return gm(*args, **kwargs)
+
+    def _add_variant(self, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+        detached = lambda v: v.detach() if isinstance(v, torch.Tensor) else v
+        gm = capture(self._source, tuple(map(detached, args)), {k: detached(v) for k, v in kwargs.items()},
+                     dynamic=self.dynamic)
+        gm = self._pipeline(gm).graph_module
+        primary = self.graph_module
+        own = gm._modules
+        object.__setattr__(gm, "_modules", {**primary._modules, **{k: v for k, v in own.items()
+                                                                   if k not in primary._modules or k == "_guards_fn"}})
+        object.__setattr__(gm, "_parameters", primary._parameters)
+        object.__setattr__(gm, "_buffers", primary._buffers)
+        lint_graph(gm)
+        from lorafx.passes import MergeLoRA, set_training_mode
+        if self._merged:
+            MergeLoRA()(gm)
+        set_training_mode(gm, self.training)
+        self._variants[_signature_key(args, kwargs)] = gm
+        return gm
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """Switch dropout (and adapter dropout) on or off in every captured graph."""
+        from lorafx.passes import set_training_mode
+        self.training = mode
+        for gm in self._variants.values():
+            if gm.meta.get("lorafx_training") != mode:
+                set_training_mode(gm, mode)
+        return self
+
+    # -- inspection -------------------------------------------------------------------
+    def report(self) -> CompileReport:
+        """What each pass did: node counts, time and the pass's info."""
+        return self._report
+
+    def graph_report(self) -> str:
+        """The rewritten graph, one node a line, with its lorafx metadata."""
+        from .inspect import format_graph
+        return format_graph(self.graph_module)
+
+    def lora_records(self) -> Dict[str, LoraRecord]:
+        """{site: LoraRecord} for every adapted linear."""
+        out = {}
+        for node in self.graph_module.graph.nodes:
+            rec = get_record(node, LoraRecord)
+            if rec is not None:
+                out.setdefault(rec.site, rec)
+        return out
+
+    def trainable_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.trainable_parameters().values())
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+
+    # -- merging ----------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def merge(self) -> "CompiledModel":
+        """Fold every adapter into its frozen weight (W + scale·BA, in float32)."""
+        from lorafx.passes import MergeLoRA
+        if not self._merged:
+            for gm in self._variants.values():
+                MergeLoRA()(gm)
+            self.__dict__["_merged"] = True
+        return self
+
+    def unmerge(self) -> "CompiledModel":
+        """Undo ``merge()`` exactly (the unmerged weights were kept)."""
+        from lorafx.passes import UnmergeLoRA
+        if self._merged:
+            for gm in self._variants.values():
+                UnmergeLoRA()(gm)
+            self.__dict__["_merged"] = False
+        return self
+
+    def merge_and_unload(self) -> torch.fx.GraphModule:
+        """A new plain GraphModule with merged weights and no lorafx ops or adapters,
+        in eval mode.  This model is left as it is; unadapted tensors are shared."""
+        import copy
+        from lorafx.passes import MergeLoRA, set_training_mode
+        was_merged = self._merged
+        self.unmerge()
+        try:
+            src = self.graph_module
+            # GraphModule(root, graph) builds a new module tree sharing the referenced tensors.
+            gm = torch.fx.GraphModule(src, copy.deepcopy(src.graph), class_name=type(src).__name__)
+            gm.meta.update(copy.deepcopy(src.meta))
+            MergeLoRA(unload=True)(gm)
+            set_training_mode(gm, False)
+            gm.graph.lint()
+            gm.recompile()
+        finally:
+            if was_merged:
+                self.merge()
+        return gm
+
+    def merged_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The original model's state dict with adapters merged: load it into the
+        source architecture with ``model.load_state_dict(...)``."""
+        return {k: v for k, v in self.merge_and_unload().state_dict().items()}
+
+    # -- adapters ---------------------------------------------------------------------
+    def save_adapter(self, directory: str) -> None:
+        """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        from .adapter_io import save_adapter
+        save_adapter(self, directory)
+
+    def load_adapter(self, directory: str) -> "CompiledModel":
+        """Load adapter weights (saved by lorafx or PEFT) into this model's adapters."""
+        from .adapter_io import load_adapter_weights
+        load_adapter_weights(self, directory)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"target={self.target!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
+                f"signatures={len(self._variants)}")

@@ -1,0 +1,107 @@
+"""``lorafx.compile``: capture a model, run the LoRA pipeline, return a CompiledModel."""
+from __future__ import annotations
+
+import inspect as _inspect
+import time
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+import torch
+
+from .capture import capture, is_hf_model
+from .compiled import CompiledModel, CompileReport
+from .pipeline import Instrument, Pipeline
+
+__all__ = ["compile", "default_example_inputs", "LORA_OPTIONS"]
+
+# compile() options forwarded to InsertLoRA, with their meaning.
+LORA_OPTIONS = {
+    "r": "LoRA rank (default 8)",
+    "alpha": "LoRA alpha; scale = alpha / r (default 16)",
+    "target_modules": "module names (list), a regex, or 'all-linear' (default)",
+    "exclude_modules": "module names or regex to leave alone",
+    "rank_pattern": "PEFT-style {regex: rank}",
+    "alpha_pattern": "PEFT-style {regex: alpha}",
+    "use_rslora": "scale = alpha / sqrt(r)",
+    "dropout": "adapter dropout probability (default 0)",
+    "init": "'kaiming' (default) or 'gaussian' init of A; B starts at 0",
+    "seed": "seed for the adapter init",
+}
+
+
+def default_example_inputs(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A (2, 16) batch of token ids for a transformers model, on the model's device."""
+    if not is_hf_model(model):
+        raise ValueError(
+            f"{type(model).__name__} is not a transformers model, so lorafx cannot guess its inputs: "
+            "pass example_inputs=(tensor, ...) or example_kwargs={...}"
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 16), generator=gen).to(device)
+    return {"input_ids": ids}
+
+
+class _Progress(Instrument):
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, desc="lorafx passes", unit="pass", leave=False)
+
+    def before_pass(self, p, gm):
+        self.bar.set_postfix_str(p.name)
+
+    def after_pass(self, p, result, report):
+        self.bar.update(1)
+
+    def after_pipeline(self, gm, reports):
+        self.bar.close()
+
+
+def compile(
+    model: torch.nn.Module,
+    *,
+    target: str = "cpu",
+    example_inputs: Optional[Sequence[Any]] = None,
+    example_kwargs: Optional[Dict[str, Any]] = None,
+    dynamic: bool = True,
+    instruments: Iterable[Instrument] = (),
+    progress: bool = False,
+    **options: Any,
+) -> CompiledModel:
+    """Capture ``model``, insert LoRA adapters and lower to ``target``.
+
+    Options: see ``LORA_OPTIONS`` (``r``, ``alpha``, ``target_modules``,
+    ``rank_pattern``, ``dropout``, ...).  The model itself is not modified: the
+    compiled model shares its weights (frozen copies of the Parameter objects).
+    """
+    from lorafx.hw_targets import get_target
+    from lorafx.passes import InsertLoRA, SetTrainingMode
+
+    unknown = sorted(set(options) - set(LORA_OPTIONS))
+    if unknown:
+        raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: {sorted(LORA_OPTIONS)}")
+    hw = get_target(target)
+    lora = InsertLoRA(**options)  # validates the options before the (slow) capture
+    if example_inputs is None and example_kwargs is None:
+        example_kwargs = default_example_inputs(model)
+    passes = [lora, *hw.passes(), SetTrainingMode(train=model.training)]
+    instruments = list(instruments)
+    if progress:
+        instruments.append(_Progress(len(passes)))
+    pipeline = Pipeline(passes, instruments=instruments)
+
+    start = time.perf_counter()
+    gm = capture(model, example_inputs or (), example_kwargs, dynamic=dynamic)
+    capture_seconds = time.perf_counter() - start
+    nodes = len(gm.graph.nodes)
+    result = pipeline(gm)
+    gm = result.graph_module
+    reports = result.info["reports"]
+    lora_info = next((r.info for r in reports if r.name == "InsertLoRA"), {})
+    report = CompileReport(reports, capture_seconds, nodes, lora_info.get("adapter_sites", 0),
+                           sum(p.numel() for p in gm.parameters() if p.requires_grad),
+                           sum(p.numel() for p in gm.parameters()))
+    replay = Pipeline([lora, *hw.passes()])  # for inputs captured later; modes are set by the model
+    return CompiledModel(model, gm, replay, report, target=hw.name, dynamic=dynamic,
+                         options={"target": hw.name, **options})

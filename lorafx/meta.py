@@ -1,0 +1,106 @@
+"""Typed lorafx metadata on fx nodes.
+
+Every record lives under the single key ``node.meta["lorafx"]``, a plain dict
+from record kind to a frozen dataclass.  Records hold names and numbers only
+(no references to nodes or modules) so graphs deep-copy and pickle.
+
+    >>> rec = LoraRecord(site="model.layers.0.self_attn.q_proj", weight="...weight",
+    ...                  lora_A="...lora_A", lora_B="...lora_B", r=8, alpha=16.0, scale=2.0)
+    >>> set_record(node, rec); get_record(node, LoraRecord) is rec
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Type, TypeVar
+
+import torch.fx
+
+META_KEY = "lorafx"
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class OriginRecord:
+    """Where a node came from: the module that produced it and the pass that made it."""
+
+    module: str  # dotted module name, "" for the root
+    module_type: str = ""
+    created_by: Optional[str] = None  # name of the pass that inserted the node
+
+
+@dataclass(frozen=True)
+class LoraRecord:
+    """An adapted linear: ``y = x W^T + b + scale * dropout(x) A^T B^T``."""
+
+    site: str  # module name of the adapted linear, e.g. "model.layers.0.self_attn.q_proj"
+    weight: str  # attribute path of the frozen weight
+    lora_A: str  # attribute path of A, shape (r, in_features)
+    lora_B: str  # attribute path of B, shape (out_features, r)
+    r: int
+    alpha: float
+    scale: float
+    in_features: int
+    out_features: int
+    bias: Optional[str] = None
+    dropout: float = 0.0
+    weight_transposed: bool = False  # True for GPT-2 Conv1D weights stored as (in, out)
+    merged: bool = False
+
+
+@dataclass(frozen=True)
+class DropoutRecord:
+    """A dropout whose train/eval behaviour is switched by SetTrainingMode."""
+
+    p: float
+    site: str = ""
+
+
+RECORD_TYPES = (OriginRecord, LoraRecord, DropoutRecord)
+
+
+def records(node: torch.fx.Node) -> dict:
+    """The lorafx record dict of ``node`` (created empty if missing)."""
+    return node.meta.setdefault(META_KEY, {})
+
+
+def get_record(node: torch.fx.Node, kind: Type[R]) -> Optional[R]:
+    """The record of type ``kind`` on ``node``, or None."""
+    return node.meta.get(META_KEY, {}).get(kind.__name__)
+
+
+def set_record(node: torch.fx.Node, record) -> None:
+    """Attach ``record`` to ``node``, replacing any record of the same type."""
+    if not dataclasses.is_dataclass(record):
+        raise TypeError(f"lorafx metadata must be a dataclass record, got {type(record).__name__}")
+    records(node)[type(record).__name__] = record
+
+
+def update_record(node: torch.fx.Node, kind: Type[R], **changes) -> R:
+    """Replace fields of the existing ``kind`` record on ``node``; returns the new record."""
+    old = get_record(node, kind)
+    if old is None:
+        raise KeyError(f"node {node.name} has no {kind.__name__} record")
+    new = dataclasses.replace(old, **changes)
+    set_record(node, new)
+    return new
+
+
+def describe(node: torch.fx.Node) -> str:
+    """A one-line summary of a node's lorafx records, for printing graphs."""
+    parts = []
+    for rec in node.meta.get(META_KEY, {}).values():
+        if isinstance(rec, LoraRecord):
+            parts.append(f"lora(r={rec.r}, alpha={rec.alpha:g}, scale={rec.scale:g}"
+                         + (f", dropout={rec.dropout:g}" if rec.dropout else "")
+                         + (", merged" if rec.merged else "") + ")")
+        elif isinstance(rec, DropoutRecord):
+            parts.append(f"dropout(p={rec.p:g})")
+        elif isinstance(rec, OriginRecord):
+            if rec.created_by:
+                parts.append(f"by {rec.created_by}")
+        else:
+            parts.append(type(rec).__name__)
+    return "; ".join(parts)
