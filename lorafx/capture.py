@@ -27,7 +27,7 @@ from torch.export import Dim
 
 from .meta import OriginRecord, set_record
 
-__all__ = ["capture", "CaptureError", "bind_inputs", "is_hf_model"]
+__all__ = ["capture", "CaptureError", "bind_inputs", "is_hf_model", "signature_key"]
 
 
 class CaptureError(RuntimeError):
@@ -69,6 +69,17 @@ def bind_inputs(model: torch.nn.Module, args: Sequence[Any], kwargs: Optional[Di
         elif value is not None:
             out[name] = value
     return (), out
+
+
+def signature_key(args: tuple, kwargs: dict) -> tuple:
+    """What a captured graph is specialised to: the argument names and the values
+    of non-tensor arguments (torch.export bakes those in as constants)."""
+
+    def static(v):
+        leaves = torch.utils._pytree.tree_leaves(v)
+        return tuple("<tensor>" if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
+
+    return tuple(static(a) for a in args), tuple(sorted((k, static(v)) for k, v in kwargs.items()))
 
 
 def _dynamic_dims(t: torch.Tensor) -> Dict[int, str]:
@@ -117,6 +128,28 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 @contextlib.contextmanager
+def _keyword_forward(model: torch.nn.Module, names: Sequence[str], active: bool):
+    """Give ``model.forward`` an explicit keyword-only signature of ``names`` while
+    exporting: torch.export cannot take dynamic shapes for inputs that land in a
+    ``**kwargs`` parameter (transformers' ``num_items_in_batch``)."""
+    if not active:
+        yield
+        return
+    original = model.forward
+
+    def forward(**kw):
+        return original(**kw)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names])
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+@contextlib.contextmanager
 def _export_settings(model: torch.nn.Module):
     """Training mode, and for transformers models use_cache=False/return_dict=True; restored after."""
     modes = {m: m.training for m in model.modules()}
@@ -137,19 +170,35 @@ def _export_settings(model: torch.nn.Module):
             setattr(config, key, value)
 
 
+def _user_frame(err: BaseException) -> str:
+    """The innermost traceback frame outside torch: the model code that failed."""
+    import os
+    import traceback
+
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith(torch_dir) and not f.filename.startswith(os.path.dirname(__file__))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
 def _hint(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     first = text.splitlines()[0][:400]
-    hints = []
     low = text.lower()
-    if "data-dependent" in low or "guardonDataDependent".lower() in low:
-        hints.append("the model branches on tensor values; make that branch static or pass dynamic=False")
-    if "constraint" in low or "specializ" in low or "dim" in low:
-        hints.append("retry with dynamic=False (fixed shapes), or use example inputs of the size you will run")
-    if "cache" in low:
-        hints.append("pass use_cache=False / disable the KV cache in the model's config")
-    hints.append("check that example_inputs/example_kwargs are what model(...) accepts in eager mode")
-    return f"{first}\n  what to try: " + "; ".join(hints)
+    if "data-dependent" in low or "data dependent" in low:
+        hints = ["the model branches on tensor values (Python `if` on a tensor); lorafx cannot capture "
+                 "value-dependent control flow: make the branch static or express it with torch.where/torch.cond"]
+    elif "cache" in low:
+        hints = ["disable the KV cache (use_cache=False) in the model's config"]
+    elif "constraint" in low or "specializ" in low:
+        hints = ["retry with dynamic=False (fixed shapes), or use example inputs of the size you will run"]
+    else:
+        hints = ["check that example_inputs/example_kwargs are what model(...) accepts in eager mode",
+                 "retry with dynamic=False"]
+    return f"{first}{_user_frame(err)}\n  what to try: " + "; ".join(hints)
 
 
 def capture(
@@ -177,7 +226,9 @@ def capture(
     args, kwargs = bind_inputs(model, example_inputs, example_kwargs)
     args, kwargs = _grow_unit_dims(kwargs, args, dynamic)
     shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
-    with _export_settings(model):
+    params = inspect.signature(model.forward).parameters
+    spill = any(k not in params or params[k].kind is inspect.Parameter.VAR_KEYWORD for k in kwargs)
+    with _export_settings(model), _keyword_forward(model, list(kwargs), spill and not args):
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # torch.export raises many exception types
@@ -185,6 +236,7 @@ def capture(
     gm = ep.module()
     gm.meta["lorafx_dims"] = _name_symbols(gm) if dynamic else {}
     gm.meta["lorafx_inputs"] = {"kwargs": sorted(kwargs), "nargs": len(args)}
+    gm.meta["lorafx_signature"] = signature_key(args, kwargs)
     gm.meta["lorafx_output_modules"] = _output_modules(model)
     _record_origins(gm)
     return gm

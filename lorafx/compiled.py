@@ -11,14 +11,14 @@ same parameters, so every variant trains the same adapters.
 """
 from __future__ import annotations
 
+import inspect
 import json
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
 
-from .capture import bind_inputs, capture
+from .capture import bind_inputs, capture, signature_key
 from .meta import LoraRecord, get_record
 from .pipeline import PassReport, Pipeline, lint_graph
 
@@ -74,10 +74,6 @@ class CompileReport:
     __repr__ = __str__
 
 
-def _signature_key(args: tuple, kwargs: dict) -> Tuple[int, Tuple[str, ...]]:
-    return len(args), tuple(sorted(kwargs))
-
-
 class CompiledModel(torch.nn.Module):
     def __init__(self, source: torch.nn.Module, graph_module: torch.fx.GraphModule, pipeline: Pipeline,
                  report: CompileReport, *, target: str = "cpu", dynamic: bool = True,
@@ -96,14 +92,15 @@ class CompiledModel(torch.nn.Module):
         self.target = target
         self.dynamic = dynamic
         self.options = dict(options or {})
-        inputs = graph_module.meta.get("lorafx_inputs", {})
-        self._variants[(inputs.get("nargs", 0), tuple(inputs.get("kwargs", ())))] = graph_module
+        self._variants[graph_module.meta["lorafx_signature"]] = graph_module
+        self.__class__ = _compiled_class(type(source))
         self.train(source.training)
 
     # -- running --------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        """Run the compiled graph with the original model's arguments."""
         args, kwargs = bind_inputs(self._source, args, kwargs)
-        gm = self._variants.get(_signature_key(args, kwargs))
+        gm = self._variants.get(signature_key(args, kwargs))
         if gm is None:
             gm = self._add_variant(args, kwargs)
         return gm(*args, **kwargs)
@@ -124,7 +121,7 @@ class CompiledModel(torch.nn.Module):
         if self._merged:
             MergeLoRA()(gm)
         set_training_mode(gm, self.training)
-        self._variants[_signature_key(args, kwargs)] = gm
+        self._variants[signature_key(args, kwargs)] = gm
         return gm
 
     def train(self, mode: bool = True) -> "CompiledModel":
@@ -228,3 +225,33 @@ class CompiledModel(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"target={self.target!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
                 f"signatures={len(self._variants)}")
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def _compiled_class(source_cls: type) -> type:
+    """A CompiledModel subclass whose ``forward`` has ``source_cls.forward``'s signature.
+
+    Tools that read the class's forward signature (the transformers Trainer picks
+    dataset columns and label names from it) then see the original arguments.
+    The class is registered in this module so compiled models pickle.
+    """
+    if source_cls not in _CLASSES:
+        def forward(self, *args, **kwargs):
+            return CompiledModel.forward(self, *args, **kwargs)
+
+        try:
+            forward.__signature__ = inspect.signature(source_cls.forward)
+        except (TypeError, ValueError):
+            pass
+        forward.__doc__ = CompiledModel.forward.__doc__
+        name = f"Compiled{source_cls.__name__}"
+        while name in globals() and globals()[name] not in _CLASSES.values():
+            name += "_"
+        if name in globals():
+            name = f"{name}{len(_CLASSES)}"
+        cls = type(name, (CompiledModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        globals()[name] = cls
+        _CLASSES[source_cls] = cls
+    return _CLASSES[source_cls]

@@ -44,9 +44,15 @@ def default_example_inputs(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 class _Progress(Instrument):
+    """A tqdm bar over the passes (created when the pipeline starts, after capture)."""
+
     def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+
+    def before_pipeline(self, gm):
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, desc="lorafx passes", unit="pass", leave=False)
+        self.bar = tqdm(total=self.total, desc="lorafx passes", unit="pass", leave=False)
 
     def before_pass(self, p, gm):
         self.bar.set_postfix_str(p.name)

@@ -41,6 +41,24 @@ class PassError(RuntimeError):
     """A pass failed; the message names it and the passes that ran before it."""
 
 
+_ERROR_TYPES: Dict[type, type] = {}
+
+
+def pass_error(cause: BaseException, message: str) -> PassError:
+    """A PassError that is also an instance of ``cause``'s type, so that
+    ``except ValueError`` still catches a pass's bad-option error."""
+    kind = type(cause)
+    if kind not in _ERROR_TYPES:
+        try:
+            _ERROR_TYPES[kind] = type(f"PassError", (PassError, kind), {"__module__": __name__})
+        except TypeError:  # incompatible exception layouts
+            _ERROR_TYPES[kind] = PassError
+    try:
+        return _ERROR_TYPES[kind](message)
+    except Exception:
+        return PassError(message)
+
+
 class PipelineOrderError(ValueError):
     """A pipeline's passes are in an order that leaves a requirement unmet."""
 
@@ -187,8 +205,8 @@ class Pipeline(Pass):
                 lint_graph(result.graph_module)
             except Exception as e:
                 history = ", ".join(r.name for r in reports) or "none"
-                raise PassError(f"pass {p.name} failed (passes run before it: {history}): "
-                                f"{type(e).__name__}: {e}") from e
+                raise pass_error(e, f"pass {p.name} failed (passes run before it: {history}): "
+                                    f"{type(e).__name__}: {e}") from e
             seconds = time.perf_counter() - start
             gm = result.graph_module
             modified |= result.modified

@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from lorafx.graph_utils import get_attr, owner_and_name, del_attr
-from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record, records
+from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 from lorafx.pipeline import Pass, PassResult
 
 from .insert_lora import replace_with_lora
@@ -36,14 +36,15 @@ _KEPT = "_lorafx_unmerged"
 
 
 def merged_weight(gm: torch.nn.Module, rec: LoraRecord) -> torch.Tensor:
-    """W + scale * B A in the stored layout, computed in float32."""
+    """W + scale * B A in the stored layout, computed in float32 (or wider)."""
     W = get_attr(gm, rec.weight)
-    A = get_attr(gm, rec.lora_A).detach().float()
-    B = get_attr(gm, rec.lora_B).detach().float()
+    acc = torch.promote_types(W.dtype, torch.float32)
+    A = get_attr(gm, rec.lora_A).detach().to(acc)
+    B = get_attr(gm, rec.lora_B).detach().to(acc)
     delta = rec.scale * (B @ A)
     if rec.weight_transposed:
         delta = delta.t()
-    return (W.detach().float() + delta).to(W.dtype)
+    return (W.detach().to(acc) + delta).to(W.dtype)
 
 
 def _merge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:

