@@ -12,12 +12,12 @@ import difflib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.fx
 
-from .meta import LoraRecord, describe, get_record
+from .meta import LoraRecord, OriginRecord, describe, get_record
 from .pipeline import Instrument
 
 __all__ = ["format_node", "format_graph", "diff_graphs", "GraphDiff", "to_networkx", "draw",
@@ -117,8 +117,9 @@ def to_networkx(gm: torch.fx.GraphModule):
     return G
 
 
-_COLOURS = {"lora": "#e4572e", "dropout": "#76b041", "placeholder": "#17bebb", "output": "#17bebb",
-            "get_attr": "#cccccc", "call_function": "#4a6fa5"}
+_COLOURS = {"lora": "#d62728", "dropout": "#2ca02c", "placeholder": "#17a2b8", "output": "#17a2b8",
+            "get_attr": "#999999", "call_function": "#3b5b92", "call_module": "#8c564b"}
+_LABEL_CHARS = 96
 
 
 def _colour(n: torch.fx.Node) -> str:
@@ -129,51 +130,177 @@ def _colour(n: torch.fx.Node) -> str:
     return _COLOURS.get(n.op, "#888888")
 
 
-def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False, max_nodes: int = 4000) -> str:
-    """Draw the graph top-to-bottom to ``path`` (.svg or .png) with adapters in red."""
+def _is_plumbing(n: torch.fx.Node) -> bool:
+    """Shape arithmetic, guards and metadata asserts: nodes that carry no tensor data."""
+    if n.op == "call_module" and str(n.target).startswith("_guards"):
+        return True
+    if n.op != "call_function":
+        return False
+    name = _target(n)
+    if "_assert" in name or "sym_size" in name or "sym_numel" in name or "sym_stride" in name:
+        return True
+    val = n.meta.get("val")
+    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _draw_label(n: torch.fx.Node) -> str:
+    rec = get_record(n, LoraRecord)
+    if n.op == "placeholder":
+        text = f"input {n.target}"
+    elif n.op == "output":
+        text = "output"
+    elif rec is not None:
+        text = (f"{n.name}  LoRA r={rec.r} alpha={rec.alpha:g} {rec.in_features}->{rec.out_features}"
+                + (" merged" if rec.merged else ""))
+    else:
+        target = _target(n)
+        if target.startswith("aten."):
+            target = target[5:]
+        text = f"{n.name} = {target}" if n.op != "get_attr" else f"{n.name} = {n.target}"
+    shape = _shape(n)
+    if shape:
+        text += f"  {shape}"
+    return text if len(text) <= _LABEL_CHARS else text[:_LABEL_CHARS - 3] + "..."
+
+
+def _block_of(n: torch.fx.Node):
+    """The numbered block a node belongs to (``model.layers.3``), "" outside any,
+    None when the node has no origin (it then stays in its neighbours' block)."""
+    rec = get_record(n, OriginRecord)
+    if rec is None or not rec.module or rec.module.startswith("_"):
+        return None
+    parts = rec.module.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ""
+
+
+def _lanes(nodes: List[torch.fx.Node], inputs) -> List[int]:
+    """Assign each node (one per row, in graph order) a lane, git-log style.
+
+    A value keeps its lane until its last user, so edges run straight down their
+    producer's lane and bend only in the row of the consumer.  A node continues
+    the lane of an input whose last use it is; otherwise it takes the free lane
+    nearest to its first input.
+    """
+    row = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((row[u] for u in n.users if u in row), default=row[n]) for n in nodes}
+    occupant: List[torch.fx.Node] = []
+    lane_of = {}
+    for i, n in enumerate(nodes):
+        ins = inputs[n]
+        lane = next((lane_of[p] for p in ins if last_use[p] == i and occupant[lane_of[p]] is p), None)
+        if lane is None:
+            free = [k for k, o in enumerate(occupant) if last_use[o] <= i]
+            if free:
+                near = lane_of[ins[0]] if ins else 0
+                lane = min(free, key=lambda k: (abs(k - near), k))
+            else:
+                lane = len(occupant)
+                occupant.append(n)
+        occupant[lane] = n
+        lane_of[n] = lane
+    return [lane_of[n] for n in nodes]
+
+
+def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False, simplify: bool = True,
+         max_nodes: int = 4000, title: Optional[str] = None, dpi: int = 110) -> str:
+    """Draw the graph top-to-bottom to ``path`` (.svg, .png or .pdf); returns ``path``.
+
+    One node per row in execution order, with its name, op and shape; edges run
+    down lanes (like ``git log --graph``).  LoRA adapters are red, dropout green,
+    inputs/outputs teal; numbered blocks (``model.layers.N``) are shaded bands.
+    ``simplify`` hides shape arithmetic, guards and metadata asserts.  Needs
+    matplotlib (``pip install 'lorafx[draw]'``), not graphviz.
+    """
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".svg", ".png", ".pdf"):
         raise ValueError(f"draw: unsupported file type {ext!r}; use .svg, .png or .pdf")
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.collections import LineCollection
+        from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("draw() needs matplotlib: pip install 'lorafx[draw]'") from e
-    nodes = [n for n in gm.graph.nodes if include_get_attr or n.op != "get_attr"][:max_nodes]
+    shown = [n for n in gm.graph.nodes
+             if (include_get_attr or n.op != "get_attr") and not (simplify and _is_plumbing(n))]
+    hidden = len(gm.graph.nodes) - len(shown)
+    truncated = len(shown) > max_nodes
+    nodes = shown[:max_nodes]
     index = {n: i for i, n in enumerate(nodes)}
-    # Column: a node sits right of its first input if that input has another user placed already.
-    col = {}
-    used_cols = {}
-    for n in nodes:
-        parents = [p for p in n.all_input_nodes if p in index]
-        c = col[parents[0]] if parents else 0
-        while used_cols.get((c, index[n] - 1)):
-            c += 1
-        col[n] = c
-        used_cols[(c, index[n])] = True
-    rows = len(nodes)
-    width = max(6.0, 2.2 * (max(col.values(), default=0) + 1))
-    fig, ax = plt.subplots(figsize=(width, max(4.0, 0.28 * rows)))
-    for n in nodes:
-        for p in n.all_input_nodes:
-            if p in index:
-                ax.plot([col[p], col[n]], [-index[p], -index[n]], color="#bbbbbb", lw=0.5, zorder=1)
-    for n in nodes:
-        label = n.name if len(n.name) < 28 else n.name[:25] + "..."
-        ax.text(col[n], -index[n], label, fontsize=6, ha="center", va="center", zorder=2,
-                bbox=dict(boxstyle="round,pad=0.2", fc=_colour(n), ec="none", alpha=0.9), color="white")
-    ax.set_xlim(-1, max(col.values(), default=0) + 1)
-    ax.set_ylim(-rows, 1)
+    inputs = {n: list(dict.fromkeys(p for p in n.all_input_nodes if p in index)) for n in nodes}
+    lane = dict(zip(nodes, _lanes(nodes, inputs)))
+    lanes = max(lane.values(), default=0) + 1
+    labels = [_draw_label(n) for n in nodes]
+    adapters = sum(get_record(n, LoraRecord) is not None for n in nodes)
+
+    row_in, lane_in, char_in = 0.16, 0.2, 0.066  # inches per row / lane / label character (7 pt mono, hinted)
+    header = 3  # rows above the graph for the title and legend
+    text_x = lanes + 0.6  # labels start right of the lanes (data units: 1 = one lane)
+    legend = (("LoRA adapter", "lora"), ("dropout", "dropout"), ("input/output", "placeholder"),
+              ("op", "call_function"), ("submodule", "call_module"))
+    if title is None:
+        title = (f"{type(gm).__name__}: {len(gm.graph.nodes)} nodes, {len(nodes)} drawn"
+                 + (f" ({hidden} shape/guard/get_attr nodes hidden)" if hidden else "")
+                 + (f", first {max_nodes} only" if truncated else "") + f", {adapters} LoRA adapters")
+    text_lanes = (max((len(t) for t in labels), default=10) * char_in + 0.3) / lane_in
+    legend_units = sum(0.8 + (len(name) * char_in + 0.5) / lane_in for name, _ in legend)
+    title_units = len(title) * 0.085 / lane_in  # 8 pt bold proportional font, generously
+    width_units = max(text_x + text_lanes, legend_units, title_units) - 1.2
+    rows = len(nodes) + header
+    fig = Figure(figsize=((width_units + 1.5) * lane_in, rows * row_in + 0.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(-1.5, width_units)
+    ax.set_ylim(-(len(nodes) - 0.5), header)
     ax.axis("off")
-    handles = [plt.Line2D([], [], marker="s", ls="", color=c, label=k) for k, c in
-               [("lora adapter", _COLOURS["lora"]), ("dropout", _COLOURS["dropout"]),
-                ("input/output", _COLOURS["placeholder"]), ("op", _COLOURS["call_function"])]]
-    ax.legend(handles=handles, loc="upper right", fontsize=7)
-    fig.tight_layout()
+
+    # numbered blocks as alternating bands, named at the left edge
+    blocks = [_block_of(n) for n in nodes]
+    i = 0
+    while i < len(nodes):
+        j = i
+        while j + 1 < len(nodes) and (blocks[j + 1] == blocks[i] or blocks[j + 1] is None):
+            j += 1
+        if blocks[i]:
+            shade = "#f2f2f7" if int(blocks[i].rsplit(".", 1)[-1]) % 2 == 0 else "#e8eef7"
+            ax.axhspan(-j - 0.5, -i + 0.5, color=shade, zorder=0, lw=0)
+            ax.text(-1.3, -i, blocks[i], rotation=90, ha="left", va="top", fontsize=6, color="#555555")
+        i = j + 1
+
+    # edges: down the producer's lane, then a short bend into the consumer's row
+    segments = []
+    for n in nodes:
+        for p in inputs[n]:
+            x0, y0, x1, y1 = lane[p], -index[p], lane[n], -index[n]
+            if x0 == x1:
+                segments.append([(x0, y0), (x1, y1)])
+            else:
+                segments.append([(x0, y0), (x0, y1 + 0.5), (x1, y1)])
+    ax.add_collection(LineCollection(segments, colors="#9a9a9a", linewidths=0.6, zorder=1))
+
+    xs = [lane[n] for n in nodes]
+    ys = [-index[n] for n in nodes]
+    colours = [_colour(n) for n in nodes]
+    sizes = [22 if get_record(n, LoraRecord) is not None else 10 for n in nodes]
+    ax.scatter(xs, ys, s=sizes, c=colours, zorder=3, linewidths=0)
+    guides = [[(lane[n], -index[n]), (text_x - 0.2, -index[n])] for n in nodes]
+    ax.add_collection(LineCollection(guides, colors=colours, linewidths=0.3, linestyles=":", alpha=0.5, zorder=2))
+    for n, text, c in zip(nodes, labels, colours):
+        lora = get_record(n, LoraRecord) is not None
+        ax.text(text_x, -index[n], text, fontsize=7, family="monospace", va="center", ha="left", zorder=4,
+                color=c if c != _COLOURS["call_function"] else "#222222",
+                fontweight="bold" if lora else "normal")
+
+    ax.text(-1.3, header - 0.8, title, fontsize=8, va="center", ha="left", fontweight="bold")
+    x = -1.3
+    for name, key in legend:
+        ax.scatter([x + 0.3], [header - 2], s=22, c=_COLOURS[key], linewidths=0)
+        ax.text(x + 0.8, header - 2, name, fontsize=7, va="center", ha="left")
+        x += 0.8 + (len(name) * char_in + 0.5) / lane_in
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    import matplotlib
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # real, searchable text in SVGs
+        fig.savefig(path, dpi=dpi, facecolor="white")
     return path
 
 
@@ -202,8 +329,9 @@ class DiffGraphs(Instrument):
         b = format_graph(result.graph_module, include_get_attr=True).splitlines()
         after = [n.name for n in result.graph_module.graph.nodes]
         lines = list(difflib.unified_diff(a, b, "before", p.name, n=1, lineterm=""))
-        created = [n for n in after if n not in set(names)]
-        erased = [n for n in names if n not in set(after)]
+        before_set, after_set = set(names), set(after)
+        created = [n for n in after if n not in before_set]
+        erased = [n for n in names if n not in after_set]
         print(f"=== {p.name}: {str(GraphDiff(lines, created, erased))}", file=self.file)
 
 

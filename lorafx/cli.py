@@ -1,0 +1,338 @@
+"""The ``lorafx`` command line.
+
+    lorafx compile --model tiny-llama --target cpu --out out/ --r 8 --alpha 16
+    lorafx compile --model ./my-hf-folder --target-modules q_proj,v_proj --out out/
+    lorafx models
+
+``compile`` loads the model (a built-in name, see ``lorafx models``, or a local
+Hugging Face folder), compiles it with ``lorafx.compile``, prints what every pass
+did and writes to ``--out``:
+
+* ``graph.txt``    the rewritten graph, one node a line, with lorafx metadata
+* ``graph.svg``    a drawing of it, adapters in red (skipped with ``--no-draw``)
+* ``report.json``  the compile report plus the model, target and options
+* ``passes/``      the graph after capture and after every pass
+
+Errors (unknown model or target, bad options, a model that does not capture)
+print one ``error: ...`` line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import threading
+import time
+from typing import List, Optional
+
+__all__ = ["main", "build_parser", "parse_target_modules"]
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: <message>``, exit status 2."""
+
+
+def parse_target_modules(text: Optional[str]):
+    """``None`` -> default ("all-linear"); ``"all-linear"``; ``"q_proj,v_proj"`` -> a list
+    of module names; anything with regex characters (``.*_proj``) -> a regex string."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text:
+        raise CLIError("--target-modules is empty; give module names (q_proj,v_proj), a regex or all-linear")
+    if text == "all-linear":
+        return text
+    if any(c in _REGEX_CHARS for c in text):
+        try:
+            re.compile(text)
+        except re.error as e:
+            raise CLIError(f"--target-modules {text!r} is not a valid regex: {e}") from None
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise CLIError("--target-modules is empty; give module names (q_proj,v_proj), a regex or all-linear")
+    return names
+
+
+# -- progress -------------------------------------------------------------------------
+
+
+class _Status:
+    """A one-line spinner with elapsed seconds on stderr (a plain line when not a terminal)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, message: str, stream=None):
+        self.message = message
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._stop = threading.Event()
+        self._thread = None
+        self._start = time.perf_counter()
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        if self.tty:
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+        else:
+            print(f"{self.message} ...", file=self.stream, flush=True)
+        return self
+
+    def _spin(self):
+        i = 0
+        while not self._stop.wait(0.1):
+            elapsed = time.perf_counter() - self._start
+            self.stream.write(f"\r{self.FRAMES[i % 4]} {self.message} ... {elapsed:.1f}s\x1b[K")
+            self.stream.flush()
+            i += 1
+
+    def done(self, text: Optional[str] = None):
+        """Stop spinning and print ``text`` (default: the message and the time taken)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        elapsed = time.perf_counter() - self._start
+        line = text or f"{self.message}: done in {elapsed:.1f}s"
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        print(line, file=self.stream, flush=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.done()
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            if self.tty:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+        return False
+
+
+def _stop_at_pipeline(status: _Status):
+    """An instrument that ends the capture spinner when the pipeline starts."""
+    from lorafx.pipeline import Instrument
+
+    class _CaptureDone(Instrument):
+        def before_pipeline(self, gm):
+            status.done(f"captured {len(gm.graph.nodes)} nodes in {time.perf_counter() - status._start:.1f}s")
+
+    return _CaptureDone()
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _adapter_summary(cm) -> str:
+    records = cm.lora_records()
+    kinds = collections.Counter(site.rsplit(".", 1)[-1] for site in records)
+    ranks = sorted({rec.r for rec in records.values()})
+    scales = sorted({rec.scale for rec in records.values()})
+    parts = ", ".join(f"{k} x{v}" for k, v in kinds.items())
+    return (f"{len(records)} adapted modules ({parts}); rank {'/'.join(map(str, ranks))}, "
+            f"scale {'/'.join(f'{s:g}' for s in scales)}")
+
+
+def cmd_models(args, out=None) -> int:
+    from lorafx.models import BUILTIN_MODELS, DEFAULT_MODEL
+    out = out or sys.stdout
+    width = max(len(n) for n in BUILTIN_MODELS)
+    print("built-in models (lorafx compile --model NAME; or pass a local Hugging Face folder):", file=out)
+    for name, (description, _) in BUILTIN_MODELS.items():
+        mark = "*" if name == DEFAULT_MODEL else " "
+        print(f" {mark} {name.ljust(width)}  {description}", file=out)
+    print(f"(* default)", file=out)
+    return EXIT_OK
+
+
+def cmd_compile(args, out=None) -> int:
+    out = out or sys.stdout
+    import lorafx
+    from lorafx.hw_targets import get_target
+    from lorafx.models import load_model, resolve_model
+    from lorafx.passes import InsertLoRA
+
+    # Validate everything cheap before the (slow) load and capture.
+    options = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "seed": args.seed}
+    modules = parse_target_modules(args.target_modules)
+    if modules is not None:
+        options["target_modules"] = modules
+    try:
+        target = get_target(args.target)
+    except (ValueError, NotImplementedError) as e:
+        raise CLIError(_one_line(e)) from None
+    try:
+        InsertLoRA(**options)
+    except (ValueError, TypeError) as e:
+        raise CLIError(_one_line(e).replace("InsertLoRA: ", "")) from None
+    try:
+        resolve_model(args.model)
+    except ValueError as e:
+        raise CLIError(_one_line(e)) from None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} exists and is not a folder")
+
+    with _Status(f"loading {args.model}") as status:
+        try:
+            model, example_kwargs = load_model(args.model, seed=args.seed)
+        except (ValueError, ImportError, OSError) as e:
+            raise CLIError(_one_line(e)) from None
+        n_params = sum(p.numel() for p in model.parameters())
+        status.done(f"loaded {args.model}: {type(model).__name__}, {n_params:,} parameters "
+                    f"in {time.perf_counter() - status._start:.1f}s")
+
+    os.makedirs(args.out, exist_ok=True)
+    passes_dir = os.path.join(args.out, "passes")
+    if os.path.isdir(passes_dir):  # stale dumps from an earlier run would be mixed in
+        for name in os.listdir(passes_dir):
+            if re.fullmatch(r"\d\d_.*\.(txt|svg)", name):
+                os.remove(os.path.join(passes_dir, name))
+    shape = "x".join(str(d) for d in example_kwargs["input_ids"].shape)
+    with _Status(f"capturing {type(model).__name__} with torch.export (input_ids {shape})") as status:
+        try:
+            # the per-pass bar only on a terminal: piped, tqdm's carriage returns garble logs
+            cm = lorafx.compile(model, target=target.name, example_kwargs=example_kwargs, progress=status.tty,
+                                instruments=[_stop_at_pipeline(status), lorafx.DumpGraphs(passes_dir)],
+                                **options)
+        except (lorafx.CaptureError, lorafx.PassError, ValueError, TypeError, NotImplementedError) as e:
+            raise CLIError(_one_line(e)) from None
+
+    report = cm.report()
+    shown_modules = modules if modules is not None else "all-linear"
+    modules_text = ",".join(shown_modules) if isinstance(shown_modules, list) else shown_modules
+    print(file=out)
+    print(f"model    {args.model} ({type(model).__name__}, {n_params:,} parameters)", file=out)
+    print(f"target   {target.name}", file=out)
+    print(f"options  r={args.r} alpha={args.alpha:g} target_modules={modules_text} "
+          f"dropout={args.dropout:g} seed={args.seed}", file=out)
+    print(file=out)
+    print(str(report), file=out)
+    print(f"adapters {_adapter_summary(cm)}", file=out)
+    total = report.capture_seconds + sum(r.seconds for r in report.passes)
+    print(f"time     {total:.2f}s (capture {report.capture_seconds:.2f}s, passes "
+          f"{total - report.capture_seconds:.2f}s)", file=out)
+
+    files = {}
+    files["graph.txt"] = os.path.join(args.out, "graph.txt")
+    with open(files["graph.txt"], "w") as f:
+        f.write(cm.graph_report() + "\n")
+    if not args.no_draw:
+        files["graph.svg"] = os.path.join(args.out, "graph.svg")
+        with _Status("drawing graph.svg"):
+            try:
+                lorafx.draw(cm.graph_module, files["graph.svg"],
+                            title=f"{args.model} on {target.name}: {len(cm.graph_module.graph.nodes)} nodes, "
+                                  f"{report.adapter_sites} LoRA adapters (r={args.r})")
+            except ImportError as e:
+                raise CLIError(f"{_one_line(e)} (or pass --no-draw)") from None
+    files["report.json"] = os.path.join(args.out, "report.json")
+    files["passes/"] = passes_dir
+    data = {
+        "model": args.model,
+        "model_class": type(model).__name__,
+        "target": target.name,
+        "options": {"r": args.r, "alpha": args.alpha, "target_modules": shown_modules,
+                    "dropout": args.dropout, "seed": args.seed},
+        "example_inputs": {k: list(v.shape) for k, v in example_kwargs.items()},
+        **json.loads(report.to_json()),
+        "files": {k: os.path.relpath(v, args.out) for k, v in files.items()},
+    }
+    with open(files["report.json"], "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+    dumps = sorted(os.listdir(passes_dir))
+    print(file=out)
+    print(f"wrote {os.path.abspath(args.out)}/", file=out)
+    for key, path in files.items():
+        extra = f"  ({len(dumps)} files: {', '.join(dumps)})" if key == "passes/" else ""
+        print(f"  {key.ljust(12)} {path}{extra}", file=out)
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump; status 2 like every other user error
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorafx import __version__
+    from lorafx.models import DEFAULT_MODEL
+
+    parser = _Parser(prog="lorafx", description="lorafx: a torch.fx compiler for LoRA fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"lorafx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="compile a model and write its graph, drawing and report",
+                       description="Capture a model, insert LoRA adapters, lower to a target and write "
+                                   "graph.txt, graph.svg, report.json and passes/ to --out.")
+    c.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a built-in model (see `lorafx models`) or a local Hugging Face folder "
+                        f"(default {DEFAULT_MODEL})")
+    c.add_argument("--target", default="cpu", help="hardware target (default cpu)")
+    c.add_argument("--out", default="lorafx-out", help="output folder (default ./lorafx-out)")
+    c.add_argument("--r", "--rank", dest="r", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    c.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (default 16)")
+    c.add_argument("--target-modules", default=None,
+                   help="comma-separated module names (q_proj,v_proj), a regex matching the whole module "
+                        "name (.*attn.*), or all-linear (the default: every linear but the output layer)")
+    c.add_argument("--dropout", type=float, default=0.0, help="adapter dropout probability (default 0)")
+    c.add_argument("--no-draw", action="store_true", help="do not write graph.svg")
+    c.add_argument("--seed", type=int, default=0, help="seed for built-in model weights and adapter init (default 0)")
+    c.set_defaults(func=cmd_compile)
+
+    m = sub.add_parser("models", help="list the built-in models", description="List the built-in models.")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help / --version
+            return int(e.code or 0)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return EXIT_ERROR
+        return args.func(args)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
