@@ -1,0 +1,622 @@
+#!/usr/bin/env python
+"""Time one LoRA training step: frozen-model floor vs PEFT vs lorafx, in one process.
+
+    python tools/bench_train_step.py [--rank 8] [--layers 4] [--hidden 512] [--intermediate 1376]
+        [--heads 8] [--vocab 8000] [--batch 4] [--seq 256] [--steps 60] [--warmup 3]
+        [--threads T] [--device cpu|cuda] [--dtype float32|bfloat16] [--modes floor,peft,lorafx]
+        [--floor exact|embeds] [--json out.json] [--no-check] [--no-memory] [--no-progress]
+
+A LLaMA-shaped ``transformers.LlamaForCausalLM`` is built from a config (random
+init, fixed seed, sdpa attention, no KV cache) and deep-copied once per mode, so
+every mode starts from the same base weights.  One "step" is: forward with
+``labels`` -> loss, ``loss.backward()``, ``AdamW.step()``, ``zero_grad(set_to_none=True)``.
+
+Modes
+-----
+floor   the frozen base model (every parameter requires_grad=False), backpropagated
+        with no weight gradient and no optimizer (there is nothing to update).  This
+        is the physical floor of any LoRA step: LoRA adds only the adapter matmuls
+        and the (tiny) AdamW update on top of it.  Where backward starts:
+        --floor exact (default): forward hooks turn the outputs of the target
+            linears whose input needs no grad (layer 0's q/k/v) into leaves that
+            require grad -- exactly where a LoRA adapter makes gradients start -- so
+            backward goes through every layer (attention and MLP of layer 0
+            included) and does all the base-model work a LoRA step needs, no more.
+        --floor embeds: ``inputs_embeds`` (the embedding output) is the leaf, so
+            backward goes down to the inputs; this also computes layer 0's q/k/v
+            input gradients and input-norm backward, which LoRA does not need
+            (about 1.5% too much work at the default size).
+peft    ``peft.get_peft_model(copy, LoraConfig(r, lora_alpha=2r, target_modules=
+        [q,k,v,o,gate,up,down]_proj, lora_dropout=0))`` + AdamW on its trainable params.
+lorafx  ``lorafx.compile(copy, example_kwargs={input_ids, labels}, r, alpha=2r,
+        target_modules=[same], dropout=0)`` + AdamW on its trainable params.
+
+Before timing, a correctness check runs (skip with ``--no-check``): with B = 0 the
+three losses agree; then PEFT's lora_B are set to random values and every A/B is
+copied from PEFT into lorafx, and the losses and all adapter gradients of PEFT and
+lorafx must be allclose.  The adapters stay equal for the timing run, so both
+LoRA modes do the same arithmetic on the same values.
+
+Timing is round-robin: each round runs one step of every mode, with the order
+rotated every round, so machine noise hits all modes alike.  Reported: median
+(and p10/p90) wall-clock step time per mode, the ratio to the floor, and
+PEFT/lorafx (of the step times, and of the time each spends above the floor).
+"cpu ms" is the median process CPU time of a step (all threads): on a busy
+machine it is less disturbed than wall time, since time spent descheduled does
+not count (run with --threads 1 to make it a clean work measure; with several
+threads it also counts OpenMP spin-waiting).
+
+Peak memory (``--no-memory`` skips it)
+--------------------------------------
+peak = resident + transient, measured on one (post-warm-up) step of each mode:
+
+* resident: bytes of the distinct tensor storages the mode holds when the step
+  starts -- model parameters and buffers (the frozen base weights plus adapters),
+  AdamW state (exp_avg, exp_avg_sq, step), and any ``.grad``.  Storages shared
+  between tensors are counted once.
+* transient (CPU): the high-water mark of the running sum of every allocation
+  minus every free that PyTorch's CPU allocator makes during the step, read from
+  ``torch.profiler.profile(profile_memory=True)`` allocation events in time order
+  (activations, saved tensors, logits, gradients -- including gradients of the
+  adapters -- and all kernel temporaries).  Allocations are exact byte counts,
+  so on CPU the number is deterministic (identical from run to run, and with 1 or
+  2 threads); before measuring, the script checks the probe on a known sequence
+  of allocations (peak 20000 B) and skips memory if it disagrees.  Memory that
+  is not allocated through PyTorch's allocator (BLAS scratch, Python objects) is
+  not counted.
+* transient (CUDA): ``torch.cuda.max_memory_allocated()`` minus
+  ``torch.cuda.memory_allocated()`` at the start of the step (after
+  ``reset_peak_memory_stats``).
+
+Also reported per mode: "saved MB", the bytes of the distinct non-parameter
+storages that autograd saves for backward during the forward, counted with
+``torch.autograd.graph.saved_tensors_hooks``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List, Optional
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the profiler's start/stop log lines
+
+import torch  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_MODES = ("floor", "peft", "lorafx")
+MB = 1024.0 * 1024.0
+
+
+# ----------------------------------------------------------------------------- setup
+def parse_args(argv=None) -> argparse.Namespace:
+    parts = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(description="\n\n".join([parts[0]] + parts[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60, help="timed rounds (one step of every mode per round)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of floor,peft,lorafx")
+    p.add_argument("--floor", default="exact", choices=["exact", "embeds"],
+                   help="where the floor's backward starts: at layer 0's q/k/v outputs (exact, default) "
+                        "or at inputs_embeds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--no-check", action="store_true", help="skip the PEFT == lorafx correctness check")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ALL_MODES]
+    if bad or not modes:
+        p.error(f"--modes: unknown mode(s) {bad}; choose from {','.join(ALL_MODES)}")
+    args.modes = [m for m in ALL_MODES if m in modes]
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.hidden % args.heads:
+        p.error("--hidden must be divisible by --heads")
+    return args
+
+
+def build_base(args, device, dtype):
+    import transformers
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seq, 128), use_cache=False, attn_implementation="sdpa",
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Mode:
+    """One benchmarked configuration: a model, a step function and its optimizer."""
+
+    def __init__(self, name: str, model: torch.nn.Module, step: Callable[[], torch.Tensor],
+                 optimizer: Optional[torch.optim.Optimizer], setup_seconds: float):
+        self.name = name
+        self.model = model
+        self.step = step
+        self.optimizer = optimizer
+        self.setup_seconds = setup_seconds
+        self.times: List[float] = []
+        self.cpu_times: List[float] = []
+        self.last_loss: Optional[float] = None
+        self.memory: Dict[str, int] = {}
+
+
+def trainable(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_floor(base, ids, kind: str = "exact") -> Mode:
+    """The frozen base model, backpropagated without any weight gradient.
+
+    ``exact``: every target linear whose input does not require grad (layer 0's
+    q/k/v) gets a forward hook that turns its output into a leaf requiring grad --
+    exactly where a LoRA adapter makes gradients start -- so backward does all the
+    base-model work a LoRA step needs and nothing else.  ``embeds``: the embedding
+    output is the leaf, so backward also runs layer 0's q/k/v input gradients and
+    input norm (a floor that is slightly too high).
+    """
+    t0 = time.perf_counter()
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    leaves: List[torch.Tensor] = []
+
+    def start_grad(module, inputs, output):
+        if torch.is_grad_enabled() and not inputs[0].requires_grad and not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+            leaves.append(output)
+            return output
+        return None
+
+    if kind == "exact":
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                module.register_forward_hook(start_grad)
+
+    def step():
+        leaves.clear()
+        if kind == "exact":
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            emb = embed(ids).detach().requires_grad_(True)  # leaf: backward goes all the way down to it
+            loss = model(inputs_embeds=emb, labels=ids).loss
+        loss.backward()
+        leaves.clear()
+        return loss.detach()
+
+    return Mode("floor", model, step, None, time.perf_counter() - t0)
+
+
+def make_train_step(model, ids, opt):
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def make_peft(base, ids, r) -> Mode:
+    import peft
+    t0 = time.perf_counter()
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), lora_dropout=0.0)
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    model.train()
+    opt = torch.optim.AdamW(trainable(model), lr=1e-4)
+    return Mode("peft", model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
+
+
+def make_lorafx(base, ids, r) -> Mode:
+    import lorafx
+    t0 = time.perf_counter()
+    model = lorafx.compile(copy.deepcopy(base), example_kwargs={"input_ids": ids, "labels": ids},
+                           r=r, alpha=2 * r, target_modules=list(TARGETS), dropout=0.0, seed=0)
+    model.train()
+    opt = torch.optim.AdamW(trainable(model), lr=1e-4)
+    return Mode("lorafx", model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- checks
+def _peft_name(site: str, which: str) -> str:
+    return f"base_model.model.{site}.{which}.default.weight"
+
+
+def adapter_pairs(peft_model, fx_model):
+    """[(name, peft_param, lorafx_param)] for every adapter matrix, matched by module path."""
+    peft_params = dict(peft_model.named_parameters())
+    pairs = []
+    for name, p in fx_model.trainable_parameters().items():
+        site, which = name.rsplit(".", 1)
+        q = peft_params.get(_peft_name(site, which))
+        if q is None or q.shape != p.shape:
+            raise SystemExit(f"check: lorafx adapter {name} {tuple(p.shape)} has no PEFT counterpart "
+                             f"{_peft_name(site, which)}")
+        pairs.append((name, q, p))
+    n_peft = sum(1 for p in peft_params.values() if p.requires_grad)
+    if n_peft != len(pairs):
+        raise SystemExit(f"check: PEFT has {n_peft} adapter matrices, lorafx {len(pairs)}")
+    return pairs
+
+
+def check_equal_work(modes: Dict[str, Mode], ids, seed: int, dtype) -> dict:
+    """Losses agree at B = 0; with equal (random) A/B, PEFT and lorafx agree in loss and adapter grads."""
+    result: dict = {}
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        losses = {}
+        if "floor" in modes:
+            losses["floor"] = modes["floor"].model(input_ids=ids, labels=ids).loss.item()
+        for name in ("peft", "lorafx"):
+            if name in modes:
+                losses[name] = modes[name].model(input_ids=ids, labels=ids).loss.item()
+    ref = next(iter(losses.values()))
+    result["losses_B0"] = losses
+    for name, v in losses.items():
+        if not math.isclose(v, ref, rel_tol=tol["rtol"], abs_tol=tol["atol"]):
+            raise SystemExit(f"check failed: with B = 0 the {name} loss {v} != {ref}")
+    if "peft" not in modes or "lorafx" not in modes:
+        return result
+
+    pm, fm = modes["peft"].model, modes["lorafx"].model
+    pairs = adapter_pairs(pm, fm)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, q, p in pairs:
+            if name.endswith("lora_B"):
+                q.copy_(torch.randn(q.shape, generator=gen) * 0.02)
+            p.copy_(q)
+    losses = {}
+    for name, model in (("peft", pm), ("lorafx", fm)):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses[name] = loss.item()
+    worst = 0.0
+    for name, q, p in pairs:
+        if q.grad is None or p.grad is None:
+            raise SystemExit(f"check failed: no gradient for {name}")
+        scale = q.grad.abs().max().item() or 1.0
+        err = (q.grad - p.grad).abs().max().item() / scale
+        worst = max(worst, err)
+        if not torch.allclose(q.grad, p.grad, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale):
+            raise SystemExit(f"check failed: gradient of {name} differs (max rel err {err:.2e})")
+    for mode in (modes["peft"], modes["lorafx"]):
+        mode.optimizer.zero_grad(set_to_none=True)
+    result["losses_equal_AB"] = losses
+    result["max_rel_grad_err"] = worst
+    if not math.isclose(losses["peft"], losses["lorafx"], rel_tol=tol["rtol"], abs_tol=tol["atol"]):
+        raise SystemExit(f"check failed: PEFT loss {losses['peft']} != lorafx loss {losses['lorafx']}")
+    return result
+
+
+# ----------------------------------------------------------------------------- memory
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
+
+
+def resident_bytes(mode: Mode) -> int:
+    """Distinct storages held when a step starts: params, buffers, grads, optimizer state."""
+    seen: Dict[tuple, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            k, n = _storage_key(t)
+            seen[k] = n
+
+    for p in mode.model.parameters():
+        add(p)
+        add(p.grad)
+    for b in mode.model.buffers():
+        add(b)
+    if mode.optimizer is not None:
+        for state in mode.optimizer.state.values():
+            for v in state.values():
+                add(v)
+    return sum(seen.values())
+
+
+def _allocation_events(prof):
+    """(time_ns, bytes) for every allocator event the profiler recorded (frees are negative)."""
+    from torch._C._profiler import _EventType
+    out = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            out.append((node.start_time_ns, node.extra_fields.alloc_size, str(node.extra_fields.device)))
+        stack.extend(node.children)
+    out.sort(key=lambda e: e[0])
+    return out
+
+
+def transient_peak_cpu(step) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    running = peak = 0
+    for _, nbytes, dev in _allocation_events(prof):
+        if dev.startswith("cpu"):
+            running += nbytes
+            peak = max(peak, running)
+    return peak
+
+
+def validate_cpu_probe() -> None:
+    """The profiler-based measure must return the exact high-water mark of a known sequence."""
+    def known():
+        a = torch.empty(1000, dtype=torch.float32)  # 4000 B live
+        b = torch.empty(2000, dtype=torch.float32)  # 12000
+        del a                                       # 8000
+        c = torch.empty(3000, dtype=torch.float32)  # 20000 <- peak
+        del b, c                                    # 0
+        d = torch.ones(10, 10).mm(torch.ones(10, 10))  # 400 + 400 + 400 = 1200 live at most
+        del d
+    got = transient_peak_cpu(known)
+    if got != 20000:
+        raise RuntimeError(f"profiler memory probe measured {got} B for a known 20000 B peak")
+
+
+def transient_peak_cuda(step, device) -> int:
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start
+
+
+def saved_bytes(mode: Mode) -> int:
+    """Bytes of distinct non-parameter storages saved for backward during one step."""
+    params = {_storage_key(t)[0] for t in list(mode.model.parameters()) + list(mode.model.buffers())}
+    seen: Dict[tuple, int] = {}
+
+    def pack(t):
+        k, n = _storage_key(t)
+        if k not in params:
+            seen[k] = n
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mode.step()
+    return sum(seen.values())
+
+
+def measure_memory(modes: Dict[str, Mode], device) -> bool:
+    if device.type != "cuda":
+        try:
+            validate_cpu_probe()
+        except Exception as e:  # private profiler API changed, or the probe disagrees
+            print(f"peak memory skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            return False
+    for mode in modes.values():
+        gc.collect()
+        mode.memory["resident"] = resident_bytes(mode)
+        if device.type == "cuda":
+            mode.memory["transient"] = transient_peak_cuda(mode.step, device)
+        else:
+            mode.memory["transient"] = transient_peak_cpu(mode.step)
+        mode.memory["peak"] = mode.memory["resident"] + mode.memory["transient"]
+        mode.memory["saved"] = saved_bytes(mode)
+    return True
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_rounds(modes: List[Mode], rounds: int, device, record: bool, desc: str, progress: bool):
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=rounds, desc=desc, unit="round", leave=False, dynamic_ncols=True)
+    n = len(modes)
+    for i in range(rounds):
+        order = modes[i % n:] + modes[:i % n]  # rotate so no mode always runs first
+        for mode in order:
+            sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            loss = mode.step()
+            sync(device)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            mode.last_loss = float(loss)
+            if record:
+                mode.times.append(dt)
+                mode.cpu_times.append(dc)
+            del loss
+        if bar is not None:
+            if record:
+                bar.set_postfix_str("  ".join(f"{m.name} {statistics.median(m.times) * 1e3:.0f}ms" for m in modes),
+                                    refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def percentile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# ----------------------------------------------------------------------------- report
+def summarize(args, modes: Dict[str, Mode], check: dict, env: dict) -> dict:
+    rows = {}
+    floor = modes.get("floor")
+    floor_ms = statistics.median(floor.times) * 1e3 if floor else None
+    floor_peak = floor.memory.get("peak") if floor else None
+    for name, m in modes.items():
+        med = statistics.median(m.times) * 1e3
+        row = {
+            "median_ms": med, "mean_ms": statistics.fmean(m.times) * 1e3, "min_ms": min(m.times) * 1e3,
+            "p10_ms": percentile(m.times, 0.1) * 1e3, "p90_ms": percentile(m.times, 0.9) * 1e3,
+            "vs_floor": med / floor_ms if floor_ms else None,
+            "cpu_median_ms": statistics.median(m.cpu_times) * 1e3,
+            "times_ms": [t * 1e3 for t in m.times],
+            "cpu_times_ms": [t * 1e3 for t in m.cpu_times],
+            "setup_s": m.setup_seconds, "last_loss": m.last_loss,
+            "trainable_params": sum(p.numel() for p in trainable(m.model)),
+        }
+        if m.memory:
+            row["memory_bytes"] = dict(m.memory)
+            row["peak_mb"] = m.memory["peak"] / MB
+            if floor_peak:
+                row["peak_over_floor_mb"] = (m.memory["peak"] - floor_peak) / MB
+                row["peak_vs_floor"] = m.memory["peak"] / floor_peak
+        rows[name] = row
+    out = {"config": {k: v for k, v in vars(args).items()}, "env": env, "check": check, "modes": rows}
+    if "peft" in rows and "lorafx" in rows:
+        out["peft_over_lorafx"] = rows["peft"]["median_ms"] / rows["lorafx"]["median_ms"]
+        if floor_ms:
+            extra_p, extra_f = rows["peft"]["median_ms"] - floor_ms, rows["lorafx"]["median_ms"] - floor_ms
+            out["peft_over_lorafx_above_floor"] = extra_p / extra_f if extra_f > 0 else None
+        if "memory_bytes" in rows["peft"] and "memory_bytes" in rows["lorafx"]:
+            out["peft_over_lorafx_peak_memory"] = rows["peft"]["memory_bytes"]["peak"] / rows["lorafx"]["memory_bytes"]["peak"]
+    return out
+
+
+def print_table(summary: dict) -> None:
+    rows = summary["modes"]
+    has_mem = all("peak_mb" in r for r in rows.values())
+    head = ["mode", "median ms", "p10-p90 ms", "vs floor", "cpu ms"]
+    if has_mem:
+        head += ["peak MB", "vs floor", "saved MB"]
+    table = [head]
+    for name, r in rows.items():
+        line = [name, f"{r['median_ms']:.1f}", f"{r['p10_ms']:.0f}-{r['p90_ms']:.0f}",
+                f"{r['vs_floor']:.3f}x" if r["vs_floor"] else "-", f"{r['cpu_median_ms']:.0f}"]
+        if has_mem:
+            over = r.get("peak_over_floor_mb")
+            line += [f"{r['peak_mb']:.1f}",
+                     (f"+{over:.1f} MB ({(r['peak_vs_floor'] - 1) * 100:+.1f}%)" if over is not None else "-"),
+                     f"{r['memory_bytes']['saved'] / MB:.1f}"]
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    print(fmt(table[0]))
+    print(fmt(["-" * w for w in widths]))
+    for row in table[1:]:
+        print(fmt(row))
+    if "peft_over_lorafx" in summary:
+        print(f"\nPEFT / lorafx step time: {summary['peft_over_lorafx']:.3f}x"
+              + (" (>1: lorafx faster)" if summary["peft_over_lorafx"] >= 1 else " (<1: lorafx slower)"))
+        above = summary.get("peft_over_lorafx_above_floor")
+        if above is not None:
+            print(f"PEFT / lorafx time above the floor: {above:.3f}x")
+        if "peft_over_lorafx_peak_memory" in summary:
+            print(f"PEFT / lorafx peak memory: {summary['peft_over_lorafx_peak_memory']:.3f}x")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    dtype = getattr(torch, args.dtype)
+    import transformers
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "device": str(device), "cpu_count": os.cpu_count(),
+           "platform": platform.platform()}
+    try:
+        import peft
+        env["peft"] = peft.__version__
+    except ImportError:
+        if "peft" in args.modes:
+            raise SystemExit("peft is not installed: pip install peft (or --modes floor,lorafx)")
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+
+    print(f"LlamaForCausalLM: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"{args.heads} heads, vocab {args.vocab}; batch {args.batch} x seq {args.seq}; LoRA r={args.rank} "
+          f"alpha={2 * args.rank} on {','.join(TARGETS)}")
+    print(f"device {device} {args.dtype}, {env['threads']} threads, torch {env['torch']}, "
+          f"transformers {env['transformers']}, peft {env.get('peft', '-')}")
+
+    base = build_base(args, device, dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    makers = {"floor": lambda: make_floor(base, ids, args.floor),
+              "peft": lambda: make_peft(base, ids, args.rank),
+              "lorafx": lambda: make_lorafx(base, ids, args.rank)}
+    modes: Dict[str, Mode] = {}
+    for name in args.modes:
+        modes[name] = makers[name]()
+        print(f"  built {name:<6} in {modes[name].setup_seconds:.1f}s "
+              f"({sum(p.numel() for p in trainable(modes[name].model)):,} trainable params)")
+    del base
+
+    check = {}
+    if not args.no_check:
+        check = check_equal_work(modes, ids, args.seed, dtype)
+        msg = "check: losses at B=0 agree"
+        if "losses_equal_AB" in check:
+            l = check["losses_equal_AB"]
+            msg += (f"; with equal random A/B, PEFT loss {l['peft']:.6f} == lorafx {l['lorafx']:.6f}, "
+                    f"adapter grads max rel err {check['max_rel_grad_err']:.1e}")
+        print(msg)
+
+    order = list(modes.values())
+    progress = not args.no_progress
+    run_rounds(order, args.warmup, device, record=False, desc="warm-up", progress=progress)
+    has_memory = not args.no_memory and measure_memory(modes, device)
+    gc.collect()
+    gc.freeze()  # keep the cyclic GC from scanning the models during timed steps
+    run_rounds(order, args.steps, device, record=True, desc="timing", progress=progress)
+    gc.unfreeze()
+
+    summary = summarize(args, modes, check, env)
+    print(f"\n{args.steps} timed rounds after {args.warmup} warm-up rounds, interleaved round-robin:\n")
+    print_table(summary)
+    if has_memory:
+        what = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                else "profiler allocation high-water mark")
+        print(f"\npeak MB = resident (params, buffers, grads, AdamW state) + transient ({what}) of one step; "
+              "saved MB = non-parameter tensors saved for backward")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"wrote {args.json}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
