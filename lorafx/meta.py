@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Type, TypeVar
+from typing import Any, Optional, Type, TypeVar
 
 import torch.fx
 
@@ -58,7 +58,43 @@ class DropoutRecord:
     site: str = ""
 
 
-RECORD_TYPES = (OriginRecord, LoraRecord, DropoutRecord)
+@dataclass(frozen=True)
+class CostRecord:
+    """Symbolic cost of one node, attached by the ``AnnotateCost`` pass.
+
+    Every amount is a sympy expression in the graph's dynamic dims (``batch``,
+    ``seq``; other unnamed dims keep torch.export's names such as ``s3``).
+    ``fwd_flops``/``bwd_flops`` count matrix products (mm, addmm, bmm, linear,
+    matmul, SDPA, lora_linear) in ``FlopCounterMode``'s convention (2 per
+    multiply-add); ``fwd_other_flops``/``bwd_other_flops`` hold the elementwise,
+    softmax, norm and reduction work, which ``FlopCounterMode`` counts as 0.
+    Bytes are tensor reads plus writes (see ``passes/cost_model.py``).
+    """
+
+    kind: str  # "matmul", "lora", "attention", "elementwise", "norm", "view", ...
+    fwd_flops: Any = 0
+    bwd_flops: Any = 0
+    fwd_other_flops: Any = 0
+    bwd_other_flops: Any = 0
+    fwd_bytes: Any = 0
+    bwd_bytes: Any = 0
+    requires_grad: bool = False  # a gradient flows back through this node
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """The RunLoRA schedule chosen for a lora node by ``SelectSchedule`` (see ``lorafx.schedules``).
+
+    ``rule`` is the node's schedule argument, e.g. ``"f1b1|4096:f2b5"`` (below 4096
+    tokens f1b1, from 4096 f2b5); ``criterion`` is how it was chosen ("flops", "time"
+    or "fixed").
+    """
+
+    rule: str
+    criterion: str = "flops"
+
+
+RECORD_TYPES = (OriginRecord, LoraRecord, DropoutRecord, CostRecord, ScheduleRecord)
 
 
 def records(node: torch.fx.Node) -> dict:
@@ -98,6 +134,11 @@ def describe(node: torch.fx.Node) -> str:
                          + (", merged" if rec.merged else "") + ")")
         elif isinstance(rec, DropoutRecord):
             parts.append(f"dropout(p={rec.p:g})")
+        elif isinstance(rec, ScheduleRecord):
+            parts.append(f"schedule={rec.rule}")
+        elif isinstance(rec, CostRecord):
+            if rec.kind in ("matmul", "lora", "attention", "subgraph") and rec.fwd_flops != 0:
+                parts.append(f"flops fwd={rec.fwd_flops} bwd={rec.bwd_flops}")
         elif isinstance(rec, OriginRecord):
             if rec.created_by:
                 parts.append(f"by {rec.created_by}")

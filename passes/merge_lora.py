@@ -26,8 +26,10 @@ import torch.fx
 
 from lorafx.graph_utils import get_attr, owner_and_name, del_attr
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
+from lorafx.ops_fused import MERGEABLE_LORA_OPS
 from lorafx.pipeline import Pass, PassResult
 
+from .fuse_siblings import split_siblings
 from .insert_lora import replace_with_lora
 
 __all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weight"]
@@ -75,11 +77,12 @@ class MergeLoRA(Pass):
     provides = frozenset({"merged"})
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        op = torch.ops.lorafx.lora_linear.default
+        ops = MERGEABLE_LORA_OPS  # lora_linear and lora_linear_recompute (RecomputeInputs)
+        split_siblings(gm)  # FuseSiblings' groups back to one op per adapter
         count = 0
         adapters = set()
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target is not op:
+            if node.op != "call_function" or node.target not in ops:
                 continue
             rec = get_record(node, LoraRecord)
             if self.rebind_weights:

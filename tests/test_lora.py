@@ -209,7 +209,8 @@ def test_new_input_signature_shares_adapters(tiny_model):
 def test_report_lists_passes(tiny_model):
     cm = lorafx.compile(_llama(tiny_model), r=2)
     rep = cm.report()
-    assert [p.name for p in rep.passes] == ["InsertLoRA", "SetTrainingMode"]
+    names = [p.name for p in rep.passes]
+    assert "InsertLoRA" in names and names[-1] == "SetTrainingMode"
     assert rep.adapter_sites == 14 and rep.trainable_params == sum(p.numel() for p in cm.trainable_parameters().values())
     text = str(rep)
     assert "InsertLoRA" in text and "trainable params" in text

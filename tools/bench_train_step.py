@@ -5,6 +5,7 @@
         [--heads 8] [--vocab 8000] [--batch 4] [--seq 256] [--steps 60] [--warmup 3]
         [--threads T] [--device cpu|cuda] [--dtype float32|bfloat16] [--modes floor,peft,lorafx]
         [--floor exact|embeds] [--json out.json] [--no-check] [--no-memory] [--no-progress]
+        [--lorafx-passes SPEC[;SPEC...]]
 
 A LLaMA-shaped ``transformers.LlamaForCausalLM`` is built from a config (random
 init, fixed seed, sdpa attention, no KV cache) and deep-copied once per mode, so
@@ -30,6 +31,19 @@ peft    ``peft.get_peft_model(copy, LoraConfig(r, lora_alpha=2r, target_modules=
         [q,k,v,o,gate,up,down]_proj, lora_dropout=0))`` + AdamW on its trainable params.
 lorafx  ``lorafx.compile(copy, example_kwargs={input_ids, labels}, r, alpha=2r,
         target_modules=[same], dropout=0)`` + AdamW on its trainable params.
+
+Choosing lorafx's passes (``--lorafx-passes``)
+----------------------------------------------
+A SPEC edits the pass list ``lorafx.compile`` runs by default: ``default`` (no
+change), or comma-separated items ``+Name`` (append the pass ``lorafx.passes.Name()``
+to the list, i.e. after all default passes but SetTrainingMode), ``-Name``
+(drop a default pass) or ``Name`` (same as ``+Name``); names are the pass classes
+or their snake_case file names (``causal_mask``, ``recompute_inputs``,
+``fuse_siblings``), e.g. ``--lorafx-passes -RecomputeInputs,+FuseSiblings``.
+Several SPECs separated by ``;`` build several lorafx modes, timed interleaved
+with the others: the first configures the ``lorafx`` row, each further one adds a
+row ``lorafx[SPEC]`` (checked against PEFT like ``lorafx``), e.g.
+``--lorafx-passes "default;-CausalMaskToIsCausal;+FuseSiblings"``.
 
 Before timing, a correctness check runs (skip with ``--no-check``): with B = 0 the
 three losses agree; then PEFT's lora_B are set to random values and every A/B is
@@ -123,12 +137,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true", help="skip the PEFT == lorafx correctness check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--lorafx-passes", default=None, metavar="SPEC[;SPEC...]",
+                   help="edit lorafx's default pass list: 'default' or items +Name / -Name (comma-separated); "
+                        "several ';'-separated SPECs add modes lorafx[SPEC] (see the notes below)")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
         p.error(f"--modes: unknown mode(s) {bad}; choose from {','.join(ALL_MODES)}")
     args.modes = [m for m in ALL_MODES if m in modes]
+    specs = [x.strip() for x in (args.lorafx_passes or "").split(";") if x.strip()]
+    if specs and "lorafx" not in args.modes:
+        p.error("--lorafx-passes needs the lorafx mode")
+    args.lorafx_specs = specs
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.hidden % args.heads:
@@ -235,14 +256,68 @@ def make_peft(base, ids, r) -> Mode:
     return Mode("peft", model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
 
 
-def make_lorafx(base, ids, r) -> Mode:
+def make_lorafx(base, ids, r, spec: Optional[str] = None, name: str = "lorafx") -> Mode:
     import lorafx
     t0 = time.perf_counter()
-    model = lorafx.compile(copy.deepcopy(base), example_kwargs={"input_ids": ids, "labels": ids},
+    source = copy.deepcopy(base)
+    kwargs = {"input_ids": ids, "labels": ids}
+    model = lorafx.compile(source, example_kwargs=kwargs,
                            r=r, alpha=2 * r, target_modules=list(TARGETS), dropout=0.0, seed=0)
+    if spec is not None and spec != "default":
+        model = recompile_with_passes(model, source, kwargs, spec)
     model.train()
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
-    return Mode("lorafx", model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
+    return Mode(name, model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
+
+
+def _pass_class(token: str):
+    import lorafx.passes as P
+    from lorafx.pipeline import Pass
+    camel = "".join(w[:1].upper() + w[1:] for w in token.split("_")) if "_" in token or token.islower() else token
+    classes = {n: c for n, c in vars(P).items() if isinstance(c, type) and issubclass(c, Pass)}
+    for n, c in classes.items():
+        module = c.__module__.rsplit(".", 1)[-1]
+        if n in (token, camel) or token == module:
+            return c
+    raise SystemExit(f"--lorafx-passes: unknown pass {token!r}; known: {', '.join(sorted(classes))}")
+
+
+def edit_passes(passes: list, spec: str) -> list:
+    """The default pass list (without SetTrainingMode) edited by ``spec`` (see --lorafx-passes)."""
+    passes = list(passes)
+    for item in (x.strip() for x in spec.split(",")):
+        if not item or item == "default":
+            continue
+        remove = item.startswith("-")
+        cls = _pass_class(item.lstrip("+-"))
+        if remove:
+            if not any(type(p) is cls for p in passes):
+                raise SystemExit(f"--lorafx-passes: {cls.__name__} is not in the default pipeline")
+            passes = [p for p in passes if type(p) is not cls]
+        elif not any(type(p) is cls for p in passes):
+            passes.append(cls())
+    return passes
+
+
+def recompile_with_passes(compiled, source, kwargs, spec: str):
+    """Capture ``source`` again and run ``compiled``'s default pass list edited by ``spec``."""
+    import lorafx
+    from lorafx.compiled import CompiledModel, CompileReport
+    from lorafx.passes import SetTrainingMode
+    from lorafx.pipeline import Pipeline
+    passes = edit_passes(compiled._pipeline.passes, spec)
+    t0 = time.perf_counter()
+    gm = lorafx.capture(source, (), kwargs)
+    seconds = time.perf_counter() - t0
+    nodes = len(gm.graph.nodes)
+    result = Pipeline([*passes, SetTrainingMode(train=True)])(gm)
+    gm = result.graph_module
+    info = next((rep.info for rep in result.info["reports"] if rep.name == "InsertLoRA"), {})
+    report = CompileReport(result.info["reports"], seconds, nodes, info.get("adapter_sites", 0),
+                           sum(p.numel() for p in gm.parameters() if p.requires_grad),
+                           sum(p.numel() for p in gm.parameters()))
+    return CompiledModel(source, gm, Pipeline(passes), report, target=compiled.target, dynamic=compiled.dynamic,
+                         options=compiled.options)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -308,6 +383,21 @@ def check_equal_work(modes: Dict[str, Mode], ids, seed: int, dtype) -> dict:
         worst = max(worst, err)
         if not torch.allclose(q.grad, p.grad, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale):
             raise SystemExit(f"check failed: gradient of {name} differs (max rel err {err:.2e})")
+    for extra in [n for n in modes if n.startswith("lorafx[")]:  # --lorafx-passes variants
+        xm = modes[extra].model
+        xpairs = adapter_pairs(pm, xm)
+        with torch.no_grad():
+            for name, q, p in xpairs:
+                p.copy_(q)
+        loss = xm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if not math.isclose(loss.item(), losses["peft"], rel_tol=tol["rtol"], abs_tol=tol["atol"]):
+            raise SystemExit(f"check failed: PEFT loss {losses['peft']} != {extra} loss {loss.item()}")
+        for name, q, p in xpairs:
+            scale = q.grad.abs().max().item() or 1.0
+            if p.grad is None or not torch.allclose(q.grad, p.grad, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale):
+                raise SystemExit(f"check failed: {extra}: gradient of {name} differs from PEFT's")
+        modes[extra].optimizer.zero_grad(set_to_none=True)
     for mode in (modes["peft"], modes["lorafx"]):
         mode.optimizer.zero_grad(set_to_none=True)
     result["losses_equal_AB"] = losses
@@ -576,9 +666,14 @@ def main(argv=None) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     makers = {"floor": lambda: make_floor(base, ids, args.floor),
               "peft": lambda: make_peft(base, ids, args.rank),
-              "lorafx": lambda: make_lorafx(base, ids, args.rank)}
+              "lorafx": lambda: make_lorafx(base, ids, args.rank, args.lorafx_specs[0] if args.lorafx_specs else None)}
+    names = list(args.modes)
+    for spec in args.lorafx_specs[1:]:  # further --lorafx-passes SPECs: one more lorafx mode each
+        name = f"lorafx[{spec}]"
+        makers[name] = lambda spec=spec, name=name: make_lorafx(base, ids, args.rank, spec, name)
+        names.append(name)
     modes: Dict[str, Mode] = {}
-    for name in args.modes:
+    for name in names:
         modes[name] = makers[name]()
         print(f"  built {name:<6} in {modes[name].setup_seconds:.1f}s "
               f"({sum(p.numel() for p in trainable(modes[name].model)):,} trainable params)")

@@ -1,0 +1,201 @@
+"""FuseSiblings: one op for the adapters that read the same input (q/k/v, gate/up).
+
+Sibling adapters ``y_i = x W_iᵀ + s_i (x A_iᵀ) B_iᵀ`` share x.  Their rank-r
+products are skinny GEMMs; ``lora_linear_siblings`` (lorafx/ops_fused.py) does
+them together: forward ``[A_1; ...; A_k] xᵀ`` in one GEMM, backward every
+``dA_i`` in one GEMM (``Z x`` with the stacked ``z_i = s_i B_iᵀ dy_iᵀ``), the
+adapters' part of dx in one GEMM (``Zᵀ [A_1; ...; A_k]``) and every
+``x A_iᵀ`` for dB in one GEMM; x is saved once (or rebuilt from a recipe, when
+RecomputeInputs ran first).  Base products stay one GEMM per linear.
+
+Fused only when the group's adapters have no dropout (PEFT draws an independent
+dropout mask per adapter; one shared product of the masked input would change
+the semantics), schedule rules that only use f1/f2 with b1/b5 (each sibling keeps
+its own rule; the kernel stacks the A's of the siblings that run f1, resp. b1, at
+the actual token count; b3/b4 and 'k' schedules are left alone), and all of them are ``lora_linear`` or all ``lora_linear_recompute``
+with the same recipe.  ``info["kept"]`` says why a group was not fused.
+
+Measured on the 2-core CPU of DESIGN.md (tools/bench_train_step.py,
+``--lorafx-passes``): no gain that stands out of the noise, so the pass is not in
+``lorafx.compile``'s default pipeline.
+
+Requires: ``"lora"``.  Provides: ``"fused_siblings"``.
+Preserves: outputs and gradients (up to float rounding: the same sums, grouped
+differently by BLAS).
+
+Before::
+
+    %q = call_function[target=lorafx.lora_linear.default](args=(%x, %wq, None, %Aq, %Bq, 2.0, None, 0.0, 'f1b1'))
+    %k = call_function[target=lorafx.lora_linear.default](args=(%x, %wk, None, %Ak, %Bk, 2.0, None, 0.0, 'f1b1'))
+
+After::
+
+    %qk = call_function[target=lorafx.lora_linear_siblings.default](
+        args=(%x, [%wq, %wk], [], [False, False], [%Aq, %Ak], [%Bq, %Bk], [2.0, 2.0], 'f1b1;f1b1', '', []))
+    %q = call_function[target=operator.getitem](args=(%qk, 0))
+    %k = call_function[target=operator.getitem](args=(%qk, 1))
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx
+
+import lorafx.ops_fused  # noqa: F401  (registers lorafx::lora_linear_siblings)
+from lorafx.graph_utils import safe_name
+from lorafx.meta import LoraRecord, get_record
+from lorafx.pipeline import Pass, PassResult
+from lorafx.schedules import DEFAULT_SCHEDULE, parse_rule
+
+__all__ = ["FuseSiblings", "split_siblings"]
+
+_LORA = torch.ops.lorafx.lora_linear.default
+_RECOMPUTE = torch.ops.lorafx.lora_linear_recompute.default
+_SIBLINGS = torch.ops.lorafx.lora_linear_siblings.default
+
+
+def _arg(node, i, name, default):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _why_not(members: List[torch.fx.Node]) -> Optional[str]:
+    kinds = {m.target for m in members}
+    if len(kinds) > 1:
+        return "mixed lora_linear / lora_linear_recompute"
+    for m in members:
+        mask = _arg(m, 6, "dropout_mask", None)
+        rec = get_record(m, LoraRecord)
+        if mask is not None or (rec is not None and rec.dropout > 0):
+            return "adapter dropout (independent masks per adapter)"
+        if rec is not None and rec.merged:
+            return "merged"
+    for rule in {_arg(m, 8, "schedule", DEFAULT_SCHEDULE) for m in members}:
+        for _, s in parse_rule(rule):
+            if s.bwd in ("b3", "b4") or s.keep_xa:
+                return f"schedule {rule!r} uses {s.name} (the sibling kernel runs f1/f2 with b1/b5)"
+    if members[0].target is _RECOMPUTE:
+        if len({(m.args[9], tuple(m.args[10])) for m in members}) > 1:
+            return "different recipes"
+    return None
+
+
+def _hoist(node: torch.fx.Node, before: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> bool:
+    """Move ``node`` (a get_attr, or a call on get_attrs such as t(W)) before ``before`` if it is
+    defined after it.  False if it cannot be moved."""
+    if order[node] < order[before]:
+        return True
+    if node.op == "get_attr":
+        before.prepend(node)
+        order[node] = order[before] - 0.5
+        return True
+    if node.op == "call_function" and all(a.op == "get_attr" for a in node.all_input_nodes):
+        for a in node.all_input_nodes:
+            _hoist(a, before, order)
+        before.prepend(node)
+        order[node] = order[before] - 0.25
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class FuseSiblings(Pass):
+    min_group: int = 2
+
+    requires = frozenset({"lora"})
+    provides = frozenset({"fused_siblings"})
+
+    def validate(self) -> None:
+        if not isinstance(self.min_group, int) or self.min_group < 2:
+            raise ValueError(f"FuseSiblings: min_group must be an int >= 2, got {self.min_group!r}")
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        groups: Dict[torch.fx.Node, List[torch.fx.Node]] = {}
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in (_LORA, _RECOMPUTE) and isinstance(node.args[0], torch.fx.Node):
+                groups.setdefault(node.args[0], []).append(node)
+        fused, kept, made = 0, {}, []
+        for x, members in groups.items():
+            if len(members) < self.min_group:
+                continue
+            reason = _why_not(members)
+            if reason is None:
+                reason = self._fuse(gm, x, members)
+            if reason is not None:
+                kept[", ".join(m.name for m in members)] = reason
+                continue
+            fused += len(members)
+            made.append([m for m in members])
+        info = {"fused_adapters": fused, "groups": len(made), "kept": kept}
+        return PassResult(gm, fused > 0, info)
+
+    def _fuse(self, gm, x, members) -> Optional[str]:
+        graph = gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = members[0]
+        args = [m.args for m in members]
+        for a in args:
+            for v in (a[1], a[2], a[3], a[4]):
+                if isinstance(v, torch.fx.Node) and not _hoist(v, first, order):
+                    return f"{v.name} is computed between the siblings"
+        weights = [a[1] for a in args]
+        biases = [a[2] for a in args if a[2] is not None]
+        has_bias = [a[2] is not None for a in args]
+        schedules = [_arg(m, 8, "schedule", DEFAULT_SCHEDULE) for m in members]
+        recipe, sources = ("", [])
+        if first.target is _RECOMPUTE:
+            recipe, sources = first.args[9], list(first.args[10])
+        with graph.inserting_before(first):
+            node = graph.call_function(_SIBLINGS, (x, weights, biases, has_bias, [a[3] for a in args],
+                                                   [a[4] for a in args], [float(a[5]) for a in args], ";".join(schedules),
+                                                   recipe, sources))
+        node.meta["val"] = [m.meta.get("val") for m in members]
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in first.meta:
+                node.meta[key] = first.meta[key]
+        for i, m in enumerate(members):
+            with graph.inserting_after(node):
+                out = graph.call_function(operator.getitem, (node, i))
+            out.meta.update(m.meta)  # val, module stack and the member's lorafx records (LoraRecord, ...)
+            m.replace_all_uses_with(out)
+            graph.erase_node(m)
+        return None
+
+
+def split_siblings(gm: torch.fx.GraphModule) -> int:
+    """Undo FuseSiblings: every ``lora_linear_siblings`` node becomes one ``lora_linear`` (or
+    ``lora_linear_recompute``, when it carries a recipe) per sibling again, with the records its
+    getitem nodes carry.  MergeLoRA calls this first.  Returns how many sibling nodes it split."""
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _SIBLINGS:
+            continue
+        x, weights, biases, has_bias, As, Bs, scales, schedules, recipe, sources = node.args
+        bias_iter = iter(biases)
+        rules = schedules.split(";")
+        outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        for i, (w, a, bb, s, rule) in enumerate(zip(weights, As, Bs, scales, rules)):
+            bias = next(bias_iter) if has_bias[i] else None
+            out = outs.get(i)
+            if out is None:  # an unused output
+                continue
+            base = (x, w, bias, a, bb, s, None, 0.0, rule)
+            rec = get_record(out, LoraRecord)
+            with graph.inserting_before(out):
+                new = graph.create_node("call_function", _RECOMPUTE if recipe else _LORA,
+                                        (*base, recipe, list(sources)) if recipe else base,
+                                        name=safe_name(rec.site) + "_lora" if rec is not None else None)
+            new.meta.update(out.meta)
+            out.replace_all_uses_with(new)
+            graph.erase_node(out)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
