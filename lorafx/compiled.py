@@ -182,20 +182,32 @@ class CompiledModel(torch.nn.Module):
         return self._merged
 
     def merge(self) -> "CompiledModel":
-        """Fold every adapter into its frozen weight (W + scale·BA, in float32)."""
+        """Fold every adapter into its frozen weight (W + scale·BA, in float32 or wider)."""
+        import copy
         from lorafx.passes import MergeLoRA
         if not self._merged:
+            # unmerge() restores these graphs exactly, with every later pass's choices
+            self.__dict__["_unmerged_graphs"] = {k: copy.deepcopy(gm.graph) for k, gm in self._variants.items()}
             for gm in self._variants.values():
                 MergeLoRA()(gm)
             self.__dict__["_merged"] = True
         return self
 
     def unmerge(self) -> "CompiledModel":
-        """Undo ``merge()`` exactly (the unmerged weights were kept)."""
-        from lorafx.passes import UnmergeLoRA
+        """Undo ``merge()`` exactly: the unmerged weights and graphs were kept."""
+        from lorafx.passes import UnmergeLoRA, set_training_mode
+        from lorafx.passes.merge_lora import unmerge_site_weight
         if self._merged:
-            for gm in self._variants.values():
-                UnmergeLoRA()(gm)
+            saved = self.__dict__.pop("_unmerged_graphs", {})
+            for rec in self.lora_records().values():
+                unmerge_site_weight(self.graph_module, rec)
+            for key, gm in self._variants.items():
+                if key in saved:
+                    gm.graph = saved[key]
+                    gm.recompile()
+                    set_training_mode(gm, self.training)
+                else:  # captured while merged
+                    UnmergeLoRA(rebind_weights=False)(gm)
             self.__dict__["_merged"] = False
         return self
 

@@ -112,8 +112,9 @@ def compile(
                             keep_xa=bool(options.get("schedule_keep_xa", False)))
     if example_inputs is None and example_kwargs is None:
         example_kwargs = default_example_inputs(model)
-    passes = [InlineGradModeRegions(), lora, select, *hw.passes(), CausalMaskToIsCausal(), AnnotateCost(),
-              RecomputeInputs(), SetTrainingMode(train=model.training)]
+    # AnnotateCost runs after every rewrite so its records describe the final graph.
+    passes = [InlineGradModeRegions(), lora, select, CausalMaskToIsCausal(), RecomputeInputs(), *hw.passes(),
+              AnnotateCost(), SetTrainingMode(train=model.training)]
     instruments = list(instruments)
     if progress:
         instruments.append(_Progress(len(passes)))

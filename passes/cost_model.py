@@ -367,7 +367,8 @@ class _Annotator:
         fwd_bytes = bwd_bytes = None
         if name in _VIEW or (name in _TO and self._same_dtype(node, out, vals)):
             return CostRecord("view", requires_grad=bool(needs_bwd)), out_flag
-        if name in ("lora_linear", "lora_linear_xa") and getattr(target, "namespace", "") == "lorafx":
+        if name in ("lora_linear", "lora_linear_xa", "lora_linear_recompute") and \
+                getattr(target, "namespace", "") == "lorafx":
             kind, fwd, bwd, other = self._lora(node, vals, grad, needs_bwd)
         elif name in _MATMUL:
             kind, fwd, bwd, other = self._matmul(node, name, out, vals, grad, needs_bwd)

@@ -27,12 +27,12 @@ import torch.fx
 from lorafx.graph_utils import get_attr, owner_and_name, del_attr
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 from lorafx.ops_fused import MERGEABLE_LORA_OPS
-from lorafx.pipeline import Pass, PassResult
+from lorafx.pipeline import Pass, PassError, PassResult
 
 from .fuse_siblings import split_siblings
 from .insert_lora import replace_with_lora
 
-__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weight"]
+__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weight", "unmerge_site_weight"]
 
 _KEPT = "_lorafx_unmerged"
 
@@ -59,7 +59,7 @@ def _merge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:
     owner._parameters[name] = merged
 
 
-def _unmerge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:
+def unmerge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:
     owner, name = owner_and_name(gm, rec.weight)
     if not hasattr(owner, name + _KEPT):
         return
@@ -77,7 +77,8 @@ class MergeLoRA(Pass):
     provides = frozenset({"merged"})
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        ops = MERGEABLE_LORA_OPS  # lora_linear and lora_linear_recompute (RecomputeInputs)
+        xa_op = torch.ops.lorafx.lora_linear_xa.default  # returns (y, xa): its users are getitem(node, 0)
+        ops = (*MERGEABLE_LORA_OPS, xa_op)  # + lora_linear_recompute (RecomputeInputs)
         split_siblings(gm)  # FuseSiblings' groups back to one op per adapter
         count = 0
         adapters = set()
@@ -94,7 +95,14 @@ class MergeLoRA(Pass):
             set_record(new, get_record(node, OriginRecord) or OriginRecord(rec.site))
             if not self.unload:
                 set_record(new, LoraRecord(**{**rec.__dict__, "merged": True}))
-            node.replace_all_uses_with(new)
+            if node.target is xa_op:
+                for user in list(node.users):
+                    if user.args[1] != 0:
+                        raise PassError(f"MergeLoRA: {node.name}'s XA output is used by {user.name}")
+                    user.replace_all_uses_with(new)
+                    gm.graph.erase_node(user)
+            else:
+                node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             adapters.add((rec.lora_A, rec.lora_B, rec.weight))
             count += 1
@@ -124,7 +132,7 @@ class UnmergeLoRA(Pass):
             if rec is None or not rec.merged or node.target is not torch.ops.aten.linear.default:
                 continue
             if self.rebind_weights:
-                _unmerge_site_weight(gm, rec)
+                unmerge_site_weight(gm, rec)
             x, w, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
             weight_node = w.args[0] if rec.weight_transposed else w
             unmerged = LoraRecord(**{**rec.__dict__, "merged": False})

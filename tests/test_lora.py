@@ -215,3 +215,17 @@ def test_report_lists_passes(tiny_model):
     text = str(rep)
     assert "InsertLoRA" in text and "trainable params" in text
     assert "lora(r=2" in cm.graph_report()
+
+
+@pytest.mark.parametrize("options", [{}, {"schedule_keep_xa": True}])
+def test_unmerge_restores_the_graph_exactly(options, tiny_model):
+    cm = lorafx.compile(_llama(tiny_model), example_inputs=(ids(2, 8),), r=2, **options).eval()
+    _randomise_B(cm)
+    x = ids(3, 9)
+    before_text, before = cm.graph_report(), cm(input_ids=x).logits
+    cm.merge()
+    assert not any(str(n.target).startswith("lorafx.") for n in cm.graph_module.graph.nodes)
+    torch.testing.assert_close(cm(input_ids=x).logits, before, rtol=1e-5, atol=1e-5)
+    cm.unmerge()
+    assert cm.graph_report() == before_text  # schedules and later rewrites come back too
+    assert torch.equal(cm(input_ids=x).logits, before)
