@@ -1,16 +1,16 @@
-"""lorafx passes: one file per pass."""
-from .cost_model import AnnotateCost
+"""lorafx passes: one file per pass, in the order lorafx.compile runs them."""
 from .inline_subgraphs import InlineGradModeRegions
 from .insert_lora import InsertLoRA, freeze_base
-from .merge_lora import MergeLoRA, UnmergeLoRA
+from .select_schedule import SelectSchedule
+from .causal_mask import CausalMaskToIsCausal
+from .recompute_inputs import RecomputeInputs
+from .fuse_siblings import FuseSiblings
+from .cost_model import AnnotateCost
 from .set_training_mode import SetTrainingMode, set_training_mode
-from .select_schedule import SelectSchedule  # noqa: F401
+from .merge_lora import MergeLoRA, UnmergeLoRA
 
-__all__ = ["InlineGradModeRegions", "InsertLoRA", "MergeLoRA", "UnmergeLoRA", "SetTrainingMode", "freeze_base", "set_training_mode"]
-__all__ += ["AnnotateCost"]
-from .causal_mask import CausalMaskToIsCausal  # noqa: E402
-__all__ += ["CausalMaskToIsCausal"]
-from .recompute_inputs import RecomputeInputs  # noqa: E402
-__all__ += ["RecomputeInputs"]
-from .fuse_siblings import FuseSiblings  # noqa: E402
-__all__ += ["FuseSiblings"]
+__all__ = [
+    "InlineGradModeRegions", "InsertLoRA", "SelectSchedule", "CausalMaskToIsCausal", "RecomputeInputs",
+    "FuseSiblings", "AnnotateCost", "SetTrainingMode", "MergeLoRA", "UnmergeLoRA", "freeze_base",
+    "set_training_mode",
+]
