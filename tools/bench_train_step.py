@@ -35,8 +35,8 @@ lorafx  ``lorafx.compile(copy, example_kwargs={input_ids, labels}, r, alpha=2r,
 Choosing lorafx's passes (``--lorafx-passes``)
 ----------------------------------------------
 A SPEC edits the pass list ``lorafx.compile`` runs by default: ``default`` (no
-change), or comma-separated items ``+Name`` (append the pass ``lorafx.passes.Name()``
-to the list, i.e. after all default passes but SetTrainingMode), ``-Name``
+change), or comma-separated items ``+Name`` (add the pass ``lorafx.passes.Name()``
+after the default rewrites, before AnnotateCost and SetTrainingMode), ``-Name``
 (drop a default pass) or ``Name`` (same as ``+Name``); names are the pass classes
 or their snake_case file names (``causal_mask``, ``recompute_inputs``,
 ``fuse_siblings``), e.g. ``--lorafx-passes -RecomputeInputs,+FuseSiblings``.
@@ -111,10 +111,8 @@ MB = 1024.0 * 1024.0
 
 
 # ----------------------------------------------------------------------------- setup
-def parse_args(argv=None) -> argparse.Namespace:
-    parts = __doc__.split("\n\n")
-    p = argparse.ArgumentParser(description="\n\n".join([parts[0]] + parts[2:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model-shape options shared by the benchmarks in tools/."""
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
@@ -123,6 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parts = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(description="\n\n".join([parts[0]] + parts[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=60, help="timed rounds (one step of every mode per round)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -295,7 +300,8 @@ def edit_passes(passes: list, spec: str) -> list:
                 raise SystemExit(f"--lorafx-passes: {cls.__name__} is not in the default pipeline")
             passes = [p for p in passes if type(p) is not cls]
         elif not any(type(p) is cls for p in passes):
-            passes.append(cls())
+            at = next((i for i, p in enumerate(passes) if type(p).__name__ == "AnnotateCost"), len(passes))
+            passes.insert(at, cls())
     return passes
 
 
