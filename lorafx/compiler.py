@@ -1,7 +1,6 @@
 """``lorafx.compile``: capture a model, run the LoRA pipeline, return a CompiledModel."""
 from __future__ import annotations
 
-import inspect as _inspect
 import time
 from typing import Any, Dict, Iterable, Optional, Sequence
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 

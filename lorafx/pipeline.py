@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Sequence
 
 import torch
 import torch.fx
@@ -50,7 +50,7 @@ def pass_error(cause: BaseException, message: str) -> PassError:
     kind = type(cause)
     if kind not in _ERROR_TYPES:
         try:
-            _ERROR_TYPES[kind] = type(f"PassError", (PassError, kind), {"__module__": __name__})
+            _ERROR_TYPES[kind] = type("PassError", (PassError, kind), {"__module__": __name__})
         except TypeError:  # incompatible exception layouts
             _ERROR_TYPES[kind] = PassError
     try:

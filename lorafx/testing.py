@@ -16,7 +16,7 @@ tightly.  Models are built from a drawn seed, so a failing example replays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

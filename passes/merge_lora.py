@@ -137,7 +137,7 @@ class UnmergeLoRA(Pass):
             weight_node = w.args[0] if rec.weight_transposed else w
             unmerged = LoraRecord(**{**rec.__dict__, "merged": False})
             origin = get_record(node, OriginRecord)
-            new = replace_with_lora(gm, node, x, weight_node, bias, unmerged,
+            replace_with_lora(gm, node, x, weight_node, bias, unmerged,
                                     created_by=origin.created_by if origin else "InsertLoRA")
             count += 1
         gm.graph.eliminate_dead_code()
