@@ -15,9 +15,14 @@ its own rule; the kernel stacks the A's of the siblings that run f1, resp. b1, a
 the actual token count; b3/b4 and 'k' schedules are left alone), and all of them are ``lora_linear`` or all ``lora_linear_recompute``
 with the same recipe.  ``info["kept"]`` says why a group was not fused.
 
-Measured on the 2-core CPU of DESIGN.md (tools/bench_train_step.py,
-``--lorafx-passes``): no gain that stands out of the noise, so the pass is not in
-``lorafx.compile``'s default pipeline.
+Measured (tools/bench_train_step.py ``--lorafx-passes``, LLaMA 4 x 512, batch 4 x 256,
+--threads 1 on the shared 2-core CPU, paired per-round CPU-time ratios to the floor;
+noisy, +-2-5%): on top of the default pipeline it gained ~0.7-1.5% of the step at
+r=8 and r=64 -- mostly by rebuilding a RecomputeInputs recipe once per group instead
+of once per adapter -- and in isolation (one q/k/v group, forward + backward) ~5-10%
+of that group's time.  Not clearly above the noise, so it is not in
+``lorafx.compile``'s default pipeline.  MergeLoRA splits fused groups first
+(``split_siblings``), so merge / merge_and_unload work with it.
 
 Requires: ``"lora"``.  Provides: ``"fused_siblings"``.
 Preserves: outputs and gradients (up to float rounding: the same sums, grouped

@@ -24,6 +24,12 @@ view or not): otherwise x stays alive and recomputing would buy nothing.
 ``info["kept"]`` says why an adapter input was left alone (layer 0's q/k/v
 read the frozen embedding's output, which nobody saves, so they keep x).
 
+Measured (tools/bench_train_step.py, LLaMA 4 x 512 / 1376, batch 4 x 256, r=8): the
+step's saved tensors fall from 185.5 to 150.0 MB and peak memory over the frozen floor
+from +41.1 to +5.6 MB (PEFT: +37.9); with CausalMaskToIsCausal +1.6 MB.  Time: the
+recipes (5 norm rebuilds and one mul per layer) cost ~1-2% of the step in 1-thread
+CPU time (noisy); FuseSiblings shares one rebuild per q/k/v and gate/up group.
+
 Requires: ``"lora"``.  Provides: ``"recompute_inputs"``.
 Preserves: outputs and gradients, bit for bit (same kernels on the same values).
 
