@@ -208,7 +208,7 @@ def cmd_compile(args, out=None) -> int:
             # the per-pass bar only on a terminal: piped, tqdm's carriage returns garble logs
             cm = lorafx.compile(model, target=target.name, example_kwargs=example_kwargs, progress=status.tty,
                                 instruments=[_stop_at_pipeline(status), lorafx.DumpGraphs(passes_dir)],
-                                **options)
+                                fold_a=args.fold_a, **options)
         except (lorafx.CaptureError, lorafx.PassError, ValueError, TypeError, NotImplementedError) as e:
             raise CLIError(_one_line(e)) from None
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated module names (q_proj,v_proj), a regex matching the whole module "
                         "name (.*attn.*), or all-linear (the default: every linear but the output layer)")
     c.add_argument("--dropout", type=float, default=0.0, help="adapter dropout probability (default 0)")
+    c.add_argument("--fold-a", action="store_true",
+                   help="fold A into the frozen weight's buffer: one GEMM for x W^T and x A^T (FoldLoRAIntoBase)")
     c.add_argument("--no-draw", action="store_true", help="do not write graph.svg")
     c.add_argument("--seed", type=int, default=0, help="seed for built-in model weights and adapter init (default 0)")
     c.set_defaults(func=cmd_compile)

@@ -216,12 +216,15 @@ class CompiledModel(torch.nn.Module):
         in eval mode.  This model is left as it is; unadapted tensors are shared."""
         import copy
         from lorafx.passes import MergeLoRA, set_training_mode
+        from lorafx.passes.fold_lora import unfold
         was_merged = self._merged
         self.unmerge()
         try:
             src = self.graph_module
             # GraphModule(root, graph) builds a new module tree sharing the referenced tensors.
-            gm = torch.fx.GraphModule(src, copy.deepcopy(src.graph), class_name=type(src).__name__)
+            graph = copy.deepcopy(src.graph)
+            unfold(graph)  # FoldLoRAIntoBase's nodes read W by name again (before GraphModule picks attributes)
+            gm = torch.fx.GraphModule(src, graph, class_name=type(src).__name__)
             gm.meta.update(copy.deepcopy(src.meta))
             MergeLoRA(unload=True)(gm)
             set_training_mode(gm, False)

@@ -10,7 +10,7 @@ from .capture import capture, is_hf_model
 from .compiled import CompiledModel, CompileReport
 from .pipeline import Instrument, Pipeline
 
-__all__ = ["compile", "default_example_inputs", "LORA_OPTIONS", "SCHEDULE_OPTIONS"]
+__all__ = ["compile", "default_example_inputs", "LORA_OPTIONS", "SCHEDULE_OPTIONS", "REWRITE_OPTIONS"]
 
 # compile() options forwarded to InsertLoRA, with their meaning.
 LORA_OPTIONS = {
@@ -31,6 +31,12 @@ SCHEDULE_OPTIONS = {
     "schedule": "'auto' (default: cheapest per node and token count) or a schedule / rule, e.g. 'f1b1'",
     "schedule_criterion": "'flops' (default: sympy FLOP formulas) or 'time' (measure on this machine, cached)",
     "schedule_keep_xa": "save x A^T (r x tokens) for backward instead of recomputing it (default False)",
+}
+
+# compile() options that add optional rewrites.
+REWRITE_OPTIONS = {
+    "fold_a": "store A as rows of the frozen weight's buffer so one GEMM computes x W^T and x A^T "
+              "(FoldLoRAIntoBase; copies the adapted weights once; default False)",
 }
 
 
@@ -88,18 +94,22 @@ def compile(
     through ``torch.compile(fullgraph=True)``; the default ``"eager"`` runs it as is.
 
     Options: see ``LORA_OPTIONS`` (``r``, ``alpha``, ``target_modules``,
-    ``rank_pattern``, ``dropout``, ...) and ``SCHEDULE_OPTIONS`` (``schedule``,
-    ``schedule_criterion``, ``schedule_keep_xa``).  The model itself is not modified: the
-    compiled model shares its weights (frozen copies of the Parameter objects).
+    ``rank_pattern``, ``dropout``, ...), ``SCHEDULE_OPTIONS`` (``schedule``,
+    ``schedule_criterion``, ``schedule_keep_xa``) and ``REWRITE_OPTIONS`` (``fold_a``).
+    The model itself is not modified: the compiled model shares its weights (frozen copies
+    of the Parameter objects), except those ``fold_a`` copies into its folded buffers.
     """
     from lorafx.hw_targets import get_target
     from lorafx.passes import AnnotateCost, InlineGradModeRegions, InsertLoRA, SelectSchedule, SetTrainingMode
-    from lorafx.passes import CausalMaskToIsCausal, RecomputeInputs
+    from lorafx.passes import CausalMaskToIsCausal, FoldLoRAIntoBase, RecomputeInputs
 
-    unknown = sorted(set(options) - set(LORA_OPTIONS) - set(SCHEDULE_OPTIONS))
+    known_options = sorted(LORA_OPTIONS) + sorted(SCHEDULE_OPTIONS) + sorted(REWRITE_OPTIONS)
+    unknown = sorted(set(options) - set(known_options))
     if unknown:
-        raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: "
-                        f"{sorted(LORA_OPTIONS) + sorted(SCHEDULE_OPTIONS)}")
+        raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: {known_options}")
+    fold_a = options.get("fold_a", False)
+    if not isinstance(fold_a, bool):
+        raise TypeError(f"lorafx.compile: fold_a must be True or False, got {fold_a!r}")
     hw = get_target(target)
     if backend != "eager":
         known = torch._dynamo.list_backends()
@@ -112,8 +122,9 @@ def compile(
     if example_inputs is None and example_kwargs is None:
         example_kwargs = default_example_inputs(model)
     # AnnotateCost runs after every rewrite so its records describe the final graph.
-    passes = [InlineGradModeRegions(), lora, select, CausalMaskToIsCausal(), RecomputeInputs(), *hw.passes(),
-              AnnotateCost(), SetTrainingMode(train=model.training)]
+    rewrites = [FoldLoRAIntoBase()] if fold_a else []
+    passes = [InlineGradModeRegions(), lora, select, CausalMaskToIsCausal(), RecomputeInputs(), *rewrites,
+              *hw.passes(), AnnotateCost(), SetTrainingMode(train=model.training)]
     instruments = list(instruments)
     if progress:
         instruments.append(_Progress(len(passes)))

@@ -31,7 +31,7 @@ FlopCounterMode`` exactly, 2 FLOPs per multiply-add:
   ``sdpa_flop_count`` (q·kᵀ and p·v, 4·B·H·L·S·E for E = Ev) and, when a gradient
   flows through it, ``sdpa_backward_flop_count`` (scores recomputed, then dP, dV, dQ,
   dK: 2·B·H·L·S·(3E + 2Ev)).  Causal masks are not discounted (neither does FlopCounterMode).
-* ``lorafx.lora_linear`` / ``lora_linear_xa``: the GEMMs its kernel runs for the node's
+* ``lorafx.lora_linear`` / ``lora_linear_xa`` / ``lora_linear_folded``: the GEMMs its kernel runs for the node's
   schedule argument (``lorafx.schedules.lora_flops``; default f1b1: RunLoRA's f1 forward,
   b1 backward with xAᵀ recomputed), with the token count symbolic.
 * Matrix-vector products (``mv``, ``dot``, and the ``matmul`` cases that ATen runs
@@ -358,7 +358,7 @@ class _Annotator:
         else:
             out_flag = in_grad and grad_enabled and name not in _NO_GRAD and _is_float_tensor(out)
             needs_bwd = out_flag
-        if name == "lora_linear_xa" and isinstance(out_flag, tuple):
+        if name in ("lora_linear_xa", "lora_linear_folded") and isinstance(out_flag, tuple):
             out_flag = (out_flag[0],) + (False,) * (len(out_flag) - 1)  # xa is not differentiable
         if not isinstance(target, torch._ops.OpOverload) and not isinstance(out, (torch.Tensor, tuple, list)):
             return CostRecord("shape"), False  # Python arithmetic on sizes, torch._check, ...
@@ -367,7 +367,7 @@ class _Annotator:
         fwd_bytes = bwd_bytes = None
         if name in _VIEW or (name in _TO and self._same_dtype(node, out, vals)):
             return CostRecord("view", requires_grad=bool(needs_bwd)), out_flag
-        if name in ("lora_linear", "lora_linear_xa", "lora_linear_recompute") and \
+        if name in ("lora_linear", "lora_linear_xa", "lora_linear_recompute", "lora_linear_folded") and \
                 getattr(target, "namespace", "") == "lorafx":
             kind, fwd, bwd, other = self._lora(node, vals, grad, needs_bwd)
         elif name in _MATMUL:
@@ -478,7 +478,7 @@ class _Annotator:
         mask, p = node.kwargs.get("dropout_mask", args[6]), node.kwargs.get("dropout_p", args[7])
         schedule = node.kwargs.get("schedule", args[8])
         if schedule is None:
-            schedule = "f1b1k" if _op_name(node.target) == "lora_linear_xa" else DEFAULT_SCHEDULE
+            schedule = "f1b1k" if _op_name(node.target) in ("lora_linear_xa", "lora_linear_folded") else DEFAULT_SCHEDULE
         xv, wv, av = self._val(x, vals), self._val(w, vals), self._val(a, vals)
         rec = get_record(node, LoraRecord)
         if isinstance(wv, torch.Tensor):
@@ -486,6 +486,8 @@ class _Annotator:
         else:  # weight without a known shape: fall back on the adapter's record
             m, n = sympy.Integer(rec.out_features), sympy.Integer(rec.in_features)
         r = self.size(av.shape[0]) if isinstance(av, torch.Tensor) else sympy.Integer(rec.r)
+        if _op_name(node.target) == "lora_linear_folded" and isinstance(wv, torch.Tensor):
+            m = m - r  # w is the (m + r, n) buffer [W; A]
         tokens = sympy.Mul(*[self.size(d) for d in xv.shape[:-1]])
         dropout = self._dropout_active(mask, p, vals)
         fwd, bwd = lora_linear_flops(tokens, n, m, r, schedule=schedule, need_x=grad(x), need_w=grad(w),

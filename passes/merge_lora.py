@@ -29,6 +29,7 @@ from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 from lorafx.ops_fused import MERGEABLE_LORA_OPS
 from lorafx.pipeline import Pass, PassError, PassResult
 
+from .fold_lora import FOLDED_SUFFIX, unfold
 from .fuse_siblings import split_siblings
 from .insert_lora import replace_with_lora
 
@@ -80,6 +81,8 @@ class MergeLoRA(Pass):
         xa_op = torch.ops.lorafx.lora_linear_xa.default  # returns (y, xa): its users are getitem(node, 0)
         ops = (*MERGEABLE_LORA_OPS, xa_op)  # + lora_linear_recompute (RecomputeInputs)
         split_siblings(gm)  # FuseSiblings' groups back to one op per adapter
+        if unfold(gm.graph):  # FoldLoRAIntoBase's nodes back to lora_linear_xa
+            gm.recompile()
         count = 0
         adapters = set()
         for node in list(gm.graph.nodes):
@@ -113,8 +116,9 @@ class MergeLoRA(Pass):
                     if _has_attr(gm, path):
                         del_attr(gm, path)
                 owner, name = owner_and_name(gm, w)
-                if hasattr(owner, name + _KEPT):
-                    delattr(owner, name + _KEPT)
+                for suffix in (_KEPT, FOLDED_SUFFIX):  # the kept weight; FoldLoRAIntoBase's [W; A] buffer
+                    if hasattr(owner, name + suffix):
+                        delattr(owner, name + suffix)
         return PassResult(gm, count > 0, {"merged_sites": count})
 
 

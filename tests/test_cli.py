@@ -131,6 +131,16 @@ def test_compile_local_folder_with_options(tmp_path, capsys):
     assert "k_proj_lora" not in text and "model_layers_1_self_attn_v_proj_lora" in text
 
 
+def test_compile_fold_a(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["compile", "--model", "tiny-llama", "--out", str(out), "--fold-a", "--no-draw"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "FoldLoRAIntoBase" in captured.out and "folded_adapters=7" in captured.out  # o_proj x4, layer 0 q/k/v
+    assert (out / "graph.txt").read_text().count("lorafx.lora_linear_folded(") == 7
+    assert any(name.endswith("_FoldLoRAIntoBase.txt") for name in os.listdir(out / "passes"))
+
+
 def _error(argv, capsys, tmp_path=None):
     rc = main(argv)
     err = capsys.readouterr().err
