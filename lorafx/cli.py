@@ -156,7 +156,7 @@ def cmd_models(args, out=None) -> int:
     for name, (description, _) in BUILTIN_MODELS.items():
         mark = "*" if name == DEFAULT_MODEL else " "
         print(f" {mark} {name.ljust(width)}  {description}", file=out)
-    print(f"(* default)", file=out)
+    print("(* default)", file=out)
     return EXIT_OK
 
 

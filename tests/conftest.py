@@ -16,6 +16,20 @@ settings.register_profile("lorafx", deadline=None, max_examples=12, derandomize=
 settings.load_profile("lorafx")
 
 
+def randomise_lora_B(gm, seed=0, scale=0.5):
+    """Give every ``lora_B`` random values (B = 0 after InsertLoRA makes every adapter the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def adapter_names(gm):
+    """The names of ``gm``'s trainable parameters (the adapters)."""
+    return [n for n, p in gm.named_parameters() if p.requires_grad]
+
+
 def _tiny(family: str, dtype=torch.float32):
     """A tiny random-init transformers model of ``family`` and its module names."""
     import transformers as T

@@ -10,15 +10,7 @@ import lorafx
 from lorafx.graph_utils import get_attr
 from lorafx.testing import MLP, assert_equivalent, lora_configs, models
 
-from conftest import HF_FAMILIES, ids
-
-
-def _randomise_B(cm, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in cm.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+from conftest import HF_FAMILIES, ids, randomise_lora_B
 
 
 # -- properties ------------------------------------------------------------------------------
@@ -32,7 +24,7 @@ def test_zero_init_lora_is_identity(case, config):
 @given(models(), lora_configs())
 def test_merged_equals_unmerged(case, config):
     cm = lorafx.compile(case.model.eval(), example_kwargs=case.inputs, **config).eval()
-    _randomise_B(cm, config["seed"])
+    randomise_lora_B(cm, config["seed"], scale=0.1)
     before = {k: v.detach().clone() for k, v in cm.state_dict().items()}
     unmerged = copy.deepcopy(cm)
     cm.merge()
@@ -167,7 +159,7 @@ def test_train_eval_switches_dropout_like_the_original(tiny_model):
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, model(input_ids=x).logits)  # B = 0: identity in eval
     cm.train()
-    _randomise_B(cm)
+    randomise_lora_B(cm, scale=0.1)
     c, d = cm(input_ids=x).logits, cm(input_ids=x).logits
     assert not torch.allclose(c, d), "dropout must be active in train()"
     assert model.training is False, "the user's model keeps its mode"
@@ -196,7 +188,7 @@ def test_training_loop_reduces_loss_and_leaves_the_model_alone(tiny_model):
 
 def test_new_input_signature_shares_adapters(tiny_model):
     cm = lorafx.compile(_llama(tiny_model), example_inputs=(ids(2, 8),), r=2)
-    _randomise_B(cm)
+    randomise_lora_B(cm, scale=0.1)
     x = ids(2, 8)
     logits = cm(input_ids=x).logits
     out = cm(input_ids=x, labels=x)  # captured once more, bound to the same parameters
@@ -220,7 +212,7 @@ def test_report_lists_passes(tiny_model):
 @pytest.mark.parametrize("options", [{}, {"schedule_keep_xa": True}])
 def test_unmerge_restores_the_graph_exactly(options, tiny_model):
     cm = lorafx.compile(_llama(tiny_model), example_inputs=(ids(2, 8),), r=2, **options).eval()
-    _randomise_B(cm)
+    randomise_lora_B(cm, scale=0.1)
     x = ids(3, 9)
     before_text, before = cm.graph_report(), cm(input_ids=x).logits
     cm.merge()

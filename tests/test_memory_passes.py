@@ -17,7 +17,7 @@ from lorafx.ops_fused import compile_recipe, run_recipe
 from lorafx.passes import CausalMaskToIsCausal, FuseSiblings, RecomputeInputs, set_training_mode
 from lorafx.testing import assert_equivalent, attention_models, lora_configs, residual_models
 
-from conftest import _tiny, ids
+from conftest import _tiny, adapter_names, ids, randomise_lora_B
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 RECOMPUTE = torch.ops.lorafx.lora_linear_recompute.default
@@ -27,18 +27,6 @@ LORA = torch.ops.lorafx.lora_linear.default
 
 def _sdpa_nodes(gm):
     return [n for n in gm.graph.nodes if n.target is SDPA]
-
-
-def _randomise_B(gm, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
-
-
-def _adapters(gm):
-    return [n for n, p in gm.named_parameters() if p.requires_grad]
 
 
 def _lora_graph(family, passes=(), **options):
@@ -51,7 +39,7 @@ def _lora_graph(family, passes=(), **options):
     from lorafx.passes import InsertLoRA, SelectSchedule
     InsertLoRA(r=2, seed=0, **options)(gm)
     SelectSchedule()(gm)
-    _randomise_B(gm)
+    randomise_lora_B(gm)
     return gm
 
 
@@ -151,7 +139,7 @@ def test_recompute_inputs_is_bit_exact(family):
     after = copy.deepcopy(gm)
     info = RecomputeInputs()(after).info
     assert info["rewritten"] > 0
-    names = _adapters(gm)
+    names = adapter_names(gm)
     for x in (ids(3, 9), ids(2, 20, seed=1)):
         # the same kernels on the same values: outputs and every adapter gradient bit for bit
         assert_equivalent(gm, after, {"input_ids": x}, param_names=names, rtol=0, atol=0)
@@ -209,11 +197,11 @@ def test_recompute_inputs_property(case, config):
     set_training_mode(gm, False)
     InsertLoRA(**config)(gm)
     SelectSchedule()(gm)
-    _randomise_B(gm, config["seed"])
+    randomise_lora_B(gm, config["seed"])
     after = copy.deepcopy(gm)
     info = RecomputeInputs(inputs_require_grad=True)(after).info
     assert info["rewritten"] > 0  # every drawn model has a norm (or a norm-free first layer) before an adapter
-    assert_equivalent(gm, after, case.inputs, param_names=_adapters(gm), rtol=0, atol=0, msg=repr(case))
+    assert_equivalent(gm, after, case.inputs, param_names=adapter_names(gm), rtol=0, atol=0, msg=repr(case))
 
 
 def test_recompute_inputs_with_dropout_is_exact():
@@ -223,7 +211,7 @@ def test_recompute_inputs_with_dropout_is_exact():
     after = copy.deepcopy(gm)
     assert RecomputeInputs()(after).info["rewritten"] > 0
     x = {"input_ids": ids(2, 10)}
-    names = _adapters(gm)
+    names = adapter_names(gm)
 
     def run(m):
         torch.manual_seed(7)
@@ -239,7 +227,7 @@ def test_recompute_inputs_reexports_and_merges():
     cm = lorafx.compile(model, example_inputs=(ids(2, 12),), r=2, seed=0)
     gm = cm.graph_module
     assert sum(n.target is RECOMPUTE for n in gm.graph.nodes) == 9  # on by default
-    _randomise_B(gm)
+    randomise_lora_B(gm)
     ep = torch.export.export(gm, (), {"input_ids": ids(2, 12)})
     assert sum(n.target is RECOMPUTE for n in ep.graph.nodes) == 9
     x = ids(2, 12, seed=4)  # the re-export is static: same shape
@@ -298,7 +286,7 @@ def test_fuse_siblings_equals_separate(family, recompute):
     assert info["groups"] == (2 * layers if family in ("llama", "qwen2") else layers), info
     assert not any(n.target in (LORA, RECOMPUTE) and n.name.endswith(("k_proj_lora", "up_proj_lora"))
                    for n in after.graph.nodes)
-    names = _adapters(gm)
+    names = adapter_names(gm)
     for x in (ids(3, 9), ids(2, 40, seed=2)):  # two token counts: different schedules in the rule
         assert_equivalent(gm, after, {"input_ids": x}, param_names=names, rtol=1e-9, atol=1e-11)
 
@@ -317,12 +305,12 @@ def test_split_siblings_undoes_the_fusion_and_merge_works():
              if n.target in (LORA, RECOMPUTE)}
     assert after == before
     x = {"input_ids": ids(3, 9)}
-    assert_equivalent(gm, split, x, param_names=_adapters(gm), rtol=0, atol=0)
+    assert_equivalent(gm, split, x, param_names=adapter_names(gm), rtol=0, atol=0)
     # a compiled model with fused siblings merges (MergeLoRA splits them first)
     model = _tiny("llama", torch.float64).eval()
     cm = lorafx.compile(model, example_inputs=(ids(2, 12),), r=2, seed=0)
     FuseSiblings()(cm.graph_module)
-    _randomise_B(cm.graph_module)
+    randomise_lora_B(cm.graph_module)
     want = cm(**x).logits.detach()
     plain = cm.merge_and_unload()
     assert not any(n.target in (LORA, RECOMPUTE, SIBLINGS) for n in plain.graph.nodes)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import random
 import time
@@ -32,7 +31,7 @@ import torch
 from .tasks import Example, Task, get_task
 
 __all__ = ["METHODS", "CHECKPOINT", "checkpoint_folder", "load_pretrained", "make_model", "finetune",
-           "evaluate", "generate", "score_choices", "run", "encode", "collate", "seeded", "FINETUNE_DEFAULTS"]
+           "evaluate", "generate", "score_choices", "run", "table", "encode", "collate", "seeded", "FINETUNE_DEFAULTS"]
 
 METHODS = ("zero-shot", "lora", "peft")
 CHECKPOINT = "lorafx-tiny"
@@ -283,24 +282,38 @@ def run(folder: Optional[str] = None, *, tasks: Optional[Iterable[str]] = None,
     base, tok = load_pretrained(folder)
     for p in base.parameters():
         p.requires_grad_(False)
+    result = table(tasks, methods, seed=seed, log=log,
+                   make=lambda m: make_model(base, m, r=r, alpha=alpha, seed=seed),
+                   fit=lambda model, t, desc: finetune(model, t, tok, steps=steps, batch_size=batch_size, lr=lr,
+                                                       seed=seed, progress=progress, desc=desc),
+                   score=lambda model, t: evaluate(model, t, tok, n=n_test))
+    config = {"model": folder or CHECKPOINT, "tasks": tasks, "methods": methods, "steps": steps,
+              "batch_size": batch_size, "lr": lr, "r": r, "alpha": alpha, "n_test": n_test, "seed": seed,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"config": config, **result, "seconds": time.perf_counter() - start}
+
+
+def table(tasks: Sequence[str], methods: Sequence[str], *, make: Callable[[str], Any],
+          fit: Callable[[Any, str, str], Dict[str, Any]], score: Callable[[Any, str], Dict[str, Any]],
+          seed: int, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Every (task, method) cell: ``make(method)`` builds a fresh model, ``fit(model, task, desc)``
+    fine-tunes it (not for ``"zero-shot"``), ``score(model, task)`` evaluates it; all under
+    ``seeded(seed)``.  Returns ``{"results": {task: {method: row}}, "mean": {method: accuracy}}``."""
     results: Dict[str, Dict[str, Any]] = {t: {} for t in tasks}
     for t in tasks:
         for m in methods:
             t0 = time.perf_counter()
             with seeded(seed):
-                model = make_model(base, m, r=r, alpha=alpha, seed=seed)
+                model = make(m)
                 row: Dict[str, Any] = {}
                 if m != "zero-shot":
-                    fit = finetune(model, t, tok, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                   progress=progress, desc=f"{m} {t}")
-                    row.update(train_seconds=fit["seconds"], final_loss=sum(fit["losses"][-10:]) / len(fit["losses"][-10:]))
-                row.update(evaluate(model, t, tok, n=n_test))
+                    losses = fit(model, t, f"{m} {t}")
+                    last = losses["losses"][-10:]
+                    row.update(train_seconds=losses["seconds"], final_loss=sum(last) / len(last))
+                row.update(score(model, t))
             row["seconds"] = time.perf_counter() - t0
             results[t][m] = row
             log(f"{t:<12} {m:<10} {row['accuracy']:6.1f}%  ({row['seconds']:.0f}s)")
             del model
     mean = {m: sum(results[t][m]["accuracy"] for t in tasks) / len(tasks) for m in methods}
-    return {"config": {"model": folder or CHECKPOINT, "tasks": tasks, "methods": methods, "steps": steps,
-                       "batch_size": batch_size, "lr": lr, "r": r, "alpha": alpha, "n_test": n_test, "seed": seed,
-                       "torch": torch.__version__, "threads": torch.get_num_threads()},
-            "results": results, "mean": mean, "seconds": time.perf_counter() - start}
+    return {"results": results, "mean": mean}

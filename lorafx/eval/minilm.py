@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import torch
 
-from .harness import seeded
+from .harness import seeded, table
 from .tasks import TEST_FRACTION, Example, Task
 
 __all__ = ["SENTENCE_TASKS", "LABEL_TEXTS", "SentenceClassifier", "load_minilm", "make_encoder", "finetune",
@@ -268,23 +268,12 @@ def run(*, tasks: Optional[Iterable[str]] = None, methods: Iterable[str] = ("zer
     base, tok = load_minilm()
     for p in base.parameters():
         p.requires_grad_(False)
-    results: Dict[str, Dict[str, Any]] = {t: {} for t in tasks}
-    for t in tasks:
-        for m in methods:
-            t0 = time.perf_counter()
-            with seeded(seed):
-                clf = SentenceClassifier(make_encoder(base, m, r=r, alpha=alpha, seed=seed), tok)
-                row: Dict[str, Any] = {}
-                if m != "zero-shot":
-                    fit = finetune(clf, t, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                                   desc=f"{m} {t}")
-                    row.update(train_seconds=fit["seconds"], final_loss=sum(fit["losses"][-10:]) / len(fit["losses"][-10:]))
-                row.update(evaluate(clf, t, n=n_test))
-            row["seconds"] = time.perf_counter() - t0
-            results[t][m] = row
-            log(f"{t:<12} {m:<10} {row['accuracy']:6.1f}%  ({row['seconds']:.0f}s)")
-    mean = {m: sum(results[t][m]["accuracy"] for t in tasks) / len(tasks) for m in methods}
-    return {"config": {"model": "all-MiniLM-L6-v2", "tasks": tasks, "methods": methods, "steps": steps,
-                       "batch_size": batch_size, "lr": lr, "r": r, "alpha": alpha, "n_test": n_test, "seed": seed,
-                       "torch": torch.__version__, "threads": torch.get_num_threads()},
-            "results": results, "mean": mean, "seconds": time.perf_counter() - start}
+    result = table(tasks, methods, seed=seed, log=log,
+                   make=lambda m: SentenceClassifier(make_encoder(base, m, r=r, alpha=alpha, seed=seed), tok),
+                   fit=lambda clf, t, desc: finetune(clf, t, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                                     progress=progress, desc=desc),
+                   score=lambda clf, t: evaluate(clf, t, n=n_test))
+    config = {"model": "all-MiniLM-L6-v2", "tasks": tasks, "methods": methods, "steps": steps,
+              "batch_size": batch_size, "lr": lr, "r": r, "alpha": alpha, "n_test": n_test, "seed": seed,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"config": config, **result, "seconds": time.perf_counter() - start}
