@@ -53,7 +53,9 @@ LoRA modes do the same arithmetic on the same values.
 
 Timing is round-robin: each round runs one step of every mode, with the order
 rotated every round, so machine noise hits all modes alike.  Reported: median
-(and p10/p90) wall-clock step time per mode, the ratio to the floor, and
+(and p10/p90) wall-clock step time per mode, the ratio to the floor ("vs floor":
+of the medians; "paired": the median over rounds of the step / the floor's step
+in the same round, which cancels slow phases of a shared machine), and
 PEFT/lorafx (of the step times, and of the time each spends above the floor).
 "cpu ms" is the median process CPU time of a step (all threads): on a busy
 machine it is less disturbed than wall time, since time spent descheduled does
@@ -433,6 +435,10 @@ def resident_bytes(mode: Mode) -> int:
         add(p.grad)
     for b in mode.model.buffers():
         add(b)
+    source = mode.model.__dict__.get("_source")  # a CompiledModel keeps its source model alive
+    if source is not None:  # (its weights are shared, except those FoldLoRAIntoBase copied)
+        for t in (*source.parameters(), *source.buffers()):
+            add(t)
     if mode.optimizer is not None:
         for state in mode.optimizer.state.values():
             for v in state.values():
@@ -582,6 +588,8 @@ def summarize(args, modes: Dict[str, Mode], check: dict, env: dict) -> dict:
             "median_ms": med, "mean_ms": statistics.fmean(m.times) * 1e3, "min_ms": min(m.times) * 1e3,
             "p10_ms": percentile(m.times, 0.1) * 1e3, "p90_ms": percentile(m.times, 0.9) * 1e3,
             "vs_floor": med / floor_ms if floor_ms else None,
+            # median over rounds of (this mode's step / the floor's step in the same round)
+            "vs_floor_paired": statistics.median(t / f for t, f in zip(m.times, floor.times)) if floor else None,
             "cpu_median_ms": statistics.median(m.cpu_times) * 1e3,
             "times_ms": [t * 1e3 for t in m.times],
             "cpu_times_ms": [t * 1e3 for t in m.cpu_times],
@@ -598,6 +606,8 @@ def summarize(args, modes: Dict[str, Mode], check: dict, env: dict) -> dict:
     out = {"config": {k: v for k, v in vars(args).items()}, "env": env, "check": check, "modes": rows}
     if "peft" in rows and "lorafx" in rows:
         out["peft_over_lorafx"] = rows["peft"]["median_ms"] / rows["lorafx"]["median_ms"]
+        out["peft_over_lorafx_paired"] = statistics.median(
+            p / q for p, q in zip(modes["peft"].times, modes["lorafx"].times))
         if floor_ms:
             extra_p, extra_f = rows["peft"]["median_ms"] - floor_ms, rows["lorafx"]["median_ms"] - floor_ms
             out["peft_over_lorafx_above_floor"] = extra_p / extra_f if extra_f > 0 else None
@@ -609,13 +619,14 @@ def summarize(args, modes: Dict[str, Mode], check: dict, env: dict) -> dict:
 def print_table(summary: dict) -> None:
     rows = summary["modes"]
     has_mem = all("peak_mb" in r for r in rows.values())
-    head = ["mode", "median ms", "p10-p90 ms", "vs floor", "cpu ms"]
+    head = ["mode", "median ms", "p10-p90 ms", "vs floor", "paired", "cpu ms"]
     if has_mem:
         head += ["peak MB", "vs floor", "saved MB"]
     table = [head]
     for name, r in rows.items():
         line = [name, f"{r['median_ms']:.1f}", f"{r['p10_ms']:.0f}-{r['p90_ms']:.0f}",
-                f"{r['vs_floor']:.3f}x" if r["vs_floor"] else "-", f"{r['cpu_median_ms']:.0f}"]
+                f"{r['vs_floor']:.3f}x" if r["vs_floor"] else "-",
+                f"{r['vs_floor_paired']:.3f}x" if r.get("vs_floor_paired") else "-", f"{r['cpu_median_ms']:.0f}"]
         if has_mem:
             over = r.get("peak_over_floor_mb")
             line += [f"{r['peak_mb']:.1f}",
@@ -630,7 +641,8 @@ def print_table(summary: dict) -> None:
         print(fmt(row))
     if "peft_over_lorafx" in summary:
         print(f"\nPEFT / lorafx step time: {summary['peft_over_lorafx']:.3f}x"
-              + (" (>1: lorafx faster)" if summary["peft_over_lorafx"] >= 1 else " (<1: lorafx slower)"))
+              + (" (>1: lorafx faster)" if summary["peft_over_lorafx"] >= 1 else " (<1: lorafx slower)")
+              + f"; paired per round: {summary['peft_over_lorafx_paired']:.3f}x")
         above = summary.get("peft_over_lorafx_above_floor")
         if above is not None:
             print(f"PEFT / lorafx time above the floor: {above:.3f}x")
