@@ -160,6 +160,26 @@ def cmd_models(args, out=None) -> int:
     return EXIT_OK
 
 
+def cmd_overhead(args, out=None) -> int:
+    """The least FLOP overhead of LoRA over the frozen floor (lorafx.schedules.min_lora_overhead)."""
+    from lorafx.schedules import min_lora_overhead
+    out = out or sys.stdout
+    shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, batch=args.batch,
+                 seq=args.seq, vocab=args.vocab)
+    print(f"LLaMA-shaped: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"vocab {args.vocab}, {args.batch} x {args.seq} tokens; LoRA on q,k,v,o,gate,up,down", file=out)
+    for rank in args.rank or [8, 64]:
+        if rank > min(args.hidden, args.intermediate):
+            raise CLIError(f"--rank {rank} is larger than the smallest layer dimension "
+                           f"({min(args.hidden, args.intermediate)})")
+        d = min_lora_overhead(rank, **shape)
+        print(f"r={rank}: adapter-gradient bound {d['bound_over_linear_floor']:.1%} of the linear floor "
+              f"({d['bound_over_floor']:.1%} of the floor with attention + LM head); best implemented "
+              f"schedules {d['best_over_linear_floor']:.1%} / {d['best_over_floor']:.1%}; {d['best_schedules']}",
+              file=out)
+    return EXIT_OK
+
+
 def cmd_compile(args, out=None) -> int:
     out = out or sys.stdout
     import lorafx
@@ -310,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-draw", action="store_true", help="do not write graph.svg")
     c.add_argument("--seed", type=int, default=0, help="seed for built-in model weights and adapter init (default 0)")
     c.set_defaults(func=cmd_compile)
+
+    o = sub.add_parser("overhead", help="the least FLOP overhead any LoRA schedule allows over the frozen floor",
+                       description="Print, from the cost model's formulas, the least LoRA overhead over the "
+                                   "frozen-model floor on a LLaMA-shaped model (defaults: the benchmark shape).")
+    o.add_argument("--rank", type=_positive_int, action="append", help="LoRA rank (repeat; default 8 and 64)")
+    for name, default in (("hidden", 512), ("intermediate", 1376), ("layers", 4), ("batch", 4), ("seq", 256),
+                          ("vocab", 8000)):
+        o.add_argument(f"--{name}", type=_positive_int, default=default, help=f"(default {default})")
+    o.set_defaults(func=cmd_overhead)
 
     m = sub.add_parser("models", help="list the built-in models", description="List the built-in models.")
     m.set_defaults(func=cmd_models)

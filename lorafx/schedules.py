@@ -516,11 +516,3 @@ def min_lora_overhead(r_: int = 8, *, hidden: int = 512, intermediate: int = 137
             "bound_flops": bound, "best_flops": best, "best_schedules": choice,
             "bound_over_linear_floor": bound / linear_floor, "bound_over_floor": bound / floor,
             "best_over_linear_floor": best / linear_floor, "best_over_floor": best / floor}
-
-
-if __name__ == "__main__":  # python -m lorafx.schedules: the DESIGN figures from the formulas
-    for rank in (8, 64):
-        d = min_lora_overhead(rank)
-        print(f"r={rank}: adapter-gradient bound {d['bound_over_linear_floor']:.1%} of the linear floor "
-              f"({d['bound_over_floor']:.1%} of the floor with attention + LM head); best implemented "
-              f"schedules {d['best_over_linear_floor']:.1%} / {d['best_over_floor']:.1%}; {d['best_schedules']}")

@@ -202,6 +202,17 @@ def test_models_command_lists_builtins(capsys):
     assert f"* {DEFAULT_MODEL}" in out and "lorafx[minilm]" in out
 
 
+def test_overhead_command_prints_the_cost_model_bounds(capsys):
+    from lorafx.schedules import min_lora_overhead
+    assert main(["overhead", "--rank", "16", "--layers", "2"]) == 0
+    out = capsys.readouterr().out
+    d = min_lora_overhead(16, layers=2)
+    assert "r=16:" in out and "r=8:" not in out
+    assert f"best implemented schedules {d['best_over_linear_floor']:.1%} / {d['best_over_floor']:.1%}" in out
+    assert main(["overhead", "--rank", "600"]) == 2
+    assert "--rank 600 is larger than the smallest layer dimension (512)" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "lorafx", "compile", "--target", "cim"],
                           capture_output=True, text=True, timeout=120)
