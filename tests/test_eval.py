@@ -217,6 +217,35 @@ def test_pretraining_script_is_deterministic(tmp_path, capsys):
     assert info["recipe"]["steps"] == 3 and info["parameters"] > 1_000_000
 
 
+def test_pretraining_check_flags_a_different_history(tmp_path, capsys):
+    """--check compares logged losses with a reference's history and stops at the first difference."""
+    pretrain_tiny = _tool("pretrain_tiny")
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    small = ["--steps", "4", "--batch-size", "4", "--warmup", "1", "--log-every", "2", "--eval-every", "0",
+             "--final-eval-n", "0"]
+    try:
+        assert pretrain_tiny.main(["--out", str(tmp_path / "ref")] + small) == 0
+        assert pretrain_tiny.main(small + ["--check", "4", "--reference", str(tmp_path / "ref")]) == 0
+        assert "check passed" in capsys.readouterr().out
+        info = json.loads((tmp_path / "ref" / "pretrain_info.json").read_text())
+        info["history"][1]["loss"] += 1e-12
+        (tmp_path / "ref" / "pretrain_info.json").write_text(json.dumps(info))
+        assert pretrain_tiny.main(small + ["--check", "4", "--reference", str(tmp_path / "ref")]) == 1
+        assert "check FAILED at step 4" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+
+
+@pytest.mark.slow
+def test_this_stack_regenerates_the_shipped_checkpoint_history():
+    """The first 200 steps of the shipped recipe give the shipped run's losses bit for bit (about 1.5 min)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny.py"), "--check", "200"],
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "check passed" in result.stdout
+
+
 # -- the MiniLM sentence tasks -----------------------------------------------------------------
 
 def test_minilm_tasks_hold_out_words():
