@@ -37,6 +37,9 @@ SCHEDULE_OPTIONS = {
 REWRITE_OPTIONS = {
     "fold_a": "store A as rows of the frozen weight's buffer so one GEMM computes x W^T and x A^T "
               "(FoldLoRAIntoBase; copies the adapted weights once; default False)",
+    "fuse_siblings": "one op for the adapters that share an input (q/k/v, gate/up), their rank-r GEMMs "
+                     "stacked (FuseSiblings; default True with the eager backend, False with a torch.compile "
+                     "backend, where its backward would be specialised, and recompiled, per token-count range)",
 }
 
 
@@ -95,21 +98,24 @@ def compile(
 
     Options: see ``LORA_OPTIONS`` (``r``, ``alpha``, ``target_modules``,
     ``rank_pattern``, ``dropout``, ...), ``SCHEDULE_OPTIONS`` (``schedule``,
-    ``schedule_criterion``, ``schedule_keep_xa``) and ``REWRITE_OPTIONS`` (``fold_a``).
+    ``schedule_criterion``, ``schedule_keep_xa``) and ``REWRITE_OPTIONS`` (``fold_a``,
+    ``fuse_siblings``).
     The model itself is not modified: the compiled model shares its weights (frozen copies
     of the Parameter objects), except those ``fold_a`` copies into its folded buffers.
     """
     from lorafx.hw_targets import get_target
     from lorafx.passes import AnnotateCost, InlineGradModeRegions, InsertLoRA, SelectSchedule, SetTrainingMode
-    from lorafx.passes import CausalMaskToIsCausal, FoldLoRAIntoBase, RecomputeInputs
+    from lorafx.passes import CausalMaskToIsCausal, FoldLoRAIntoBase, FuseSiblings, RecomputeInputs
 
     known_options = sorted(LORA_OPTIONS) + sorted(SCHEDULE_OPTIONS) + sorted(REWRITE_OPTIONS)
     unknown = sorted(set(options) - set(known_options))
     if unknown:
         raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: {known_options}")
     fold_a = options.get("fold_a", False)
-    if not isinstance(fold_a, bool):
-        raise TypeError(f"lorafx.compile: fold_a must be True or False, got {fold_a!r}")
+    fuse_siblings = options.get("fuse_siblings", backend == "eager")
+    for name, value in (("fold_a", fold_a), ("fuse_siblings", fuse_siblings)):
+        if not isinstance(value, bool):
+            raise TypeError(f"lorafx.compile: {name} must be True or False, got {value!r}")
     hw = get_target(target)
     if backend != "eager":
         known = torch._dynamo.list_backends()
@@ -122,7 +128,8 @@ def compile(
     if example_inputs is None and example_kwargs is None:
         example_kwargs = default_example_inputs(model)
     # AnnotateCost runs after every rewrite so its records describe the final graph.
-    rewrites = [FoldLoRAIntoBase()] if fold_a else []
+    # FoldLoRAIntoBase first: it takes the adapters RecomputeInputs left; FuseSiblings groups the rest.
+    rewrites = ([FoldLoRAIntoBase()] if fold_a else []) + ([FuseSiblings()] if fuse_siblings else [])
     passes = [InlineGradModeRegions(), lora, select, CausalMaskToIsCausal(), RecomputeInputs(), *rewrites,
               *hw.passes(), AnnotateCost(), SetTrainingMode(train=model.training)]
     instruments = list(instruments)

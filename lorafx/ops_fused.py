@@ -255,7 +255,7 @@ def lora_linear_siblings(
     biases = _spread(biases, has_bias)
     # one GEMM [A_i; ...] x^T for every sibling that runs f1: (sum r, tokens)
     rows, a_f1 = _stacked(lora_As, [s.fwd == "f1" for s in sched])
-    xa_t = a_f1.mm(x2.t()) if a_f1 is not None else None
+    xa_t = _ops._xa_t(x2, a_f1) if a_f1 is not None else None
     outs = []
     for w, b, a, bb, sc, s, rr in zip(weights, biases, lora_As, lora_Bs, scales, sched, rows):
         if s.fwd == "f1":
@@ -344,7 +344,7 @@ def _backward_siblings(ctx, dys):
                 torch.addmm(dx, z_b1.t(), _stacked(lora_As, b1)[1], out=dx)
         dx = dx.view(shape)
     da_all = z_t.mm(x2) if any(need_a) else None  # every dA_i in one GEMM: (sum r, in)
-    xa_t = a_live.mm(x2.t()) if any(need_bb) else None  # every A_i x^T in one GEMM: (sum r, tokens)
+    xa_t = _ops._xa_t(x2, a_live) if any(need_bb) else None  # every A_i x^T in one GEMM: (sum r, tokens)
     dws, dbs, das, dbbs = [], [], [], []
     for i, (dy, sc, rr) in enumerate(zip(dy2, ctx.scales, rows)):
         dws.append(dy.t().mm(x2) if need_w[i] and dy is not None else None)

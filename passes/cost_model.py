@@ -33,7 +33,9 @@ FlopCounterMode`` exactly, 2 FLOPs per multiply-add:
   dK: 2·B·H·L·S·(3E + 2Ev)).  Causal masks are not discounted (neither does FlopCounterMode).
 * ``lorafx.lora_linear`` / ``lora_linear_xa`` / ``lora_linear_folded``: the GEMMs its kernel runs for the node's
   schedule argument (``lorafx.schedules.lora_flops``; default f1b1: RunLoRA's f1 forward,
-  b1 backward with xAᵀ recomputed), with the token count symbolic.
+  b1 backward with xAᵀ recomputed), with the token count symbolic.  ``lora_linear_siblings``
+  (FuseSiblings): the sum over its adapters, each with its own rule (stacking the rank-r
+  GEMMs changes their shapes, not their FLOPs).
 * Matrix-vector products (``mv``, ``dot``, and the ``matmul`` cases that ATen runs
   as one: see ``_matmul_runs_mv``), which FlopCounterMode does not count, go to the
   other FLOPs.
@@ -370,6 +372,8 @@ class _Annotator:
         if name in ("lora_linear", "lora_linear_xa", "lora_linear_recompute", "lora_linear_folded") and \
                 getattr(target, "namespace", "") == "lorafx":
             kind, fwd, bwd, other = self._lora(node, vals, grad, needs_bwd)
+        elif name == "lora_linear_siblings" and getattr(target, "namespace", "") == "lorafx":
+            kind, fwd, bwd, other = self._siblings(node, vals, grad, needs_bwd)
         elif name in _MATMUL:
             kind, fwd, bwd, other = self._matmul(node, name, out, vals, grad, needs_bwd)
         elif name in _ATTENTION:
@@ -498,6 +502,21 @@ class _Annotator:
         if dropout:
             other += 2 * tokens * n  # d(x) = x * mask / (1 - p)
         return "lora", sympy.sympify(fwd), (sympy.sympify(bwd) if needs_bwd else _ZERO), other
+
+    def _siblings(self, node, vals, grad, needs_bwd):
+        """``lora_linear_siblings(x, weights, biases, has_bias, As, Bs, scales, rules, recipe, sources)``:
+        each adapter as a ``lora_linear`` with its own rule (siblings have no dropout)."""
+        x, weights, _, has_bias, a_list, b_list, _, rules = node.args[:8]
+        tokens = sympy.Mul(*[self.size(d) for d in self._val(x, vals).shape[:-1]])
+        fwd = bwd = other = _ZERO
+        for w, a, b, rule, bias in zip(weights, a_list, b_list, rules.split(";"), has_bias):
+            m, n = (self.size(d) for d in self._val(w, vals).shape)
+            f, bw = lora_linear_flops(tokens, n, m, self.size(self._val(a, vals).shape[0]), schedule=rule,
+                                      need_x=grad(x), need_w=grad(w), need_a=grad(a), need_b=grad(b))
+            fwd, bwd = fwd + sympy.sympify(f), bwd + sympy.sympify(bw)
+            if bias:
+                other += tokens * m
+        return "lora", fwd, (bwd if needs_bwd else _ZERO), other
 
     def _dropout_active(self, mask, p, vals) -> bool:
         """Whether the adapter's dropout mask is active (a non-empty mask; for a

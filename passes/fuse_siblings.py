@@ -15,14 +15,17 @@ its own rule; the kernel stacks the A's of the siblings that run f1, resp. b1, a
 the actual token count; b3/b4 and 'k' schedules are left alone), and all of them are ``lora_linear`` or all ``lora_linear_recompute``
 with the same recipe.  ``info["kept"]`` says why a group was not fused.
 
-Measured (tools/bench_train_step.py ``--lorafx-passes``, LLaMA 4 x 512, batch 4 x 256,
---threads 1 on the shared 2-core CPU, paired per-round CPU-time ratios to the floor;
-noisy, +-2-5%): on top of the default pipeline it gained ~0.7-1.5% of the step at
-r=8 and r=64 -- mostly by rebuilding a RecomputeInputs recipe once per group instead
-of once per adapter -- and in isolation (one q/k/v group, forward + backward) ~5-10%
-of that group's time.  Not clearly above the noise, so it is not in
-``lorafx.compile``'s default pipeline.  MergeLoRA splits fused groups first
-(``split_siblings``), so merge / merge_and_unload work with it.
+Measured (tools/bench_train_step.py ``--lorafx-passes "default;+FuseSiblings"``, LLaMA
+4 x 512, batch 4 x 256, interleaved in one process, median step over the frozen floor):
+at r=8 it went from 1.18x to 1.14x and from 1.19x to 1.12x with 2 threads, and from 1.20x
+to 1.09x with 1 thread while another job used the second core (rank-8 GEMMs are
+memory-bound and run better stacked to 16-24 rows); at r=64, 2 threads, it was neutral
+(1.28x both); an earlier session measured ~1% at 1 thread.  So ``lorafx.compile``
+runs it by default with the eager backend; not with torch.compile, whose trace of this
+op's backward resolves the rules for one token count and recompiles for every other
+range.  MergeLoRA splits fused groups first (``split_siblings``), so merge /
+merge_and_unload work with it.  The fused node is named after its adapters
+(``..._q_proj_k_proj_v_proj_lora``); each adapter's output keeps its node name.
 
 Requires: ``"lora"``.  Provides: ``"fused_siblings"``.
 Preserves: outputs and gradients (up to float rounding: the same sums, grouped
@@ -155,20 +158,28 @@ class FuseSiblings(Pass):
         recipe, sources = ("", [])
         if first.target is _RECOMPUTE:
             recipe, sources = first.args[9], list(first.args[10])
+        recs = [get_record(m, LoraRecord) for m in members]
+        parent = recs[0].site.rsplit(".", 1)[0] if "." in recs[0].site else ""
+        short = "_".join(r.site.rsplit(".", 1)[-1] for r in recs)
         with graph.inserting_before(first):
-            node = graph.call_function(_SIBLINGS, (x, weights, biases, has_bias, [a[3] for a in args],
-                                                   [a[4] for a in args], [float(a[5]) for a in args], ";".join(schedules),
-                                                   recipe, sources))
+            node = graph.create_node(
+                "call_function", _SIBLINGS,
+                (x, weights, biases, has_bias, [a[3] for a in args], [a[4] for a in args], [float(a[5]) for a in args],
+                 ";".join(schedules), recipe, sources),
+                name=safe_name(f"{parent}.{short}" if parent else short) + "_lora")
         node.meta["val"] = [m.meta.get("val") for m in members]
         for key in ("nn_module_stack", "stack_trace"):
             if key in first.meta:
                 node.meta[key] = first.meta[key]
-        for i, m in enumerate(members):
-            with graph.inserting_after(node):
-                out = graph.call_function(operator.getitem, (node, i))
+        anchor = node
+        for i, m in enumerate(members):  # the getitems in the members' order, so sites keep their order
+            with graph.inserting_after(anchor):
+                out = anchor = graph.call_function(operator.getitem, (node, i))
             out.meta.update(m.meta)  # val, module stack and the member's lorafx records (LoraRecord, ...)
             m.replace_all_uses_with(out)
+            name = m.name
             graph.erase_node(m)
+            out._rename(name)  # each adapter's output keeps its node name (..._q_proj_lora)
         return None
 
 
@@ -194,11 +205,11 @@ def split_siblings(gm: torch.fx.GraphModule) -> int:
             rec = get_record(out, LoraRecord)
             with graph.inserting_before(out):
                 new = graph.create_node("call_function", _RECOMPUTE if recipe else _LORA,
-                                        (*base, recipe, list(sources)) if recipe else base,
-                                        name=safe_name(rec.site) + "_lora" if rec is not None else None)
+                                        (*base, recipe, list(sources)) if recipe else base)
             new.meta.update(out.meta)
             out.replace_all_uses_with(new)
             graph.erase_node(out)
+            new._rename(safe_name(rec.site) + "_lora" if rec is not None else new.name)
         graph.erase_node(node)
         count += 1
     if count:

@@ -58,7 +58,10 @@ def test_compile_default_model_writes_all_files(default_run):
     # graph.txt is the rewritten graph with its lora metadata
     text = (out / "graph.txt").read_text()
     assert text.strip() == cm.graph_report().strip()
-    assert text.count("lorafx.lora_linear(") + text.count("lorafx.lora_linear_recompute(") == 28
+    # 28 adapters: q/k/v and gate/up of each of the 4 layers fused into one op per group (eager default)
+    assert text.count("lorafx.lora_linear_siblings(") == 8
+    assert text.count("lorafx.lora_linear(") + text.count("lorafx.lora_linear_recompute(") == 28 - 4 * 5
+    assert text.count("lora(r=8, alpha=16, scale=2)") == 28  # every adapter's output carries its record
     assert "# by InsertLoRA; lora(r=8, alpha=16, scale=2)" in text
     # the dumps: captured graph has no adapters, the pass outputs do
     assert "lora_linear" not in (out / "passes" / "00_captured.txt").read_text()

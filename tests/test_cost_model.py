@@ -286,19 +286,23 @@ def test_gradient_flags_in_a_lora_model(compiled):
     """Frozen embedding and norms: the first layer's adapters get no dX; every
     later one does; the rotary table (computed under no_grad) has no backward."""
     gm = compiled("llama").graph_module
-    lora_nodes = [n for n in gm.graph.nodes if n.target in (torch.ops.lorafx.lora_linear.default,
-                                                             torch.ops.lorafx.lora_linear_recompute.default)]
+    ops = torch.ops.lorafx
+    lora_nodes = [n for n in gm.graph.nodes if n.target in (ops.lora_linear.default, ops.lora_linear_recompute.default)]
+    fused = {n.name: n for n in gm.graph.nodes if n.target is ops.lora_linear_siblings.default}
     tokens, d, kv = BATCH * SEQ, 32, 16
-    assert {n.args[8] for n in lora_nodes} == {"f1b1"}
-    first = {n.name: get_record(n, CostRecord) for n in lora_nodes if "layers_0_" in n.name}
-    q0 = first["model_layers_0_self_attn_q_proj_lora"]
-    assert (q0.fwd_flops, q0.bwd_flops) == lora_linear_flops(tokens, d, d, 4, need_x=False)
-    k0 = first["model_layers_0_self_attn_k_proj_lora"]
-    assert k0.bwd_flops == lora_linear_flops(tokens, d, kv, 4, need_x=False)[1]
-    o0 = first["model_layers_0_self_attn_o_proj_lora"]  # its input depends on q/k/v adapters
-    assert o0.bwd_flops == lora_linear_flops(tokens, d, d, 4, need_x=True)[1]
-    q1 = get_record(next(n for n in lora_nodes if "layers_1_self_attn_q_proj" in n.name), CostRecord)
-    assert q1.bwd_flops == lora_linear_flops(tokens, d, d, 4, need_x=True)[1]
+    assert {n.args[8] for n in lora_nodes} | {r for n in fused.values() for r in n.args[7].split(";")} == {"f1b1"}
+    assert len(fused) == 8  # compile's eager default fuses q/k/v and gate/up of each of the 4 layers
+
+    def qkv_cost(need_x):  # a fused node costs the sum of its adapters
+        parts = [lora_linear_flops(tokens, d, out, 4, need_x=need_x) for out in (d, kv, kv)]
+        return sum(f for f, _ in parts), sum(b for _, b in parts)
+
+    q0 = get_record(fused["model_layers_0_self_attn_q_proj_k_proj_v_proj_lora"], CostRecord)
+    assert (q0.fwd_flops, q0.bwd_flops) == qkv_cost(need_x=False)  # layer 0's input is the frozen embedding
+    o0 = get_record(next(n for n in lora_nodes if n.name == "model_layers_0_self_attn_o_proj_lora"), CostRecord)
+    assert o0.bwd_flops == lora_linear_flops(tokens, d, d, 4, need_x=True)[1]  # its input depends on q/k/v adapters
+    q1 = get_record(fused["model_layers_1_self_attn_q_proj_k_proj_v_proj_lora"], CostRecord)
+    assert (q1.fwd_flops, q1.bwd_flops) == qkv_cost(need_x=True)
     rotary = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.cos.default, torch.ops.aten.sin.default)]
     assert rotary
     for n in gm.graph.nodes:

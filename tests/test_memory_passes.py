@@ -222,19 +222,25 @@ def test_recompute_inputs_with_dropout_is_exact():
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
-def test_recompute_inputs_reexports_and_merges():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_recompute_inputs_reexports_and_merges(fuse):
+    """compile()'s default pipeline (RecomputeInputs, then FuseSiblings in eager) re-exports with its
+    ops as single nodes and merges exactly."""
     model = _tiny("llama", torch.float64).eval()
-    cm = lorafx.compile(model, example_inputs=(ids(2, 12),), r=2, seed=0)
+    cm = lorafx.compile(model, example_inputs=(ids(2, 12),), r=2, seed=0, fuse_siblings=fuse)
     gm = cm.graph_module
-    assert sum(n.target is RECOMPUTE for n in gm.graph.nodes) == 9  # on by default
+    # 2 layers: 9 adapters rebuild their input (q/k/v, gate/up, down; not o); fused, q/k/v and gate/up
+    # become one op per group with the recipe, down stays a recompute op
+    counts = {t: sum(n.target is t for n in gm.graph.nodes) for t in (RECOMPUTE, SIBLINGS)}
+    assert counts == ({RECOMPUTE: 2, SIBLINGS: 4} if fuse else {RECOMPUTE: 9, SIBLINGS: 0})
     randomise_lora_B(gm)
     ep = torch.export.export(gm, (), {"input_ids": ids(2, 12)})
-    assert sum(n.target is RECOMPUTE for n in ep.graph.nodes) == 9
+    assert {t: sum(n.target is t for n in ep.graph.nodes) for t in (RECOMPUTE, SIBLINGS)} == counts
     x = ids(2, 12, seed=4)  # the re-export is static: same shape
     torch.testing.assert_close(ep.module()(input_ids=x).logits, gm(input_ids=x).logits)
     unmerged = cm(input_ids=x).logits.detach()
     plain = cm.merge_and_unload()
-    assert not any(n.target in (LORA, RECOMPUTE) for n in plain.graph.nodes)
+    assert not any(n.target in (LORA, RECOMPUTE, SIBLINGS) for n in plain.graph.nodes)
     torch.testing.assert_close(plain(input_ids=x).logits, unmerged, rtol=1e-9, atol=1e-10)
 
 
@@ -328,7 +334,9 @@ def test_fuse_siblings_skips_dropout():
     assert all("dropout" in why for why in info["kept"].values())
 
 
-def test_lora_linear_siblings_opcheck_and_gradcheck():
+@pytest.mark.parametrize("column", [False, True])
+def test_lora_linear_siblings_opcheck_and_gradcheck(column, monkeypatch):
+    monkeypatch.setattr(lorafx.ops, "COLUMN_RANK", 1 if column else 10**9)  # both forms of the rank-r products
     g = torch.Generator().manual_seed(0)
     d = dict(dtype=torch.float64)
     x = torch.randn(2, 3, 4, generator=g, **d).requires_grad_()
