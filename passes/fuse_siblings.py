@@ -171,15 +171,8 @@ class FuseSiblings(Pass):
         for key in ("nn_module_stack", "stack_trace"):
             if key in first.meta:
                 node.meta[key] = first.meta[key]
-        anchor = node
-        for i, m in enumerate(members):  # the getitems in the members' order, so sites keep their order
-            with graph.inserting_after(anchor):
-                out = anchor = graph.call_function(operator.getitem, (node, i))
-            out.meta.update(m.meta)  # val, module stack and the member's lorafx records (LoraRecord, ...)
-            m.replace_all_uses_with(out)
-            name = m.name
-            graph.erase_node(m)
-            out._rename(name)  # each adapter's output keeps its node name (..._q_proj_lora)
+        for i, m in enumerate(members):  # each member becomes getitem(fused, i): its name, users and records stay
+            m.target, m.args, m.kwargs = operator.getitem, (node, i), {}
         return None
 
 
@@ -202,14 +195,9 @@ def split_siblings(gm: torch.fx.GraphModule) -> int:
             if out is None:  # an unused output
                 continue
             base = (x, w, bias, a, bb, s, None, 0.0, rule)
-            rec = get_record(out, LoraRecord)
-            with graph.inserting_before(out):
-                new = graph.create_node("call_function", _RECOMPUTE if recipe else _LORA,
-                                        (*base, recipe, list(sources)) if recipe else base)
-            new.meta.update(out.meta)
-            out.replace_all_uses_with(new)
-            graph.erase_node(out)
-            new._rename(safe_name(rec.site) + "_lora" if rec is not None else new.name)
+            # the getitem becomes the adapter's op again: its name, users and records stay
+            out.target = _RECOMPUTE if recipe else _LORA
+            out.args, out.kwargs = ((*base, recipe, list(sources)) if recipe else base), {}
         graph.erase_node(node)
         count += 1
     if count:

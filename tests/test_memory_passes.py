@@ -5,6 +5,7 @@ float64), and for what it must leave alone.
 """
 import copy
 import importlib.util
+import operator
 import os
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn as nn
 from hypothesis import given, strategies as st
 
 import lorafx
+from lorafx.meta import LoraRecord, get_record
 from lorafx.ops_fused import compile_recipe, run_recipe
 from lorafx.passes import CausalMaskToIsCausal, FuseSiblings, RecomputeInputs, set_training_mode
 from lorafx.testing import assert_equivalent, attention_models, lora_configs, residual_models
@@ -292,6 +294,10 @@ def test_fuse_siblings_equals_separate(family, recompute):
     assert info["groups"] == (2 * layers if family in ("llama", "qwen2") else layers), info
     assert not any(n.target in (LORA, RECOMPUTE) and n.name.endswith(("k_proj_lora", "up_proj_lora"))
                    for n in after.graph.nodes)
+    # every adapter's output keeps its node name (now a getitem of the fused op), in the same order
+    outputs = lambda g: [n.name for n in g.graph.nodes if get_record(n, LoraRecord) is not None
+                         and n.target in (LORA, RECOMPUTE, operator.getitem)]
+    assert outputs(after) == outputs(gm)
     names = adapter_names(gm)
     for x in (ids(3, 9), ids(2, 40, seed=2)):  # two token counts: different schedules in the rule
         assert_equivalent(gm, after, {"input_ids": x}, param_names=names, rtol=1e-9, atol=1e-11)
