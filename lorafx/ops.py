@@ -215,8 +215,9 @@ def _backward_impl(dy, x, weight, lora_A, lora_B, mask, xa_t, s, p, schedule, ne
     # The rank-r intermediates are (r, tokens) matrices (or transposed views of (tokens, r)
     # ones from r = COLUMN_RANK, see _xa_t); the adapter gradients are formed with r rows:
     # at small r, sgemm is 2-6x slower on (out, tokens) @ (tokens, r) than on the
-    # transposed problem, which computes the same numbers.  Accumulating GEMMs use torch.addmm(..., out=acc) (counted by
-    # FlopCounterMode; Tensor.addmm_ is not), so lorafx.schedules' formulas match exactly.
+    # transposed problem, which computes the same numbers.  Accumulating GEMMs use
+    # torch.addmm(..., out=acc) (counted by FlopCounterMode; Tensor.addmm_ is not), so
+    # lorafx.schedules' formulas match exactly.
     need_x, need_w, need_b, need_a, need_bb = needs
     x2, dy2 = _flat(x), _flat(dy)
     dropout = mask is not None and mask.numel() > 0

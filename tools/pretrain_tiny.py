@@ -7,10 +7,10 @@
 The corpus is generated on the fly (``lorafx.eval.pretrain.corpus_batches``): ten skills
 (arithmetic, comparison, sorting, copy/reverse/length, key-value lookup, boolean logic),
 held-out test problems excluded.  One thread, fixed seeds and
-``torch.use_deterministic_algorithms(True)``: the same arguments on the same machine, torch build
-and transformers release give a bit-identical checkpoint.  Progress is printed every ``--log-every`` steps; every
-``--eval-every`` steps each skill and each downstream task is evaluated zero-shot on held-out
-problems.  The folder gets ``config.json``, ``model.safetensors``, the tokenizer files and
+``torch.use_deterministic_algorithms(True)``: the same arguments on the same machine, torch
+build and transformers release give a bit-identical checkpoint (``--check`` tests that).
+Progress is printed every ``--log-every`` steps; every ``--eval-every`` steps each skill and
+each downstream task is evaluated zero-shot on held-out problems.  The folder gets ``config.json``, ``model.safetensors``, the tokenizer files and
 ``pretrain_info.json`` (recipe, seconds, final evaluation).
 """
 from __future__ import annotations
