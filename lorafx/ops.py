@@ -86,7 +86,7 @@ def _(x, p, train):
 
 # The skinny rank-r products x A^T and dy B: at small r BLAS (MKL) runs the r-row form
 # (A x^T, B^T dy^T) fastest, up to 2-6x; from r = 32 the r-column form (x A^T, dy B) is as
-# fast or up to 25% faster (both measured here, 1 and 2 threads, n in {512, 1376}).
+# fast or faster, ~15% at r=64 (tools/bench_rank_products.py --rank 8 / --rank 64).
 COLUMN_RANK = 32
 
 

@@ -15,7 +15,7 @@ its own rule; the kernel stacks the A's of the siblings that run f1, resp. b1, a
 the actual token count; b3/b4 and 'k' schedules are left alone), and all of them are ``lora_linear`` or all ``lora_linear_recompute``
 with the same recipe.  ``info["kept"]`` says why a group was not fused.
 
-Measured (tools/bench_train_step.py ``--lorafx-passes "default;+FuseSiblings"``, LLaMA
+Measured (tools/bench_train_step.py ``--lorafx-passes "-FuseSiblings;default"``, LLaMA
 4 x 512, batch 4 x 256, interleaved in one process, median step over the frozen floor):
 at r=8 it went from 1.18x to 1.14x and from 1.19x to 1.12x with 2 threads, and from 1.20x
 to 1.09x with 1 thread while another job used the second core (rank-8 GEMMs are
