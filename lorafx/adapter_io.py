@@ -6,12 +6,19 @@ rank_pattern, alpha_pattern, lora_dropout, use_rslora, fan_in_fan_out, ...);
 and ``base_model.model.<site>.lora_B.weight`` (out, r).  PEFT's
 ``PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and
 ``load_adapter`` reads what PEFT's ``save_pretrained`` writes.
+
+``save_adapter`` never leaves a half-written adapter: the weights' metadata records
+the sha256 of the config saved with them, so a mix left by a crash is refused on load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import pickle
 import re
+import shutil
 import tempfile
 from collections import Counter
 from typing import Dict, Tuple
@@ -26,6 +33,10 @@ __all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "read_adapter
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+STAGING_PREFIX = ".lorafx-save-"  # the hidden folder a save stages its files in
+# safetensors metadata key: the sha256 of the config bytes saved with these weights
+PAIRING_KEY = "lorafx_config_sha256"
+logger = logging.getLogger("lorafx")
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
 _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
@@ -94,20 +105,14 @@ def _expected_scale(config: dict, site: str) -> float:
     return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
 
 
-def save_adapter(cm, directory: str) -> None:
-    """Write ``cm``'s adapters to ``directory`` in PEFT's format (atomically)."""
-    from safetensors.torch import save_file
-
-    records = cm.lora_records()
-    if not records:
-        raise ValueError("this model has no LoRA adapters to save")
+def _peft_config(cm, records) -> dict:
+    """The PEFT LoraConfig fields describing ``cm``'s adapters."""
     ranks = {s: r.r for s, r in records.items()}
     alphas = {s: r.alpha for s, r in records.items()}
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
     transposed = {r.weight_transposed for r in recs}
-    use_rslora = _rslora_flag(records)
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": _task_type(cm._source),
         "base_model_name_or_path": getattr(getattr(cm._source, "config", None), "_name_or_path", None) or None,
@@ -117,7 +122,7 @@ def save_adapter(cm, directory: str) -> None:
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
         "lora_dropout": recs[0].dropout,
-        "use_rslora": use_rslora,
+        "use_rslora": _rslora_flag(records),
         # PEFT picks the layout per layer (Conv1D -> fan_in_fan_out) and the saved A/B
         # are (r, in) / (out, r) either way, so a mixed model round-trips too.
         "fan_in_fan_out": transposed == {True},
@@ -128,27 +133,123 @@ def save_adapter(cm, directory: str) -> None:
         "use_dora": False,
         "revision": None,
     }
+
+
+def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
+    """Write ``cm``'s adapters to ``directory`` in PEFT's format.
+
+    Atomic: if any step fails, the adapter already in ``directory`` stays as it was
+    and no staging files remain.  Other files in ``directory`` are left alone.
+    ``overwrite=False`` refuses to replace an adapter already there.
+    """
+    records = cm.lora_records()
+    if not records:
+        raise ValueError("this model has no LoRA adapters to save")
+    meta = [s for s, r in records.items() if get_attr(cm, r.lora_A).is_meta or get_attr(cm, r.lora_B).is_meta]
+    if meta:
+        raise ValueError(f"cannot save the adapters: they are on the meta device (adapter {meta[0]!r} has no "
+                         "values), because the model was compiled without weights, so there is nothing to save; "
+                         "compile the model with real weights (or load real weights into it) first")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory} is a file: pass a folder to save_adapter (it writes "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME} into it)")
+    replacing = any(os.path.exists(os.path.join(directory, n)) for n in (CONFIG_NAME, WEIGHTS_NAME))
+    if replacing and not overwrite:
+        raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it")
+    config = _peft_config(cm, records)
     tensors = {}
     for site, rec in records.items():
         tensors[f"{PREFIX}{site}.lora_A.weight"] = get_attr(cm, rec.lora_A).detach().contiguous().cpu()
         tensors[f"{PREFIX}{site}.lora_B.weight"] = get_attr(cm, rec.lora_B).detach().contiguous().cpu()
     os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:  # write then rename: never half-written
-        # lorafx's version goes in the weights' metadata: PEFT warns about unknown config keys
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
-                  metadata={"format": "pt", "lorafx_version": __import__("lorafx").__version__})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+    _write_atomically(directory, config, tensors)
+    if replacing:
+        logger.warning("lorafx: replaced the adapter in %s", directory)
+
+
+def _write_atomically(directory: str, config: dict, tensors: dict) -> None:
+    """Stage both files in a hidden folder inside ``directory``, back up the old ones
+    (hard links, else copies), then move weights and config in; on any error put the
+    old files back."""
+    from safetensors.torch import save_file
+
+    stage = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
+    backups: Dict[str, str] = {}  # name -> backup of the file it replaces
+    moved = []  # names already moved into ``directory``
+    keep_stage = False
+    try:
+        with open(os.path.join(stage, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(os.path.join(stage, CONFIG_NAME), "rb") as f:
+            config_sha = hashlib.sha256(f.read()).hexdigest()
+        # lorafx's metadata goes in the weights: PEFT warns about unknown config keys
+        save_file(tensors, os.path.join(stage, WEIGHTS_NAME),
+                  metadata={"format": "pt", "lorafx_version": __import__("lorafx").__version__,
+                            PAIRING_KEY: config_sha})
+        with open(os.path.join(stage, WEIGHTS_NAME), "rb") as f:
+            os.fsync(f.fileno())
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+            old = os.path.join(directory, name)
+            if os.path.exists(old):
+                backups[name] = os.path.join(stage, name + ".old")
+                try:
+                    os.link(old, backups[name])
+                except OSError:  # no hard links here: copy
+                    shutil.copy2(old, backups[name])
+        for name in (WEIGHTS_NAME, CONFIG_NAME):  # weights first: a crash in between is caught on load
+            os.replace(os.path.join(stage, name), os.path.join(directory, name))
+            moved.append(name)
+    except BaseException as error:
+        try:
+            for name in reversed(moved):
+                if name in backups:
+                    os.replace(backups[name], os.path.join(directory, name))
+                else:
+                    os.remove(os.path.join(directory, name))
+        except OSError as undo_error:
+            keep_stage = True
+            raise OSError(f"saving the adapter in {directory} failed ({error}) and putting the previous adapter "
+                          f"back failed too ({undo_error}): its files are in {stage}") from error
+        raise
+    finally:
+        if not keep_stage:
+            shutil.rmtree(stage, ignore_errors=True)
+    _fsync_dir(directory)
 
 
-def read_adapter_config(directory: str) -> dict:
+def _fsync_dir(directory: str) -> None:
+    """Make the renames durable where the OS allows it (best effort: the save is done)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fix(path: str) -> str:
+    return f"{path} is corrupt or truncated; save or download the adapter again"
+
+
+def _read_config(directory: str) -> Tuple[dict, bytes]:
+    """The parsed config in ``directory`` and its exact bytes."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: not a PEFT/lorafx adapter directory")
-    with open(path) as f:
-        config = json.load(f)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): {_fix(path)}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object: {_fix(path)}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported; lorafx loads LORA adapters")
     for key, allowed in _UNSUPPORTED.items():
@@ -159,7 +260,12 @@ def read_adapter_config(directory: str) -> dict:
         raise ValueError(f"{directory}: init_lora_weights={init!r} changes the base weights, which lorafx does not "
                          "do; convert it to a plain LoRA adapter first (PEFT's "
                          "save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-    return config
+    return config, raw
+
+
+def read_adapter_config(directory: str) -> dict:
+    """The adapter config in ``directory``, checked to be one lorafx supports."""
+    return _read_config(directory)[0]
 
 
 def _weights_file(directory: str) -> str:
@@ -170,38 +276,74 @@ def _weights_file(directory: str) -> str:
     raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor adapter_model.bin")
 
 
-def _read_weights(directory: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    from safetensors.torch import load_file
+def _load_state(path: str, trust_pickle: bool) -> Tuple[dict, dict]:
+    """The tensors in the weights file ``path`` and its metadata."""
+    from safetensors import SafetensorError, safe_open
 
+    if path.endswith(".safetensors"):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a valid safetensors file ({e}): {_fix(path)}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if trust_pickle:
+            raise ValueError(f"{path} could not be unpickled ({e}): {_fix(path)}") from e
+        reason = str(e.__context__ or "").split("\n")[0].split(". ")[0] or "it holds objects other than tensors"
+        raise ValueError(f"{path} is a pickle that torch will not load with weights_only=True ({reason}): convert "
+                         "it to safetensors, or pass trust_pickle=True if you trust the file") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} could not be read ({str(e).splitlines()[0]}): {_fix(path)}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    return state, {}
+
+
+def _read_weights(directory: str, trust_pickle: bool = False) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], dict]:
+    """The (A, B) of every site in ``directory``'s weights file, and the file's metadata."""
     path = _weights_file(directory)
-    if path.endswith(".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        state = load_file(path)
+    state, metadata = _load_state(path, trust_pickle)
     sites: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-        if m is None:
-            raise ValueError(f"{path}: unexpected tensor {key!r} (lorafx loads lora_A/lora_B weights only)")
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", str(key))
+        if m is None or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: unexpected entry {key!r} (lorafx loads lora_A/lora_B weights only)")
         sites.setdefault(m.group(1), {})[m.group(2)] = value
-    return {s: (ab["A"], ab["B"]) for s, ab in sites.items()}
+    half = sorted(s for s, ab in sites.items() if len(ab) != 2)
+    if half:
+        raise ValueError(f"{path}: {half[0]} has only lora_{''.join(sites[half[0]])}: {_fix(path)}")
+    return {s: (ab["A"], ab["B"]) for s, ab in sites.items()}, metadata
 
 
-def load_adapter_weights(cm, directory: str) -> None:
+def _read_adapter(directory: str, trust_pickle: bool = False):
+    """Read and check both files of the adapter in ``directory``: (config, weights)."""
+    config, raw = _read_config(directory)
+    weights, metadata = _read_weights(directory, trust_pickle)
+    expected = metadata.get(PAIRING_KEY)
+    if expected is not None and expected != hashlib.sha256(raw).hexdigest():
+        raise ValueError(f"the config and weights in {directory} come from different saves (an interrupted save, "
+                         f"or {CONFIG_NAME} edited after saving?); save the adapter again")
+    return config, weights
+
+
+def load_adapter_weights(cm, directory: str, *, trust_pickle: bool = False) -> None:
     """Copy the adapter in ``directory`` into ``cm``'s adapters.
 
     The adapter must be one lorafx supports, target the same sites with the same
     shapes, and give every site the scale (alpha / r, or alpha / sqrt(r)) ``cm``
     was compiled with: otherwise the outputs would silently differ from PEFT's.
-    Nothing is copied unless all of that holds.
+    Nothing is copied unless all of that holds.  ``trust_pickle=True`` lets a
+    ``.bin`` file run the pickle code it holds.
     """
-    _copy_weights(cm, directory, read_adapter_config(directory))
+    config, weights = _read_adapter(directory, trust_pickle)
+    _copy_weights(cm, directory, weights, config)
 
 
-def _copy_weights(cm, directory: str, config=None) -> None:
-    """Copy the adapter tensors in ``directory`` into ``cm``'s adapters (shapes, and
-    the scales when ``config`` is given, must match)."""
-    weights = _read_weights(directory)
+def _copy_weights(cm, directory: str, weights, config=None) -> None:
+    """Copy ``weights`` (site -> (A, B)) into ``cm``'s adapters (shapes, and the scales
+    when ``config`` is given, must match; nothing is copied otherwise)."""
     records = cm.lora_records()
     missing = sorted(set(records) - set(weights))
     extra = sorted(set(weights) - set(records))
@@ -230,19 +372,21 @@ def _copy_weights(cm, directory: str, config=None) -> None:
         cm.merge()
 
 
-def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=None, **options):
+def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=None, trust_pickle: bool = False,
+                 **options):
     """Compile ``model`` with the adapter configuration in ``directory`` and load its weights.
 
-    ``model`` may also be a CompiledModel, whose adapters then receive the weights.
+    Both files are read and checked before compiling.  ``model`` may also be a
+    CompiledModel, whose adapters then receive the weights.  ``trust_pickle=True``
+    lets a ``.bin`` file run the pickle code it holds.
     """
     from .compiled import CompiledModel
     from .compiler import compile as lorafx_compile
 
     if isinstance(model, CompiledModel):
-        load_adapter_weights(model, directory)
+        load_adapter_weights(model, directory, trust_pickle=trust_pickle)
         return model
-    config = read_adapter_config(directory)
-    _weights_file(directory)  # fail before the (slow) compile
+    config, weights = _read_adapter(directory, trust_pickle)  # fail before the (slow) compile
     targets = config.get("target_modules")
     if isinstance(targets, list):
         targets = tuple(targets)
@@ -260,5 +404,5 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
     settings.update(options)
     cm = lorafx_compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
     # Options that change the scales were chosen on purpose: check the scales only otherwise.
-    _copy_weights(cm, directory, None if any(k in options for k in _SCALE_KEYS) else config)
+    _copy_weights(cm, directory, weights, None if any(k in options for k in _SCALE_KEYS) else config)
     return cm

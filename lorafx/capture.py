@@ -10,8 +10,13 @@ Face transformers models and plain ``nn.Module``s:
 * batch (dim 0) and sequence (dim 1 of integer inputs and of 3-d+ float inputs)
   are dynamic; an example of size 1 is repeated to 2 first, since torch.export
   would otherwise specialise it to a constant;
-* the model is exported in training mode (so dropout nodes exist) and nothing
-  about the user's model is changed: its mode and config are restored.
+* the model is exported in training mode (so dropout nodes exist), unless it
+  holds batch norm, whose train/eval behaviour cannot be switched after export:
+  such a model is exported in the mode it is in (``training=`` overrides);
+* nothing about the user's model is changed: captures are serialised by one
+  lock (torch.export swaps a module's parameters for fake tensors while it
+  traces), and its parameters, buffers, modes, ``forward`` and config are put
+  back in a ``finally``, also when export fails.
 
 The symbolic dims are recorded in ``gm.meta["lorafx_dims"]`` ({symbol: "batch"|"seq"})
 and every call_function node gets an ``OriginRecord`` naming its module.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +33,12 @@ from torch.export import Dim
 
 from .meta import OriginRecord, set_record
 
-__all__ = ["capture", "CaptureError", "bind_inputs", "is_hf_model", "signature_key"]
+__all__ = ["capture", "CaptureError", "bind_inputs", "is_hf_model", "signature_key", "mode_dependent",
+           "check_input_ranks"]
+
+# torch.export is not thread-safe on one model (it swaps the module's parameters for fake
+# tensors while tracing): every capture in this process holds this lock.
+_CAPTURE_LOCK = threading.RLock()
 
 
 class CaptureError(RuntimeError):
@@ -149,9 +160,48 @@ def _keyword_forward(model: torch.nn.Module, names: Sequence[str], active: bool)
         del model.forward
 
 
+def mode_dependent(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds modules whose train/eval behaviour torch.export bakes in
+    beyond what SetTrainingMode can flip (batch norm: batch statistics and running-stat
+    updates in train, running statistics in eval)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               or (isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)
+               for m in model.modules())
+
+
 @contextlib.contextmanager
-def _export_settings(model: torch.nn.Module):
-    """Training mode, and for transformers models use_cache=False/return_dict=True; restored after."""
+def _preserved(model: torch.nn.Module):
+    """Put back every module's parameter/buffer/submodule tables, mode and instance
+    ``forward``, and a transformers config's values, whatever happens inside."""
+    saved = [(m, dict(m._parameters), dict(m._buffers), dict(m._modules), m.training,
+              m.__dict__.get("forward", _MISSING)) for m in model.modules()]
+    config = getattr(model, "config", None) if is_hf_model(model) else None
+    config_values = dict(config.__dict__) if config is not None else None
+    try:
+        yield
+    finally:
+        for m, params, buffers, modules, training, forward in saved:
+            for table, old in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
+                if table.keys() != old.keys() or any(table[k] is not v for k, v in old.items()):
+                    table.clear()
+                    table.update(old)
+            m.training = training
+            if forward is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = forward
+        if config is not None and (config.__dict__.keys() != config_values.keys()
+                                   or any(config.__dict__[k] is not v for k, v in config_values.items())):
+            config.__dict__.clear()
+            config.__dict__.update(config_values)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _export_settings(model: torch.nn.Module, training: bool = True):
+    """The export mode, and for transformers models use_cache=False/return_dict=True; restored after."""
     modes = {m: m.training for m in model.modules()}
     config = getattr(model, "config", None) if is_hf_model(model) else None
     saved = {}
@@ -160,7 +210,7 @@ def _export_settings(model: torch.nn.Module):
             if hasattr(config, key):
                 saved[key] = getattr(config, key)
                 setattr(config, key, value)
-    model.train()
+    model.train(training)
     try:
         yield
     finally:
@@ -184,7 +234,7 @@ def _user_frame(err: BaseException) -> str:
     return f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
-def _hint(err: BaseException) -> str:
+def _hint(err: BaseException, during: str = "compile") -> str:
     text = f"{type(err).__name__}: {err}".strip()
     first = text.splitlines()[0][:400]
     low = text.lower()
@@ -195,6 +245,9 @@ def _hint(err: BaseException) -> str:
         hints = ["disable the KV cache (use_cache=False) in the model's config"]
     elif "constraint" in low or "specializ" in low:
         hints = ["retry with dynamic=False (fixed shapes), or use example inputs of the size you will run"]
+    elif during == "call":
+        hints = ["check that these inputs are what the original model(...) accepts in eager mode",
+                 "compile with dynamic=False if the failure is about shapes"]
     else:
         hints = ["check that example_inputs/example_kwargs are what model(...) accepts in eager mode",
                  "retry with dynamic=False"]
@@ -207,12 +260,18 @@ def capture(
     example_kwargs: Optional[Dict[str, Any]] = None,
     *,
     dynamic: bool = True,
+    training: Optional[bool] = None,
+    during: str = "compile",
 ) -> torch.fx.GraphModule:
     """Export ``model`` to an fx GraphModule called with keyword inputs.
 
     Requires: ``model(*example_inputs, **example_kwargs)`` runs in eager mode.
     Provides: a GraphModule whose parameters and buffers are the model's own
     tensors (no copy), with dynamic batch/seq dims when ``dynamic``.
+    ``training``: the mode to export in; by default training mode, or the model's
+    own mode when it holds batch norm (``mode_dependent``); recorded in
+    ``gm.meta["lorafx_captured_training"]``.  ``during="call"`` words errors for
+    inputs of a call rather than example inputs.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
@@ -228,12 +287,19 @@ def capture(
     shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
     params = inspect.signature(model.forward).parameters
     spill = any(k not in params or params[k].kind is inspect.Parameter.VAR_KEYWORD for k in kwargs)
-    with _export_settings(model), _keyword_forward(model, list(kwargs), spill and not args):
-        try:
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-        except Exception as e:  # torch.export raises many exception types
-            raise CaptureError(f"could not capture {type(model).__name__}: {_hint(e)}") from e
-    gm = ep.module()
+    if training is None:
+        training = model.training if mode_dependent(model) else True
+    what = "these call inputs" if during == "call" else "it"
+    with _CAPTURE_LOCK, _preserved(model), torch.enable_grad():
+        with _export_settings(model, training), _keyword_forward(model, list(kwargs), spill and not args):
+            try:
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            except Exception as e:  # torch.export raises many exception types
+                raise CaptureError(f"could not capture {type(model).__name__} for {what}: "
+                                   f"{_hint(e, during)}") from e
+        gm = ep.module()
+    gm.meta["lorafx_captured_training"] = training
+    gm.meta["lorafx_input_ranks"] = {k: v.dim() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     gm.meta["lorafx_dims"] = _name_symbols(gm) if dynamic else {}
     gm.meta["lorafx_inputs"] = {"kwargs": sorted(kwargs), "nargs": len(args)}
     gm.meta["lorafx_signature"] = signature_key(args, kwargs)
@@ -274,3 +340,18 @@ def _record_origins(gm: torch.fx.GraphModule) -> None:
             path, mtype = list(stack.values())[-1]
             mtype = mtype if isinstance(mtype, str) else getattr(mtype, "__qualname__", str(mtype))
             set_record(node, OriginRecord(module=path, module_type=mtype.rsplit(".", 1)[-1]))
+
+
+def check_input_ranks(gm: torch.fx.GraphModule, kwargs: dict) -> None:
+    """Refuse a tensor input whose number of dims differs from the captured one, naming
+    the input and the fix (torch.export guards only on the dims it marked dynamic)."""
+    for name, rank in gm.meta.get("lorafx_input_ranks", {}).items():
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() != rank:
+            roles = {0: "batch", 1: "seq"}
+            dims = ", ".join(roles.get(d, f"dim {d}") for d in range(rank))
+            raise ValueError(
+                f"input {name!r} has {value.dim()} dim(s) (shape {tuple(value.shape)}), but this compiled model "
+                f"takes {name} with {rank} ({dims}), as captured: "
+                + (f"add the batch dim, e.g. {name}.unsqueeze(0)" if value.dim() == rank - 1 else
+                   f"pass a tensor with {rank} dims"))

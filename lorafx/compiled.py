@@ -7,18 +7,28 @@ optimizers and the transformers ``Trainer`` see an ordinary module.
 A captured graph is specialised to the set of keyword inputs it was captured
 with.  Called with another set (say ``labels=`` added for the loss), the model
 captures that signature once, runs the same pipeline on it and binds it to the
-same parameters, so every variant trains the same adapters.
+same parameters, so every variant trains the same adapters.  Captures of one
+compiled model are serialised by a lock, so concurrent first calls are safe.
+A model with batch norm also gets one graph per train/eval mode.
+
+The user's model is read-only: frozen base weights share its storage, so
+``load_state_dict`` rebinds a private copy before it writes a base weight
+(copy on write), ``merge()`` binds new tensors, and buffers a graph updates in
+place (batch norm's running statistics) are private copies.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import threading
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx
 
-from .capture import bind_inputs, capture, signature_key
+from .capture import bind_inputs, capture, check_input_ranks, mode_dependent, signature_key
+from .graph_utils import owner_and_name
 from .meta import LoraRecord, get_record
 from .pipeline import PassReport, Pipeline, lint_graph
 
@@ -97,21 +107,43 @@ class CompiledModel(torch.nn.Module):
         self.__dict__["_report"] = report
         self.__dict__["_merged"] = False
         self.__dict__["_compiled"] = {}  # id(graph) -> torch.compile'd graph, for backend != "eager"
+        self.__dict__["_capture_lock"] = threading.RLock()
+        self.__dict__["_mode_dependent"] = mode_dependent(source)
         self.target = target
         self.backend = backend
         self.dynamic = dynamic
         self.options = dict(options or {})
-        self._variants[graph_module.meta["lorafx_signature"]] = graph_module
+        _privatize_mutated_buffers(graph_module, source)
+        self._variants[self._key(graph_module.meta["lorafx_signature"], source.training)] = graph_module
         self.__class__ = _compiled_class(type(source))
         self.train(source.training)
+
+    def _key(self, signature: tuple, training: bool) -> tuple:
+        """A graph's key: the call signature, plus the mode for models with batch norm."""
+        return (signature, training if self._mode_dependent else None)
+
+    @property
+    def source_model(self) -> torch.nn.Module:
+        """The model this was compiled from (never modified by lorafx)."""
+        return self._source
 
     # -- running --------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         """Run the compiled graph with the original model's arguments."""
         args, kwargs = bind_inputs(self._source, args, kwargs)
-        gm = self._variants.get(signature_key(args, kwargs))
+        if self._merged and self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                "this model is merged (cm.merge()): its adapters are folded into the frozen weights and get no "
+                "gradient, so it cannot train. Call cm.unmerge() before training, or run inference with "
+                "cm.eval() or under torch.no_grad()")
+        key = self._key(signature_key(args, kwargs), self.training)
+        gm = self._variants.get(key)
         if gm is None:
-            gm = self._add_variant(args, kwargs)
+            with self._capture_lock:  # concurrent first calls capture one at a time, each once
+                gm = self._variants.get(key)
+                if gm is None:
+                    gm = self._add_variant(args, kwargs, key)
+        check_input_ranks(gm, kwargs)
         if self.backend == "eager":
             return gm(*args, **kwargs)
         run = self._compiled.get(id(gm))
@@ -120,31 +152,35 @@ class CompiledModel(torch.nn.Module):
             self._compiled[id(gm)] = run
         return run(*args, **kwargs)
 
-    def _add_variant(self, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    def _add_variant(self, args: tuple, kwargs: dict, key: tuple) -> torch.fx.GraphModule:
         detached = lambda v: v.detach() if isinstance(v, torch.Tensor) else v
-        gm = capture(self._source, tuple(map(detached, args)), {k: detached(v) for k, v in kwargs.items()},
-                     dynamic=self.dynamic)
-        gm = self._pipeline(gm).graph_module
         primary = self.graph_module
+        check_input_ranks(primary, kwargs)  # named before a slow capture that would fail on it
+        gm = capture(self._source, tuple(map(detached, args)), {k: detached(v) for k, v in kwargs.items()},
+                     dynamic=self.dynamic, training=self.training if self._mode_dependent else None,
+                     during="call")
+        gm = self._pipeline(gm).graph_module
         own = gm._modules
         object.__setattr__(gm, "_modules", {**primary._modules, **{k: v for k, v in own.items()
                                                                    if k not in primary._modules or k == "_guards_fn"}})
         object.__setattr__(gm, "_parameters", primary._parameters)
         object.__setattr__(gm, "_buffers", primary._buffers)
+        _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
         from lorafx.passes import MergeLoRA, set_training_mode
         if self._merged:
             MergeLoRA()(gm)
         set_training_mode(gm, self.training)
-        self._variants[signature_key(args, kwargs)] = gm
+        self._variants[key] = gm
         return gm
 
     def train(self, mode: bool = True) -> "CompiledModel":
-        """Switch dropout (and adapter dropout) on or off in every captured graph."""
+        """Switch dropout (and adapter dropout) on or off in every captured graph; a model
+        with batch norm runs the graphs captured in that mode (captured on first use)."""
         from lorafx.passes import set_training_mode
         self.training = mode
-        for gm in self._variants.values():
-            if gm.meta.get("lorafx_training") != mode:
+        for (_, fixed_mode), gm in self._variants.items():
+            if fixed_mode is None and gm.meta.get("lorafx_training") != mode:
                 set_training_mode(gm, mode)
         return self
 
@@ -230,31 +266,187 @@ class CompiledModel(torch.nn.Module):
             set_training_mode(gm, False)
             gm.graph.lint()
             gm.recompile()
+            _source_state_dict_keys(gm, self._source)
         finally:
             if was_merged:
                 self.merge()
         return gm
 
     def merged_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The original model's state dict with adapters merged: load it into the
-        source architecture with ``model.load_state_dict(...)``."""
-        return {k: v for k, v in self.merge_and_unload().state_dict().items()}
+        """The source model's state dict (the same keys, tied ones included) with this
+        model's base weights and the adapters merged in float32: it loads into the source
+        architecture with ``load_state_dict(..., strict=True)``."""
+        from lorafx.passes.merge_lora import merged_weight
+        was_merged = self._merged
+        self.unmerge()
+        try:
+            own = self.state_dict()
+            merged = {rec.weight: merged_weight(self, rec) for rec in self.lora_records().values()}
+        finally:
+            if was_merged:
+                self.merge()
+        source = self._source.state_dict(keep_vars=True)
+        kept_key = {}  # a source tensor -> the key this model kept it under (tied tensors have several keys)
+        for key, value in source.items():
+            if key in own:
+                kept_key.setdefault(id(value), key)
+        out = {}
+        for key, value in source.items():
+            kept = key if key in own else kept_key.get(id(value))
+            out[key] = value.detach() if kept is None else merged.get(kept, own[kept])
+        return out
 
     # -- adapters ---------------------------------------------------------------------
-    def save_adapter(self, directory: str) -> None:
-        """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    def save_adapter(self, directory: str, *, overwrite: bool = True) -> None:
+        """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors),
+        atomically; ``overwrite=False`` refuses to replace an adapter already there."""
         from .adapter_io import save_adapter
-        save_adapter(self, directory)
+        save_adapter(self, directory, overwrite=overwrite)
 
-    def load_adapter(self, directory: str) -> "CompiledModel":
-        """Load adapter weights (saved by lorafx or PEFT) into this model's adapters."""
+    def load_adapter(self, directory: str, *, trust_pickle: bool = False) -> "CompiledModel":
+        """Load adapter weights (saved by lorafx or PEFT) into this model's adapters;
+        ``trust_pickle=True`` lets a ``.bin`` file run the pickle code it holds."""
         from .adapter_io import load_adapter_weights
-        load_adapter_weights(self, directory)
+        load_adapter_weights(self, directory, trust_pickle=trust_pickle)
         return self
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The unmerged state: base weights as compiled (also while merged, so a state dict
+        always loads into a merged or unmerged model alike) plus ``lora_A``/``lora_B``."""
+        from lorafx.passes.merge_lora import kept_unmerged_weight
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._merged:
+            for rec in self.lora_records().values():
+                kept = kept_unmerged_weight(self, rec)
+                if kept is not None and prefix + rec.weight in out:
+                    out[prefix + rec.weight] = kept if keep_vars else kept.detach()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load like ``nn.Module.load_state_dict``, without ever writing into the source
+        model: a base tensor that shares the source's storage and would change is first
+        rebound to a private copy.  Works merged or unmerged (the state is the unmerged one)."""
+        was_merged = self._merged
+        self.unmerge()
+        try:  # _load_from_state_dict below unshares what the load would change
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            if was_merged:
+                self.merge()
+
+    def _unshare_changed(self, state_dict) -> None:
+        """Rebind private copies of the base tensors that share storage with the source
+        model and that ``state_dict`` would change (values, dtype or shape)."""
+        shared = {t.untyped_storage().data_ptr() for t in _tensors(self._source) if t.device.type != "meta"}
+        own = super().state_dict(keep_vars=True)
+        for key, new in state_dict.items():
+            old = own.get(key)
+            if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor) or old.device.type == "meta":
+                continue
+            if old.untyped_storage().data_ptr() not in shared:
+                continue
+            same = new.shape == old.shape and torch.equal(new.to(device=old.device, dtype=old.dtype), old.detach())
+            if not same:
+                owner, name = owner_and_name(self, key)
+                private = old.detach().clone()
+                if name in owner._parameters:
+                    owner._parameters[name] = torch.nn.Parameter(private, requires_grad=old.requires_grad)
+                else:
+                    owner._buffers[name] = private
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a CompiledModel nested in another module: its load goes through here, not load_state_dict
+        self._unshare_changed({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a lorafx CompiledModel cannot be pickled (torch.save(cm) / pickle.dumps(cm)): its graphs hold "
+            "functions torch.export made. Save the adapters with cm.save_adapter(folder) (PEFT format; "
+            "lorafx.load_adapter(model, folder) or PEFT loads them), or the merged weights with "
+            "torch.save(cm.merged_state_dict(), path), which load into the source architecture")
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key == "_capture_lock" else copy.deepcopy(value, memo)
+        new.__dict__["_capture_lock"] = threading.RLock()
+        return new
 
     def extra_repr(self) -> str:
         return (f"target={self.target!r}, backend={self.backend!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
                 f"signatures={len(self._variants)}")
+
+
+def _tensors(module: torch.nn.Module):
+    """Every parameter and buffer of ``module``, tied ones once."""
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _source_state_dict_keys(gm: torch.fx.GraphModule, source: torch.nn.Module) -> None:
+    """Make ``gm.state_dict()`` carry the source model's keys, so that it loads strictly
+    into the source architecture: buffers the source does not save (rotary ``inv_freq``)
+    become non-persistent, and every key of a tied tensor is written (and read back once)."""
+    source_keys = source.state_dict(keep_vars=True)
+    for name, buf in list(gm.named_buffers()):
+        if name not in source_keys:
+            owner, attr = owner_and_name(gm, name)
+            owner.register_buffer(attr, buf, persistent=False)
+    aliases = {}  # missing key -> the key gm holds the same source tensor under
+    for key, value in source_keys.items():
+        held = next((k for k, v in source_keys.items() if v is value and k != key), None)
+        if held is not None:
+            aliases.setdefault(key, held)
+
+    def add_aliases(module, state, prefix, local_metadata):
+        for key, held in aliases.items():
+            if prefix + key not in state and prefix + held in state:
+                state[prefix + key] = state[prefix + held]
+
+    def drop_aliases(module, state, prefix, *args):
+        for key, held in aliases.items():
+            if prefix + key in state and not _has_tensor(module, key):
+                state.pop(prefix + key)
+
+    gm._register_state_dict_hook(add_aliases)
+    gm._register_load_state_dict_pre_hook(drop_aliases, with_module=True)
+
+
+def _has_tensor(module: torch.nn.Module, path: str) -> bool:
+    *parents, name = path.split(".")
+    for part in parents:
+        module = module._modules.get(part)
+        if module is None:
+            return False
+    return name in module._parameters or name in module._buffers
+
+
+# ops that update running statistics (arguments 3 and 4) without declaring it in their schema
+_UNDECLARED_WRITES = {torch.ops.aten.batch_norm.default: (3, 4), torch.ops.aten.instance_norm.default: (3, 4)}
+
+
+def _privatize_mutated_buffers(gm: torch.fx.GraphModule, source: torch.nn.Module) -> None:
+    """Give ``gm`` its own copy of every buffer its graph writes in place (batch norm's
+    running statistics in train mode) that shares storage with ``source``."""
+    shared = {t.untyped_storage().data_ptr() for t in _tensors(source) if t.device.type != "meta"}
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        implicit = _UNDECLARED_WRITES.get(node.target, ())
+        for index, (arg, value) in enumerate(zip(schema.arguments, node.args)):
+            written = (arg.alias_info is not None and arg.alias_info.is_write) or index in implicit
+            if not written or not isinstance(value, torch.fx.Node) or value.op != "get_attr":
+                continue
+            owner, name = owner_and_name(gm, value.target)
+            tensor = owner._buffers.get(name)
+            if tensor is not None and tensor.device.type != "meta" and tensor.untyped_storage().data_ptr() in shared:
+                owner._buffers[name] = tensor.clone()
 
 
 _CLASSES: Dict[type, type] = {}

@@ -58,6 +58,24 @@ def default_example_inputs(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
+def _check_model(model) -> None:
+    """Refuse, with the fix, models lorafx cannot compile as they are."""
+    if isinstance(model, CompiledModel):
+        raise TypeError(
+            "lorafx.compile got a model lorafx already compiled. Compile its source model again "
+            "(lorafx.compile(cm.source_model, ...)), or load other adapters into it with cm.load_adapter(folder)")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"lorafx.compile needs a torch.nn.Module, got {type(model).__name__}")
+    peft_layers = [name for name, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"]
+    if peft_layers:
+        raise TypeError(
+            f"lorafx.compile got a model wrapped by PEFT ({type(model).__name__}; PEFT modules such as "
+            f"{next((n for n in peft_layers if n), type(model).__name__)!r}). lorafx adds its own adapters to the base model: pass "
+            "peft_model.get_base_model() after peft_model.unload() to drop PEFT's adapters, or "
+            "peft_model.merge_and_unload() to keep them merged into the weights; to train PEFT's adapters "
+            "with lorafx, save them (save_pretrained) and use lorafx.load_adapter(base_model, folder)")
+
+
 class _Progress(Instrument):
     """A tqdm bar over the passes (created when the pipeline starts, after capture)."""
 
@@ -103,6 +121,7 @@ def compile(
     The model itself is not modified: the compiled model shares its weights (frozen copies
     of the Parameter objects), except those ``fold_a`` copies into its folded buffers.
     """
+    _check_model(model)
     from lorafx.hw_targets import get_target
     from lorafx.passes import AnnotateCost, InlineGradModeRegions, InsertLoRA, SelectSchedule, SetTrainingMode
     from lorafx.passes import CausalMaskToIsCausal, FoldLoRAIntoBase, FuseSiblings, RecomputeInputs
@@ -111,20 +130,22 @@ def compile(
     unknown = sorted(set(options) - set(known_options))
     if unknown:
         raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: {known_options}")
+    from lorafx.options import check_bool, check_choice
+    from lorafx.passes.select_schedule import CRITERIA
     fold_a = options.get("fold_a", False)
     fuse_siblings = options.get("fuse_siblings", backend == "eager")
-    for name, value in (("fold_a", fold_a), ("fuse_siblings", fuse_siblings)):
-        if not isinstance(value, bool):
-            raise TypeError(f"lorafx.compile: {name} must be True or False, got {value!r}")
+    keep_xa = options.get("schedule_keep_xa", False)
+    criterion = options.get("schedule_criterion", "flops")
+    for name, value in (("fold_a", fold_a), ("fuse_siblings", fuse_siblings), ("schedule_keep_xa", keep_xa)):
+        check_bool(name, value, "lorafx.compile: ")
+    check_choice("schedule_criterion", criterion, CRITERIA, "lorafx.compile: ")
     hw = get_target(target)
     if backend != "eager":
         known = torch._dynamo.list_backends()
         if backend not in known:
             raise ValueError(f"unknown backend {backend!r}; use 'eager' or a torch.compile backend: {known}")
     lora = InsertLoRA(**{k: v for k, v in options.items() if k in LORA_OPTIONS})  # validates before capture
-    select = SelectSchedule(schedule=options.get("schedule", "auto"),
-                            criterion=options.get("schedule_criterion", "flops"),
-                            keep_xa=bool(options.get("schedule_keep_xa", False)))
+    select = SelectSchedule(schedule=options.get("schedule", "auto"), criterion=criterion, keep_xa=keep_xa)
     if example_inputs is None and example_kwargs is None:
         example_kwargs = default_example_inputs(model)
     # AnnotateCost runs after every rewrite so its records describe the final graph.

@@ -4,10 +4,16 @@ Every record lives under the single key ``node.meta["lorafx"]``, a plain dict
 from record kind to a frozen dataclass.  Records hold names and numbers only
 (no references to nodes or modules) so graphs deep-copy and pickle.
 
-    >>> rec = LoraRecord(site="model.layers.0.self_attn.q_proj", weight="...weight",
-    ...                  lora_A="...lora_A", lora_B="...lora_B", r=8, alpha=16.0, scale=2.0)
+    >>> import torch.fx
+    >>> from lorafx.meta import LoraRecord, describe, get_record, set_record
+    >>> node = torch.fx.Graph().placeholder("x")
+    >>> rec = LoraRecord(site="model.layers.0.self_attn.q_proj", weight="...q_proj.weight",
+    ...                  lora_A="...q_proj.lora_A", lora_B="...q_proj.lora_B", r=8, alpha=16.0, scale=2.0,
+    ...                  in_features=64, out_features=64)
     >>> set_record(node, rec); get_record(node, LoraRecord) is rec
     True
+    >>> describe(node)
+    'lora(r=8, alpha=16, scale=2)'
 """
 from __future__ import annotations
 

@@ -151,7 +151,13 @@ def _count(gm: torch.fx.GraphModule) -> int:
 class Pipeline(Pass):
     """An ordered sequence of passes, itself a pass.
 
-    >>> Pipeline([InsertLoRA(r=8), SetTrainingMode(train=False)])(gm).info["reports"]
+    >>> import torch, lorafx
+    >>> from lorafx.passes import InsertLoRA, SetTrainingMode
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> gm = lorafx.capture(model, (torch.randn(2, 8),))
+    >>> result = lorafx.Pipeline([InsertLoRA(r=2), SetTrainingMode(train=False)])(gm)
+    >>> [(report.name, report.modified) for report in result.info["reports"]]
+    [('InsertLoRA', True), ('SetTrainingMode', False)]
     """
 
     def __init__(self, passes: Sequence[Pass], instruments: Iterable[Instrument] = (),

@@ -275,6 +275,7 @@ def lora_flops(schedule: str, b, n, m, r, *, x_requires_grad: bool = True, w_req
     ``b`` gives ``sympy.Piecewise`` expressions.  ``bias`` does not change FLOPs (bias adds
     count 0); ``dropout`` (an active mask) makes f2/b5/b4 run as f1/b1/b3.
 
+    >>> from lorafx.schedules import lora_flops, b, n, m, r  # b, n, m, r: sympy symbols
     >>> lora_flops("f1b1", b, n, m, r)
     (2*b*m*n + 2*b*m*r + 2*b*n*r, 2*b*m*n + 4*b*m*r + 6*b*n*r)
     """
@@ -324,6 +325,7 @@ def lora_cost(schedule: str, b, n, m, r, *, flop_weight: float = 1.0, byte_weigh
 def crossover(s1: str, s2: str, n_, m_, r_, *, training: bool = True, **kw):
     """Token count where ``s1`` and ``s2`` cost the same (sympy; None if never).
 
+    >>> from lorafx.schedules import crossover, n, m, r
     >>> crossover("f1b1", "f2b1", n, m, r)
     m*n/(m + n)
     >>> crossover("f1b1", "f1b5", n, m, r)
@@ -491,6 +493,7 @@ def min_lora_overhead(r_: int = 8, *, hidden: int = 512, intermediate: int = 137
     run them) minus the base linear's forward + dX -- what the implemented schedules
     achieve at this token count.
 
+    >>> from lorafx.schedules import min_lora_overhead
     >>> d = min_lora_overhead(8); round(d["bound_over_linear_floor"], 3), round(d["best_over_floor"], 3)
     (0.02, 0.022)
     """

@@ -1,14 +1,20 @@
 """Testing helpers: hypothesis strategies for models and LoRA configs, and
 ``assert_equivalent`` for checking that a rewrite preserves outputs and gradients.
 
-    from hypothesis import given
-    from lorafx.testing import models, lora_configs, assert_equivalent
+A property test of a pass (here InsertLoRA, which keeps outputs and input gradients
+while B = 0):
 
-    @given(models(), lora_configs())
-    def test_my_pass(case, config):
-        gm = lorafx.capture(case.model, case.inputs)
-        after = MyPass(...)(copy.deepcopy(gm)).graph_module
-        assert_equivalent(gm, after, case.inputs)
+    >>> import copy, lorafx
+    >>> from hypothesis import given, settings
+    >>> from lorafx.passes import InsertLoRA
+    >>> from lorafx.testing import assert_equivalent, lora_configs, models
+    >>> @settings(max_examples=2, deadline=None)
+    ... @given(models(), lora_configs())
+    ... def test_insert_lora(case, config):
+    ...     gm = lorafx.capture(case.model, example_kwargs=case.inputs)
+    ...     after = InsertLoRA(**config)(copy.deepcopy(gm)).graph_module
+    ...     assert_equivalent(gm, after, case.inputs)
+    >>> test_insert_lora()
 
 Every strategy draws small float64 models so that equivalence can be checked
 tightly.  Models are built from a drawn seed, so a failing example replays.

@@ -32,8 +32,9 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.fx
 
-from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, pattern_value,
-                                safe_name, set_parameter, unique)
+from lorafx import options as O
+from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, node_module,
+                                pattern_value, safe_name, set_parameter, unique)
 from lorafx.meta import LoraRecord, OriginRecord, set_record
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
@@ -41,6 +42,8 @@ __all__ = ["InsertLoRA", "freeze_base"]
 
 ALL_LINEAR = "all-linear"
 INITS = ("kaiming", "gaussian")
+_ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora), so 0 means "
+              "they never change the model and nan or inf makes every output nan")
 
 
 def _as_tuple(v):
@@ -67,24 +70,35 @@ class InsertLoRA(Pass):
     provides = frozenset({"lora"})
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_tuple(self.target_modules))
-        object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
-        super().__post_init__()
+        super().__post_init__()  # validate the options as given, then normalise them
+        put = lambda name, value: object.__setattr__(self, name, value)
+        put("r", int(self.r))
+        put("alpha", float(self.alpha))
+        put("dropout", float(self.dropout))
+        put("seed", None if self.seed is None else int(self.seed))
+        put("target_modules", _as_tuple(self.target_modules))
+        put("exclude_modules", _as_tuple(self.exclude_modules))
+        put("rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
+        put("alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()})
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"InsertLoRA: r must be a positive int, got {self.r!r}")
-        for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r <= 0:
-                raise ValueError(f"InsertLoRA: rank_pattern[{key!r}] must be a positive int, got {r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"InsertLoRA: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ValueError(f"InsertLoRA: unknown init {self.init!r}; choose one of {INITS}")
+        where = "InsertLoRA: "
+        O.check_positive_int("r", self.r, where)
+        O.check_positive_real("alpha", self.alpha, where, _ALPHA_WHY)
+        O.check_modules("target_modules", self.target_modules, where)
         if not self.target_modules:
-            raise ValueError("InsertLoRA: target_modules is empty; pass module names, a regex or 'all-linear'")
+            raise ValueError(f"InsertLoRA: target_modules is empty (got {self.target_modules!r}); pass module names, "
+                             "e.g. target_modules=['q_proj', 'v_proj'], a regex or 'all-linear'")
+        O.check_modules("exclude_modules", self.exclude_modules, where, allow_none=True)
+        O.check_pattern_dict("rank_pattern", self.rank_pattern, O.check_positive_int, where, "{'q_proj': 16}")
+        O.check_pattern_dict("alpha_pattern", self.alpha_pattern,
+                             lambda name, v, w: O.check_positive_real(name, v, w, _ALPHA_WHY), where,
+                             "{'q_proj': 32}")
+        O.check_bool("use_rslora", self.use_rslora, where)
+        O.check_probability("dropout", self.dropout, where)
+        O.check_choice("init", self.init, INITS, where)
+        O.check_seed("seed", self.seed, where)
+        O.check_bool("freeze", self.freeze, where)
 
     # -- matching -----------------------------------------------------------------
     def _selected(self, gm: torch.fx.GraphModule, sites):
@@ -132,6 +146,7 @@ class InsertLoRA(Pass):
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         sites = self._selected(gm, find_linear_sites(gm))
+        _refuse_shared_weights(gm, sites)
         configs = [self.site_config(s) for s in sites]  # validate all before touching the graph
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
         gen = torch.Generator().manual_seed(seed)
@@ -162,6 +177,29 @@ class InsertLoRA(Pass):
             "rank_pattern": {s.module: c[0] for s, c in zip(sites, configs)},
         }
         return PassResult(gm, True, info)
+
+
+def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
+    """Refuse a site whose weight another module also uses (tied weights, such as an
+    lm_head tied to the input embedding): a merged adapter could not be written back
+    into the source model without changing the other module too."""
+    ours = {}
+    for s in sites:
+        ours.setdefault(s.weight.target, set()).add(s.node)
+    for target, site_nodes in ours.items():
+        module = node_module(next(iter(site_nodes)))
+        for getter in gm.graph.find_nodes(op="get_attr", target=target):
+            for user in getter.users:
+                wrapper_ok = user.op == "call_function" and user.users and set(user.users) <= site_nodes
+                if user in site_nodes or wrapper_ok:
+                    continue
+                other = node_module(user) or user.name
+                raise ValueError(
+                    f"InsertLoRA: {module}'s weight ({target}) is also used by {other} (tied weights, e.g. "
+                    "tie_word_embeddings=True): a merged adapter could not be saved into the source model without "
+                    f"changing {other} too. Leave {module} out of target_modules (or add it to exclude_modules), "
+                    "or untie the weights first (config.tie_word_embeddings=False and give "
+                    f"{module} its own copy of the weight)")
 
 
 def replace_with_lora(gm, node, x, weight_node, bias, record: LoraRecord, created_by: str,

@@ -33,7 +33,7 @@ from .fold_lora import FOLDED_SUFFIX, unfold
 from .fuse_siblings import split_siblings
 from .insert_lora import replace_with_lora
 
-__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weight", "unmerge_site_weight"]
+__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weight", "unmerge_site_weight", "kept_unmerged_weight"]
 
 _KEPT = "_lorafx_unmerged"
 
@@ -58,6 +58,12 @@ def _merge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:
     merged = torch.nn.Parameter(merged_weight(gm, rec), requires_grad=False)
     owner.register_buffer(name + _KEPT, original.data, persistent=False)
     owner._parameters[name] = merged
+
+
+def kept_unmerged_weight(gm: torch.nn.Module, rec: LoraRecord):
+    """The unmerged weight MergeLoRA kept for ``rec``'s site, or None if it is not merged."""
+    owner, name = owner_and_name(gm, rec.weight)
+    return getattr(owner, name + _KEPT, None)
 
 
 def unmerge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:

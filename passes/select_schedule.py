@@ -46,15 +46,18 @@ got each rule.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import operator
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.fx
 
+from lorafx import options as O
 from lorafx import schedules as S
 from lorafx.graph_utils import get_attr
 from lorafx.meta import LoraRecord, ScheduleRecord, get_record, set_record
@@ -165,23 +168,38 @@ class SelectSchedule(Pass):
     provides = frozenset({"schedule"})
 
     def __post_init__(self):
+        counts = self.token_counts
+        if isinstance(counts, Iterable) and not isinstance(counts, str):
+            object.__setattr__(self, "token_counts", tuple(counts))
+        super().__post_init__()
         if self.token_counts is not None:
             object.__setattr__(self, "token_counts", tuple(int(t) for t in self.token_counts))
-        super().__post_init__()
 
     def validate(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"SelectSchedule: unknown criterion {self.criterion!r}; choose one of {CRITERIA}")
+        where = "SelectSchedule: "
         if not isinstance(self.schedule, str):
-            raise ValueError(f"SelectSchedule: schedule must be 'auto' or a schedule name/rule, got {self.schedule!r}")
+            raise TypeError(f"{where}schedule must be 'auto' or a schedule name/rule (a string), "
+                            f"got {self.schedule!r}; pass e.g. schedule='f1b1' or schedule='f1b1|4096:f2b5'")
         if self.schedule != "auto":
-            S.parse_rule(self.schedule)  # raises ValueError naming the choices
-        if self.byte_weight < 0:
-            raise ValueError(f"SelectSchedule: byte_weight must be >= 0, got {self.byte_weight!r}")
-        if self.token_counts is not None and (not self.token_counts or min(self.token_counts) <= 0):
-            raise ValueError(f"SelectSchedule: token_counts must be positive ints, got {self.token_counts!r}")
-        if self.repeats < 1:
-            raise ValueError(f"SelectSchedule: repeats must be >= 1, got {self.repeats!r}")
+            try:
+                S.parse_rule(self.schedule)
+            except ValueError as e:
+                raise ValueError(f"{where}schedule={self.schedule!r} is not 'auto' or a valid schedule: {e}") from None
+        O.check_choice("criterion", self.criterion, CRITERIA, where)
+        O.check_bool("keep_xa", self.keep_xa, where)
+        if isinstance(self.byte_weight, bool) or not isinstance(self.byte_weight, numbers.Real):
+            raise TypeError(f"{where}byte_weight must be a number >= 0, got {self.byte_weight!r}")
+        if not (math.isfinite(self.byte_weight) and self.byte_weight >= 0):
+            raise ValueError(f"{where}byte_weight must be a finite number >= 0, got {self.byte_weight!r}; "
+                             "use 0 (FLOPs only) or the machine balance, FLOP/s over byte/s")
+        counts = self.token_counts
+        if counts is not None and not (isinstance(counts, tuple) and counts and all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) and t > 0 for t in counts)):
+            raise ValueError(f"{where}token_counts must be a non-empty list of positive ints or None, "
+                             f"got {counts!r}; pass e.g. token_counts=[256, 4096]")
+        O.check_positive_int("repeats", self.repeats, where, "5")
+        if self.cache_path is not None and not isinstance(self.cache_path, (str, os.PathLike)):
+            raise TypeError(f"{where}cache_path must be a path, '' (memory only) or None, got {self.cache_path!r}")
 
     # -- per node ------------------------------------------------------------------------
     def _shape(self, gm, node):

@@ -83,12 +83,15 @@ def set_training_mode(gm: torch.fx.GraphModule, train: bool) -> int:
                 rec = DropoutRecord(p=float(p))
                 set_record(node, rec)
             changed += _set_arg(node, 4, "dropout_p", rec.p if train else 0.0)
-        elif node.target in _BATCH_NORM_TRAIN and not train:
-            raise NotImplementedError(
-                f"node {node.name}: batch norm captured in training mode cannot be switched to eval "
-                "(it updates running statistics); capture the model with lorafx.capture after model.eval(), "
-                "or replace BatchNorm with a frozen affine map"
-            )
+        elif node.target in _BATCH_NORM_TRAIN:
+            index = _BATCH_NORM_TRAIN[node.target]
+            captured_train = node.args[index] if len(node.args) > index else node.kwargs.get("training")
+            if bool(captured_train) != train:
+                raise NotImplementedError(
+                    f"node {node.name}: batch norm captured in {'train' if captured_train else 'eval'} mode cannot "
+                    f"be switched to {'train' if train else 'eval'} mode (train mode uses batch statistics and "
+                    "updates the running ones); capture the model in the mode you run it "
+                    f"(lorafx.capture(..., training={train})); lorafx.compile does this for you, once per mode")
     gm.meta["lorafx_training"] = train
     if changed:
         gm.recompile()

@@ -90,3 +90,17 @@ def tiny_model():
 
 def ids(batch, seq, vocab=96, seed=0):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def folder_snapshot(directory):
+    """Every file (its bytes) and folder under ``directory``; None if it does not exist."""
+    if not os.path.exists(directory):
+        return None
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), directory) + "/"] = None
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), directory)] = fh.read()
+    return out

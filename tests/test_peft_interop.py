@@ -25,7 +25,7 @@ import torch
 import lorafx
 from lorafx.graph_utils import get_attr
 
-from conftest import ids
+from conftest import folder_snapshot, ids
 
 peft = pytest.importorskip("peft")
 
@@ -186,8 +186,12 @@ def test_save_adapter_loads_in_peft(built, name, tmp_path):
 
 
 def test_save_adapter_mixed_linear_and_conv1d(tiny_model, tmp_path):
-    """GPT-2's Conv1D c_attn and its nn.Linear lm_head in one adapter."""
-    base = tiny_model("gpt2", DTYPE)
+    """GPT-2's Conv1D c_attn and its nn.Linear lm_head in one adapter (untied: an adapter on a
+    lm_head tied to the embedding is refused, see test_reliability)."""
+    import transformers as T
+    torch.manual_seed(0)
+    base = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                          eos_token_id=0, vocab_size=96, tie_word_embeddings=False)).to(DTYPE)
     x = ids(3, 7, 96)
     cm = lorafx.compile(base, example_inputs=(x,), dynamic=False, r=4, alpha=8,
                         target_modules=["c_attn", "lm_head"]).eval()
@@ -331,19 +335,6 @@ def test_other_scale_is_refused_by_an_existing_model(built, tmp_path):
 
 
 # -- atomic save ------------------------------------------------------------------------
-def _snapshot(directory):
-    if not os.path.exists(directory):
-        return None
-    out = {}
-    for root, dirs, files in os.walk(directory):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), directory) + "/"] = None
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), directory)] = fh.read()
-    return out
-
-
 def _fail_weights(monkeypatch):
     import safetensors.torch
 
@@ -368,7 +359,7 @@ def test_failed_save_leaves_no_partial_files(built, tmp_path, monkeypatch, fail)
     cm = built("llama").cm
     old = tmp_path / "old"
     cm.save_adapter(str(old))
-    before = _snapshot(old)
+    before = folder_snapshot(old)
     assert set(before) == {"adapter_config.json", "adapter_model.safetensors"}
     fresh = tmp_path / "fresh"
     fail(monkeypatch)
@@ -377,8 +368,8 @@ def test_failed_save_leaves_no_partial_files(built, tmp_path, monkeypatch, fail)
     with pytest.raises(OSError, match="disk full"):
         cm.save_adapter(str(fresh))
     monkeypatch.undo()
-    assert _snapshot(old) == before
-    assert not _snapshot(fresh)  # absent or empty
+    assert folder_snapshot(old) == before
+    assert not folder_snapshot(fresh)  # absent or empty
 
 
 class _TwoHeads(torch.nn.Module):

@@ -1,0 +1,110 @@
+"""Checks for option values shared by ``lorafx.compile`` and the passes.
+
+Each check raises naming the option, the bad value and the fix: TypeError for a value
+of the wrong type, ValueError for a bad value (out of range, a broken regex, not one of
+the choices).  ``where`` prefixes the message (e.g. ``"InsertLoRA: "``).  Numbers may be
+numpy scalars; bools are not numbers here.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["check_bool", "check_positive_int", "check_positive_real", "check_probability", "check_choice",
+           "check_seed", "check_modules", "check_pattern_dict", "regex_error"]
+
+
+def _got(value: Any) -> str:
+    kind = "string" if isinstance(value, str) else type(value).__name__
+    return f"got {value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def check_bool(name: str, value: Any, where: str = "") -> None:
+    if not isinstance(value, bool):
+        quotes = ", without quotes" if isinstance(value, str) else ""
+        raise TypeError(f"{where}{name} must be True or False, {_got(value)}; pass {name}=True or {name}=False{quotes}")
+
+
+def check_positive_int(name: str, value: Any, where: str = "", example: str = "8") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}{name} must be a positive int, {_got(value)}; pass e.g. {name}={example}")
+    if value <= 0:
+        raise ValueError(f"{where}{name} must be a positive int, got {value!r}; pass e.g. {name}={example}")
+
+
+def check_positive_real(name: str, value: Any, where: str = "", why: str = "") -> None:
+    """A finite number > 0 (``why``, if given, says what a bad value would do)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}{name} must be a number > 0, {_got(value)}; pass e.g. {name}=16")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}{name} must be a finite number > 0, got {value!r}{why}; pass e.g. {name}=16")
+
+
+def check_probability(name: str, value: Any, where: str = "") -> None:
+    """A number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}{name} must be a number in [0, 1), {_got(value)}; pass e.g. {name}=0.05")
+    if not 0 <= value < 1:
+        raise ValueError(f"{where}{name} must be in [0, 1), got {value!r}; pass e.g. {name}=0.05 (0: no dropout)")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str], where: str = "") -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{where}unknown {name} {value!r}; choose one of {tuple(choices)}")
+
+
+def check_seed(name: str, value: Any, where: str = "") -> None:
+    """None or an int that fits torch's 64-bit seed."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}{name} must be an int or None, {_got(value)}; pass e.g. {name}=0")
+    if not -2**63 <= value < 2**64:
+        raise ValueError(f"{where}{name}={value!r} does not fit in 64 bits; pass a smaller int, e.g. {name}=0")
+
+
+def regex_error(pattern: str) -> Optional[str]:
+    """Why ``pattern`` is not a valid regex, or None."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return None
+
+
+def check_modules(name: str, value: Any, where: str = "", allow_none: bool = False) -> None:
+    """A regex string, or a list/tuple (or set) of module names."""
+    if value is None and allow_none:
+        return
+    fix = f"pass a regex string or a list of module names, e.g. {name}=['q_proj', 'v_proj']"
+    if isinstance(value, str):
+        err = regex_error(value)
+        if err:
+            raise ValueError(f"{where}{name}={value!r} is not a valid regex ({err}); {fix}, "
+                             "or escape special characters with re.escape")
+        return
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{where}{name} must be a string or a list of strings, {_got(value)}; {fix}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"{where}{name} must hold module names (strings), but holds {item!r}; {fix}")
+
+
+def check_pattern_dict(name: str, value: Any, check_value: Callable[[str, Any, str], None], where: str = "",
+                       example: str = "{'q_proj': 16}") -> None:
+    """A dict {regex: value}; each key is matched against the end of module names."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{where}{name} must be a dict {{regex: value}}, {_got(value)}; pass e.g. {name}={example}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{where}{name} keys must be regex strings, {_got(key)}; pass e.g. {name}={example}")
+        err = regex_error(key)
+        if err is None and regex_error(rf"(.*\.)?(?:{key})$"):  # how the keys are matched
+            err = "keys are matched as (.*\\.)?(?:KEY)$, so inline flags such as (?i) cannot be used"
+        if err:
+            raise ValueError(f"{where}{name} key {key!r} is not a valid regex ({err}); "
+                             "escape special characters with re.escape, or use a plain module name")
+        check_value(f"{name}[{key!r}]", item, where)
