@@ -191,7 +191,7 @@ def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
         for getter in gm.graph.find_nodes(op="get_attr", target=target):
             for user in getter.users:
                 wrapper_ok = user.op == "call_function" and user.users and set(user.users) <= site_nodes
-                if user in site_nodes or wrapper_ok:
+                if (user in site_nodes or wrapper_ok) and node_module(user) in (module, ""):
                     continue
                 other = node_module(user) or user.name
                 raise ValueError(

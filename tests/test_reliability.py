@@ -212,6 +212,21 @@ def test_an_adapter_on_a_tied_lm_head_is_refused():
     assert "exclude_modules" in str(info.value)
 
 
+def test_adapters_on_two_linears_sharing_one_weight_are_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    for targets in ("all-linear", ["a"]):  # both adapted, or one
+        with pytest.raises(ValueError, match="also used by"):
+            lorafx.compile(Shared(), example_inputs=(torch.randn(2, 8),), r=2, target_modules=targets)
+
+
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_merged_weights_load_strictly_and_exactly_into_the_source_architecture(tie):
     model, cfg = tiny_llama(tie=tie)
