@@ -199,25 +199,14 @@ def _preserved(model: torch.nn.Module):
 _MISSING = object()
 
 
-@contextlib.contextmanager
-def _export_settings(model: torch.nn.Module, training: bool = True):
-    """The export mode, and for transformers models use_cache=False/return_dict=True; restored after."""
-    modes = {m: m.training for m in model.modules()}
+def _set_export_mode(model: torch.nn.Module, training: bool) -> None:
+    """The export mode, and for transformers models use_cache=False/return_dict=True
+    (``_preserved`` puts the model's own values back)."""
     config = getattr(model, "config", None) if is_hf_model(model) else None
-    saved = {}
-    if config is not None:
-        for key, value in (("use_cache", False), ("return_dict", True)):
-            if hasattr(config, key):
-                saved[key] = getattr(config, key)
-                setattr(config, key, value)
-    model.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for key, value in saved.items():
+    for key, value in (("use_cache", False), ("return_dict", True)):
+        if config is not None and hasattr(config, key):
             setattr(config, key, value)
+    model.train(training)
 
 
 def _user_frame(err: BaseException) -> str:
@@ -291,7 +280,8 @@ def capture(
         training = model.training if mode_dependent(model) else True
     what = "these call inputs" if during == "call" else "it"
     with _CAPTURE_LOCK, _preserved(model), torch.enable_grad():
-        with _export_settings(model, training), _keyword_forward(model, list(kwargs), spill and not args):
+        _set_export_mode(model, training)
+        with _keyword_forward(model, list(kwargs), spill and not args):
             try:
                 ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
             except Exception as e:  # torch.export raises many exception types
