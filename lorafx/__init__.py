@@ -4,20 +4,22 @@
     cm = lorafx.compile(model, example_inputs=(ids,), r=8)
     print(cm.report())
 """
-from . import ops  # noqa: F401  registers torch.ops.lorafx.*
-from .adapter_io import load_adapter, save_adapter
+from . import dialect  # noqa: F401  registers the LoRA op kinds (torch.ops.lorafx.*)
+from ._version import __version__
+from .adapter_io import save_adapter
 from .capture import CaptureError, capture
 from .compiled import CompiledModel, CompileReport
-from .compiler import compile
+from .compiler import compile, default_passes, load_adapter
+from .context import CompileContext
 from .inspect import DiffGraphs, DumpGraphs, PrintGraphs, TimePasses, diff_graphs, draw, format_graph, to_networkx
-from .meta import DropoutRecord, LoraRecord, OriginRecord, get_record, set_record
+from .meta import DropoutRecord, GraphRecord, LoraRecord, OriginRecord, get_record, graph_record, set_record
+from .options import Option
 from .pipeline import Instrument, Pass, PassError, PassResult, Pipeline, PipelineOrderError, lint_graph
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "compile", "capture", "CompiledModel", "CompileReport", "CaptureError", "load_adapter", "save_adapter",
+    "compile", "default_passes", "capture", "CompiledModel", "CompileReport", "CaptureError", "load_adapter", "save_adapter",
     "Pass", "PassResult", "Pipeline", "PassError", "PipelineOrderError", "Instrument", "lint_graph",
     "format_graph", "diff_graphs", "to_networkx", "draw", "PrintGraphs", "DiffGraphs", "TimePasses",
     "DumpGraphs", "LoraRecord", "OriginRecord", "DropoutRecord", "get_record", "set_record",
+    "GraphRecord", "graph_record", "CompileContext", "Option", "__version__",
 ]

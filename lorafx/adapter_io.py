@@ -7,6 +7,10 @@ and ``base_model.model.<site>.lora_B.weight`` (out, r).  PEFT's
 ``PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and
 ``load_adapter`` reads what PEFT's ``save_pretrained`` writes.
 
+Compiling a model with an adapter's configuration and loading its weights
+(``lorafx.load_adapter``) is the driver's ``lorafx.compiler.load_adapter``, built on
+``read_adapter``, ``compile_settings`` and ``copy_adapter_weights`` here.
+
 ``save_adapter`` never leaves a half-written adapter: the weights' metadata records
 the sha256 of the config saved with them, so a mix left by a crash is refused on load.
 """
@@ -25,10 +29,11 @@ from typing import Dict, Tuple
 
 import torch
 
+from ._version import __version__
 from .graph_utils import get_attr, pattern_value
 
-__all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "read_adapter_config",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "compile_settings",
+           "copy_adapter_weights", "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,7 +51,7 @@ _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_s
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
-_SCALE_KEYS = ("r", "alpha", "rank_pattern", "alpha_pattern", "use_rslora")
+SCALE_OPTIONS = ("r", "alpha", "rank_pattern", "alpha_pattern", "use_rslora")  # compile options that set scales
 
 
 def _task_type(model) -> str:
@@ -186,7 +191,7 @@ def _write_atomically(directory: str, config: dict, tensors: dict) -> None:
             config_sha = hashlib.sha256(f.read()).hexdigest()
         # lorafx's metadata goes in the weights: PEFT warns about unknown config keys
         save_file(tensors, os.path.join(stage, WEIGHTS_NAME),
-                  metadata={"format": "pt", "lorafx_version": __import__("lorafx").__version__,
+                  metadata={"format": "pt", "lorafx_version": __version__,
                             PAIRING_KEY: config_sha})
         with open(os.path.join(stage, WEIGHTS_NAME), "rb") as f:
             os.fsync(f.fileno())
@@ -372,26 +377,13 @@ def _copy_weights(cm, directory: str, weights, config=None) -> None:
         cm.merge()
 
 
-def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=None, trust_pickle: bool = False,
-                 **options):
-    """Compile ``model`` with the adapter configuration in ``directory`` and load its weights.
-
-    Both files are read and checked before compiling.  ``model`` may also be a
-    CompiledModel, whose adapters then receive the weights.  ``trust_pickle=True``
-    lets a ``.bin`` file run the pickle code it holds.
-    """
-    from .compiled import CompiledModel
-    from .compiler import compile as lorafx_compile
-
-    if isinstance(model, CompiledModel):
-        load_adapter_weights(model, directory, trust_pickle=trust_pickle)
-        return model
-    config, weights = _read_adapter(directory, trust_pickle)  # fail before the (slow) compile
+def compile_settings(config: dict) -> dict:
+    """The ``lorafx.compile`` options that reproduce an adapter configuration."""
     targets = config.get("target_modules")
     if isinstance(targets, list):
         targets = tuple(targets)
     exclude = config.get("exclude_modules")
-    settings = dict(
+    return dict(
         r=int(config.get("r", 8)),
         alpha=float(config.get("lora_alpha", 8)),
         target_modules=targets or "all-linear",
@@ -401,8 +393,14 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
     )
-    settings.update(options)
-    cm = lorafx_compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
-    # Options that change the scales were chosen on purpose: check the scales only otherwise.
-    _copy_weights(cm, directory, weights, None if any(k in options for k in _SCALE_KEYS) else config)
-    return cm
+
+
+def read_adapter(directory: str, trust_pickle: bool = False):
+    """``(config, weights)`` of the adapter in ``directory``, both files read and checked."""
+    return _read_adapter(directory, trust_pickle)
+
+
+def copy_adapter_weights(cm, directory: str, weights, config=None) -> None:
+    """Copy ``weights`` (from ``read_adapter``) into ``cm``'s adapters; with ``config``,
+    first check that it gives every site the scale ``cm`` was compiled with."""
+    _copy_weights(cm, directory, weights, config)

@@ -18,12 +18,15 @@ Face transformers models and plain ``nn.Module``s:
   traces), and its parameters, buffers, modes, ``forward`` and config are put
   back in a ``finally``, also when export fails.
 
-The symbolic dims are recorded in ``gm.meta["lorafx_dims"]`` ({symbol: "batch"|"seq"})
-and every call_function node gets an ``OriginRecord`` naming its module.
+What the graph is specialised to (call signature, input ranks, the symbolic dims
+{symbol: "batch"|"seq"}, the export mode, the output layers) is recorded in its
+``GraphRecord`` (``lorafx.meta.graph_record(gm)``), and every call_function node
+gets an ``OriginRecord`` naming its module.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -31,7 +34,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch.export import Dim
 
-from .meta import OriginRecord, set_record
+from .meta import META_KEY, GraphRecord, OriginRecord, graph_record, set_record
 
 __all__ = ["capture", "CaptureError", "bind_inputs", "is_hf_model", "signature_key", "mode_dependent",
            "check_input_ranks"]
@@ -53,6 +56,34 @@ def is_hf_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+@functools.lru_cache(maxsize=256)
+def _method_signature(func) -> inspect.Signature:
+    """The signature of ``func`` bound to an instance (its first parameter dropped)."""
+    sig = inspect.signature(func)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def _forward_signature(model: torch.nn.Module) -> inspect.Signature:
+    """``inspect.signature(model.forward)``, cached per forward function (it is read on every
+    call of a compiled model, and building it takes tens of microseconds)."""
+    forward = model.forward
+    func = getattr(forward, "__func__", None)
+    if func is None or getattr(forward, "__self__", None) is not model:
+        return inspect.signature(forward)
+    try:
+        return _method_signature(func)
+    except TypeError:  # unhashable callable
+        return inspect.signature(forward)
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_kinds(sig: inspect.Signature) -> Tuple[bool, frozenset]:
+    """(whether ``sig`` takes ``*args``, the names its arguments can be passed by)."""
+    P = inspect.Parameter
+    return (any(p.kind is P.VAR_POSITIONAL for p in sig.parameters.values()),
+            frozenset(n for n, p in sig.parameters.items() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)))
+
+
 def bind_inputs(model: torch.nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]]) -> Tuple[tuple, dict]:
     """Bind positional ``args`` to the forward's parameter names; drops None keywords.
 
@@ -61,9 +92,12 @@ def bind_inputs(model: torch.nn.Module, args: Sequence[Any], kwargs: Optional[Di
     """
     kwargs = dict(kwargs or {})
     args = tuple(args or ())
-    sig = inspect.signature(model.forward)
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
+    sig = _forward_signature(model)
+    var_positional, named = _parameter_kinds(sig)
+    if var_positional:
         return args, {k: v for k, v in kwargs.items() if v is not None}
+    if not args and named.issuperset(kwargs):  # keywords only, all named: what bind_partial gives
+        return (), {name: kwargs[name] for name in sig.parameters if kwargs.get(name) is not None}
     try:
         bound = sig.bind_partial(*args, **kwargs)
     except TypeError as e:
@@ -87,6 +121,8 @@ def signature_key(args: tuple, kwargs: dict) -> tuple:
     of non-tensor arguments (torch.export bakes those in as constants)."""
 
     def static(v):
+        if isinstance(v, torch.Tensor):
+            return ("<tensor>",)
         leaves = torch.utils._pytree.tree_leaves(v)
         return tuple("<tensor>" if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
 
@@ -258,8 +294,8 @@ def capture(
     Provides: a GraphModule whose parameters and buffers are the model's own
     tensors (no copy), with dynamic batch/seq dims when ``dynamic``.
     ``training``: the mode to export in; by default training mode, or the model's
-    own mode when it holds batch norm (``mode_dependent``); recorded in
-    ``gm.meta["lorafx_captured_training"]``.  ``during="call"`` words errors for
+    own mode when it holds batch norm (``mode_dependent``); recorded in the
+    graph's ``GraphRecord`` (``captured_training``).  ``during="call"`` words errors for
     inputs of a call rather than example inputs.
     """
     if not isinstance(model, torch.nn.Module):
@@ -288,12 +324,11 @@ def capture(
                 raise CaptureError(f"could not capture {type(model).__name__} for {what}: "
                                    f"{_hint(e, during)}") from e
         gm = ep.module()
-    gm.meta["lorafx_captured_training"] = training
-    gm.meta["lorafx_input_ranks"] = {k: v.dim() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-    gm.meta["lorafx_dims"] = _name_symbols(gm) if dynamic else {}
-    gm.meta["lorafx_inputs"] = {"kwargs": sorted(kwargs), "nargs": len(args)}
-    gm.meta["lorafx_signature"] = signature_key(args, kwargs)
-    gm.meta["lorafx_output_modules"] = _output_modules(model)
+    gm.meta[META_KEY] = GraphRecord(
+        signature=signature_key(args, kwargs), inputs=tuple(sorted(kwargs)), nargs=len(args),
+        input_ranks={k: v.dim() for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
+        dims=_name_symbols(gm) if dynamic else {}, output_modules=tuple(_output_modules(model)),
+        captured_training=training)
     _record_origins(gm)
     return gm
 
@@ -335,7 +370,7 @@ def _record_origins(gm: torch.fx.GraphModule) -> None:
 def check_input_ranks(gm: torch.fx.GraphModule, kwargs: dict) -> None:
     """Refuse a tensor input whose number of dims differs from the captured one, naming
     the input and the fix (torch.export guards only on the dims it marked dynamic)."""
-    for name, rank in gm.meta.get("lorafx_input_ranks", {}).items():
+    for name, rank in graph_record(gm).input_ranks.items():
         value = kwargs.get(name)
         if isinstance(value, torch.Tensor) and value.dim() != rank:
             roles = {0: "batch", 1: "seq"}

@@ -185,10 +185,9 @@ def cmd_compile(args, out=None) -> int:
     import lorafx
     from lorafx.hw_targets import get_target
     from lorafx.models import load_model, resolve_model
-    from lorafx.passes import InsertLoRA
 
     # Validate everything cheap before the (slow) load and capture.
-    options = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "seed": args.seed}
+    options = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout}
     modules = parse_target_modules(args.target_modules)
     if modules is not None:
         options["target_modules"] = modules
@@ -196,10 +195,10 @@ def cmd_compile(args, out=None) -> int:
         target = get_target(args.target)
     except (ValueError, NotImplementedError) as e:
         raise CLIError(_one_line(e)) from None
-    try:
-        InsertLoRA(**options)
+    try:  # against the declarations, then by building every pass of the pipeline
+        lorafx.default_passes(target, fold_a=args.fold_a, **options)
     except (ValueError, TypeError) as e:
-        raise CLIError(_one_line(e).replace("InsertLoRA: ", "")) from None
+        raise CLIError(re.sub(r"^(lorafx\.default_passes|InsertLoRA): ", "", _one_line(e))) from None
     try:
         resolve_model(args.model)
     except ValueError as e:
@@ -228,7 +227,7 @@ def cmd_compile(args, out=None) -> int:
             # the per-pass bar only on a terminal: piped, tqdm's carriage returns garble logs
             cm = lorafx.compile(model, target=target.name, example_kwargs=example_kwargs, progress=status.tty,
                                 instruments=[_stop_at_pipeline(status), lorafx.DumpGraphs(passes_dir)],
-                                fold_a=args.fold_a, **options)
+                                fold_a=args.fold_a, seed=args.seed, **options)
         except (lorafx.CaptureError, lorafx.PassError, ValueError, TypeError, NotImplementedError) as e:
             raise CLIError(_one_line(e)) from None
 

@@ -6,8 +6,10 @@ optimizers and the transformers ``Trainer`` see an ordinary module.
 
 A captured graph is specialised to the set of keyword inputs it was captured
 with.  Called with another set (say ``labels=`` added for the loss), the model
-captures that signature once, runs the same pipeline on it and binds it to the
-same parameters, so every variant trains the same adapters.  Captures of one
+captures that signature once, runs the same pipeline on it with the compile's
+context, whose recorded decisions (seeds, measured schedules, anything a pass took
+from data) are replayed rather than recomputed, and binds it to the same
+parameters, so every variant trains the same adapters.  Captures of one
 compiled model are serialised by a lock, so concurrent first calls are safe.
 A model with batch norm also gets one graph per train/eval mode.
 
@@ -27,16 +29,27 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.fx
 
-from .capture import bind_inputs, capture, check_input_ranks, mode_dependent, signature_key
-from .graph_utils import owner_and_name
-from .meta import LoraRecord, get_record
-from .pipeline import PassReport, Pipeline, lint_graph
+from lorafx.passes import MergeLoRA, freeze_base, set_training_mode
 
-__all__ = ["CompiledModel", "CompileReport"]
+from . import eager
+from .adapter_io import load_adapter_weights, save_adapter
+from .capture import bind_inputs, capture, check_input_ranks, mode_dependent, signature_key
+from .context import CompileContext
+from .dialect import canonicalize, kind_of
+from .graph_utils import owner_and_name
+from .meta import LoraRecord, get_record, graph_record
+from .pipeline import PassReport, Pipeline, lint_graph
+from .printing import format_graph
+
+__all__ = ["CompiledModel", "CompileReport", "own_base"]
 
 
 class CompileReport:
-    """Per-pass rows (nodes before/after, seconds, info) plus graph totals."""
+    """Per-pass rows (nodes before/after, seconds, each pass's summary) plus graph totals.
+
+    ``adapter_sites`` is what the pass providing ``"lora"`` reports; ``cost`` is the info
+    of the last pass that provided ``"cost"`` (AnnotateCost), if one ran.
+    """
 
     def __init__(self, reports: List[PassReport], capture_seconds: float, nodes_captured: int,
                  adapter_sites: int, trainable: int, total: int):
@@ -46,8 +59,20 @@ class CompileReport:
         self.adapter_sites = adapter_sites
         self.trainable_params = trainable
         self.total_params = total
-        # AnnotateCost's totals (symbolic FLOPs/bytes as strings), if it ran
-        self.cost = next((dict(r.info) for r in reversed(self.passes) if r.name == "AnnotateCost"), None)
+        # the cost totals (symbolic FLOPs/bytes as strings) of the pass that provided "cost"
+        self.cost = next((dict(r.info) for r in reversed(self.passes) if "cost" in r.provides), None)
+
+    @classmethod
+    def from_pipeline(cls, reports: List[PassReport], capture_seconds: float, nodes_captured: int,
+                      gm: torch.fx.GraphModule) -> "CompileReport":
+        """The report of a pipeline run on a graph of ``nodes_captured`` nodes that gave ``gm``."""
+        def flat(rows):  # a nested Pipeline's report holds its passes' reports
+            for r in rows:
+                yield from flat(r.info["reports"]) if "reports" in r.info else (r,)
+
+        sites = sum(r.info.get("adapter_sites", 0) for r in flat(reports) if "lora" in r.provides)
+        return cls(reports, capture_seconds, nodes_captured, sites,
+                   sum(p.numel() for p in gm.parameters() if p.requires_grad), sum(p.numel() for p in gm.parameters()))
 
     def as_dict(self) -> dict:
         def clean(v):
@@ -73,8 +98,7 @@ class CompileReport:
     def __str__(self) -> str:
         rows = [("capture", "-", str(self.nodes_captured), f"{self.capture_seconds * 1000:.0f}", "")]
         for r in self.passes:
-            note = ", ".join(f"{k}={v}" if len(str(v)) <= 90 else f"{k}={str(v)[:87]}..."
-                             for k, v in r.info.items() if not isinstance(v, (dict, list)))
+            note = r.summary[0] if r.summary else ""
             rows.append((r.name, str(r.nodes_before), str(r.nodes_after), f"{r.seconds * 1000:.0f}", note))
         head = ("pass", "nodes before", "nodes after", "ms", "info")
         widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(4)]
@@ -83,9 +107,8 @@ class CompileReport:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
         lines.append(f"adapter sites: {self.adapter_sites}   trainable params: {self.trainable_params:,} "
                      f"of {self.total_params:,} ({pct:.3f}%)")
-        if self.cost is not None:
-            from lorafx.passes.cost_model import cost_summary
-            lines.extend(cost_summary(self.cost))
+        for r in self.passes:  # each pass's own further lines
+            lines.extend(r.summary[1:])
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -93,8 +116,8 @@ class CompileReport:
 
 class CompiledModel(torch.nn.Module):
     def __init__(self, source: torch.nn.Module, graph_module: torch.fx.GraphModule, pipeline: Pipeline,
-                 report: CompileReport, *, target: str = "cpu", dynamic: bool = True,
-                 backend: str = "eager", options: Optional[Dict[str, Any]] = None):
+                 report: CompileReport, *, context: Optional[CompileContext] = None, target: str = "cpu",
+                 dynamic: bool = True, backend: str = "eager", options: Optional[Dict[str, Any]] = None):
         super().__init__()
         # Share the graph module's attribute tables: parameters keep the model's own names.
         object.__setattr__(self, "_modules", graph_module._modules)
@@ -102,7 +125,8 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(self, "_buffers", graph_module._buffers)
         self.__dict__["graph_module"] = graph_module
         self.__dict__["_source"] = source
-        self.__dict__["_pipeline"] = pipeline
+        self.__dict__["_pipeline"] = pipeline  # replayed on every new call signature
+        self.__dict__["_context"] = context if context is not None else CompileContext(training=source.training)
         self.__dict__["_variants"] = {}
         self.__dict__["_report"] = report
         self.__dict__["_merged"] = False
@@ -114,7 +138,7 @@ class CompiledModel(torch.nn.Module):
         self.dynamic = dynamic
         self.options = dict(options or {})
         _privatize_mutated_buffers(graph_module, source)
-        self._variants[self._key(graph_module.meta["lorafx_signature"], source.training)] = graph_module
+        self._variants[self._key(graph_record(graph_module).signature, source.training)] = graph_module
         self.__class__ = _compiled_class(type(source))
         self.train(source.training)
 
@@ -126,6 +150,12 @@ class CompiledModel(torch.nn.Module):
     def source_model(self) -> torch.nn.Module:
         """The model this was compiled from (never modified by lorafx)."""
         return self._source
+
+    @property
+    def decisions(self) -> Dict[str, Any]:
+        """What the passes decided from data or randomness ({"<pass>#<i>:<key>": value}),
+        replayed for every new call signature."""
+        return dict(self._context.decisions)
 
     # -- running --------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -145,7 +175,8 @@ class CompiledModel(torch.nn.Module):
                     gm = self._add_variant(args, kwargs, key)
         check_input_ranks(gm, kwargs)
         if self.backend == "eager":
-            return gm(*args, **kwargs)
+            # lorafx ops through their fast eager path; the inputs were checked above (lorafx/eager.py)
+            return eager.run(gm, args, kwargs, inputs_checked=True)
         run = self._compiled.get(id(gm))
         if run is None:
             run = torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=self.dynamic)
@@ -156,10 +187,11 @@ class CompiledModel(torch.nn.Module):
         detached = lambda v: v.detach() if isinstance(v, torch.Tensor) else v
         primary = self.graph_module
         check_input_ranks(primary, kwargs)  # named before a slow capture that would fail on it
-        gm = capture(self._source, tuple(map(detached, args)), {k: detached(v) for k, v in kwargs.items()},
-                     dynamic=self.dynamic, training=self.training if self._mode_dependent else None,
-                     during="call")
-        gm = self._pipeline(gm).graph_module
+        args, kwargs = tuple(map(detached, args)), {k: detached(v) for k, v in kwargs.items()}
+        gm = capture(self._source, args, kwargs, dynamic=self.dynamic,
+                     training=self.training if self._mode_dependent else None, during="call")
+        own_base(gm, self._source)
+        gm = self._pipeline(gm, self._context.for_capture(args, kwargs, training=self.training)).graph_module
         own = gm._modules
         object.__setattr__(gm, "_modules", {**primary._modules, **{k: v for k, v in own.items()
                                                                    if k not in primary._modules or k == "_guards_fn"}})
@@ -167,7 +199,6 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(gm, "_buffers", primary._buffers)
         _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
-        from lorafx.passes import MergeLoRA, set_training_mode
         if self._merged:
             MergeLoRA()(gm)
         set_training_mode(gm, self.training)
@@ -177,10 +208,9 @@ class CompiledModel(torch.nn.Module):
     def train(self, mode: bool = True) -> "CompiledModel":
         """Switch dropout (and adapter dropout) on or off in every captured graph; a model
         with batch norm runs the graphs captured in that mode (captured on first use)."""
-        from lorafx.passes import set_training_mode
         self.training = mode
         for (_, fixed_mode), gm in self._variants.items():
-            if fixed_mode is None and gm.meta.get("lorafx_training") != mode:
+            if fixed_mode is None and graph_record(gm).training != mode:
                 set_training_mode(gm, mode)
         return self
 
@@ -191,16 +221,17 @@ class CompiledModel(torch.nn.Module):
 
     def graph_report(self) -> str:
         """The rewritten graph, one node a line, with its lorafx metadata."""
-        from .inspect import format_graph
         return format_graph(self.graph_module)
 
     def lora_records(self) -> Dict[str, LoraRecord]:
-        """{site: LoraRecord} for every adapted linear."""
+        """{site: LoraRecord} for every adapted linear (the adapters of every LoRA op node,
+        and the merged ones while merged)."""
         out = {}
         for node in self.graph_module.graph.nodes:
-            rec = get_record(node, LoraRecord)
-            if rec is not None:
-                out.setdefault(rec.site, rec)
+            kind = kind_of(node)
+            for rec in kind.adapters(node) if kind is not None else [get_record(node, LoraRecord)]:
+                if rec is not None:
+                    out.setdefault(rec.site, rec)
         return out
 
     def trainable_parameters(self) -> Dict[str, torch.nn.Parameter]:
@@ -252,14 +283,13 @@ class CompiledModel(torch.nn.Module):
         in eval mode.  This model is left as it is; unadapted tensors are shared."""
         import copy
         from lorafx.passes import MergeLoRA, set_training_mode
-        from lorafx.passes.fold_lora import unfold
         was_merged = self._merged
         self.unmerge()
         try:
             src = self.graph_module
             # GraphModule(root, graph) builds a new module tree sharing the referenced tensors.
             graph = copy.deepcopy(src.graph)
-            unfold(graph)  # FoldLoRAIntoBase's nodes read W by name again (before GraphModule picks attributes)
+            canonicalize(graph)  # one lora_linear per adapter, W read by name (before GraphModule picks attributes)
             gm = torch.fx.GraphModule(src, graph, class_name=type(src).__name__)
             gm.meta.update(copy.deepcopy(src.meta))
             MergeLoRA(unload=True)(gm)
@@ -276,12 +306,12 @@ class CompiledModel(torch.nn.Module):
         """The source model's state dict (the same keys, tied ones included) with this
         model's base weights and the adapters merged in float32: it loads into the source
         architecture with ``load_state_dict(..., strict=True)``."""
-        from lorafx.passes.merge_lora import merged_weight
+        from lorafx.passes.merge_lora import merged_weights
         was_merged = self._merged
         self.unmerge()
         try:
             own = self.state_dict()
-            merged = {rec.weight: merged_weight(self, rec) for rec in self.lora_records().values()}
+            merged = merged_weights(self.graph_module)
         finally:
             if was_merged:
                 self.merge()
@@ -300,13 +330,11 @@ class CompiledModel(torch.nn.Module):
     def save_adapter(self, directory: str, *, overwrite: bool = True) -> None:
         """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors),
         atomically; ``overwrite=False`` refuses to replace an adapter already there."""
-        from .adapter_io import save_adapter
         save_adapter(self, directory, overwrite=overwrite)
 
     def load_adapter(self, directory: str, *, trust_pickle: bool = False) -> "CompiledModel":
         """Load adapter weights (saved by lorafx or PEFT) into this model's adapters;
         ``trust_pickle=True`` lets a ``.bin`` file run the pickle code it holds."""
-        from .adapter_io import load_adapter_weights
         load_adapter_weights(self, directory, trust_pickle=trust_pickle)
         return self
 
@@ -424,6 +452,15 @@ def _has_tensor(module: torch.nn.Module, path: str) -> bool:
         if module is None:
             return False
     return name in module._parameters or name in module._buffers
+
+
+def own_base(gm: torch.fx.GraphModule, source: torch.nn.Module) -> None:
+    """Make a fresh capture of ``source`` own its base state, before any pass runs: every
+    parameter becomes a frozen Parameter of its own sharing the source's storage (so a pass
+    that runs backward never touches the source's parameters, flags or ``.grad``), and every
+    buffer the graph writes in place a private copy."""
+    freeze_base(gm)
+    _privatize_mutated_buffers(gm, source)
 
 
 # ops that update running statistics (arguments 3 and 4) without declaring it in their schema

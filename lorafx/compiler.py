@@ -1,46 +1,75 @@
-"""``lorafx.compile``: capture a model, run the LoRA pipeline, return a CompiledModel."""
+"""``lorafx.compile``: capture a model, run the LoRA pipeline, return a CompiledModel.
+
+The options ``compile`` takes are the ones its passes and its target declare
+(``Pass.options``, ``Target.options``; see ``declarations``), plus its own keywords
+(``COMPILE_KEYWORDS``).  The default pipeline is ``lorafx.passes.DEFAULT_PASSES``,
+then the target's passes, then ``FINAL_PASSES``, each pass built from the options
+it declares (``default_passes``).
+"""
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .capture import capture, is_hf_model
-from .compiled import CompiledModel, CompileReport
-from .pipeline import Instrument, Pipeline
+from lorafx.hw_targets import Target, get_target, target_class
+from lorafx.passes import DEFAULT_PASSES, FINAL_PASSES
 
-__all__ = ["compile", "default_example_inputs", "LORA_OPTIONS", "SCHEDULE_OPTIONS", "REWRITE_OPTIONS"]
+from . import adapter_io
+from .capture import bind_inputs, capture, is_hf_model
+from .compiled import CompiledModel, CompileReport, own_base
+from .context import CompileContext
+from .options import Option, check_options, check_seed
+from .pipeline import Instrument, Pass, Pipeline
 
-# compile() options forwarded to InsertLoRA, with their meaning.
-LORA_OPTIONS = {
-    "r": "LoRA rank (default 8)",
-    "alpha": "LoRA alpha; scale = alpha / r (default 16)",
-    "target_modules": "module names (list), a regex, or 'all-linear' (default)",
-    "exclude_modules": "module names or regex to leave alone",
-    "rank_pattern": "PEFT-style {regex: rank}",
-    "alpha_pattern": "PEFT-style {regex: alpha}",
-    "use_rslora": "scale = alpha / sqrt(r)",
-    "dropout": "adapter dropout probability (default 0)",
-    "init": "'kaiming' (default) or 'gaussian' init of A; B starts at 0",
-    "seed": "seed for the adapter init",
-}
+__all__ = ["compile", "default_passes", "declarations", "load_adapter", "default_example_inputs",
+           "COMPILE_KEYWORDS"]
 
-# compile() options forwarded to SelectSchedule (RunLoRA schedule choice, lorafx/schedules.py).
-SCHEDULE_OPTIONS = {
-    "schedule": "'auto' (default: cheapest per node and token count) or a schedule / rule, e.g. 'f1b1'",
-    "schedule_criterion": "'flops' (default: sympy FLOP formulas) or 'time' (measure on this machine, cached)",
-    "schedule_keep_xa": "save x A^T (r x tokens) for backward instead of recomputing it (default False)",
-}
+# compile()'s own keywords (the rest are the options passes and targets declare)
+COMPILE_KEYWORDS = ("target", "example_inputs", "example_kwargs", "calibration", "seed", "passes", "dynamic",
+                    "backend", "instruments", "progress")
 
-# compile() options that add optional rewrites.
-REWRITE_OPTIONS = {
-    "fold_a": "store A as rows of the frozen weight's buffer so one GEMM computes x W^T and x A^T "
-              "(FoldLoRAIntoBase; copies the adapted weights once; default False)",
-    "fuse_siblings": "one op for the adapters that share an input (q/k/v, gate/up), their rank-r GEMMs "
-                     "stacked (FuseSiblings; default True with the eager backend, False with a torch.compile "
-                     "backend, where its backward would be specialised, and recompiled, per token-count range)",
-}
+
+def declarations(target: Any = "cpu", passes: Optional[Sequence[Pass]] = None) -> List[Tuple[str, Sequence[Option]]]:
+    """``[(who, options)]``: the compile options each default pass (or each of ``passes``)
+    and the target declare, in pipeline order; passes that declare none are left out."""
+    if passes is not None:  # instances: a Pipeline among them declares its passes' options
+        owners = [(p.name, tuple(p.options)) for p in passes]
+    else:
+        owners = [(cls.__name__, cls.options) for cls in (*DEFAULT_PASSES, *FINAL_PASSES)]
+    out, seen = [], set()
+    for name, options in owners:
+        key = (name, tuple(o.name for o in options))
+        if options and key not in seen:
+            seen.add(key)
+            out.append((name, options))
+    target_cls = target_class(target)
+    out.append((f"target {target_cls.name!r}", target_cls.options))
+    return out
+
+
+def _split(options: Dict[str, Any], target_cls: type) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(the target's options, the rest)."""
+    mine = {o.name for o in target_cls.options}
+    return {k: v for k, v in options.items() if k in mine}, {k: v for k, v in options.items() if k not in mine}
+
+
+def _build(options: Dict[str, Any], ctx: CompileContext, hw: Target) -> List[Pass]:
+    """The default pipeline for checked ``options``."""
+    built = [cls.from_options(options, ctx) for cls in DEFAULT_PASSES]
+    final = [cls.from_options(options, ctx) for cls in FINAL_PASSES]
+    return [p for p in built if p is not None] + list(hw.passes(options)) + [p for p in final if p is not None]
+
+
+def default_passes(target: Any = "cpu", *, backend: str = "eager", **options) -> List[Pass]:
+    """The pipeline ``compile`` runs for these options.  Edit the list and give it back as
+    ``compile(model, passes=...)``."""
+    target_cls = target_class(target)
+    check_options(options, declarations(target_cls), where="lorafx.default_passes")
+    target_options, _ = _split(options, target_cls)
+    hw = get_target(target, **target_options)
+    return _build(options, CompileContext(target=hw, backend=backend), hw)
 
 
 def default_example_inputs(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -76,6 +105,20 @@ def _check_model(model) -> None:
             "with lorafx, save them (save_pretrained) and use lorafx.load_adapter(base_model, folder)")
 
 
+def _check_passes_and_options(passes: Sequence[Pass], options: Dict[str, Any], target_cls: type) -> None:
+    """With ``passes=``, the passes come configured: refuse the options they would take."""
+    for p in passes:
+        if not isinstance(p, Pass):
+            raise TypeError(f"lorafx.compile: passes= must hold lorafx passes (instances), got {p!r}")
+    pass_options = {o.name: owner for owner, opts in declarations(target_cls, passes)[:-1] for o in opts}
+    clash = sorted(k for k in options if k in pass_options)
+    if clash:
+        raise TypeError(
+            f"lorafx.compile got pass option(s) {clash} together with passes=[...]: the passes given are used as "
+            f"they are, so configure them instead ({clash[0]!r} is declared by {pass_options[clash[0]]}, e.g. "
+            f"InsertLoRA(r=16)), or build the list with lorafx.default_passes({clash[0]}=...) and edit it")
+
+
 class _Progress(Instrument):
     """A tqdm bar over the passes (created when the pipeline starts, after capture)."""
 
@@ -100,9 +143,12 @@ class _Progress(Instrument):
 def compile(
     model: torch.nn.Module,
     *,
-    target: str = "cpu",
+    target: Any = "cpu",
     example_inputs: Optional[Sequence[Any]] = None,
     example_kwargs: Optional[Dict[str, Any]] = None,
+    calibration: Optional[Iterable[Any]] = None,
+    seed: Optional[int] = None,
+    passes: Optional[Sequence[Pass]] = None,
     dynamic: bool = True,
     backend: str = "eager",
     instruments: Iterable[Instrument] = (),
@@ -111,64 +157,83 @@ def compile(
 ) -> CompiledModel:
     """Capture ``model``, insert LoRA adapters and lower to ``target``.
 
+    ``options`` are the ones the passes and the target declare (``r``, ``alpha``,
+    ``target_modules``, ``schedule``, ``fold_a``, ...; the README's table, or
+    ``lorafx.compiler.declarations()``); all are checked before the model is captured,
+    and an unknown one is refused naming the close matches.
+
+    ``calibration``: an iterable of batches (dicts of keyword inputs, tuples or tensors)
+    for passes that take decisions from data; ``seed``: the seed of every random choice
+    (the adapter init; drawn from torch's generator if None).  Decisions taken from data or
+    randomness are recorded in the compiled model and replayed when it captures a new
+    call signature.  ``passes``: a custom pipeline (a list of pass instances, e.g.
+    ``lorafx.default_passes(...)`` edited); it runs as given, so options that passes
+    declare are refused with it, while the target's options still configure the target
+    (its passes are not added: include ``target.passes()`` yourself).
+
     ``backend="inductor"`` (or any torch.compile backend) runs the rewritten graph
     through ``torch.compile(fullgraph=True)``; the default ``"eager"`` runs it as is.
-
-    Options: see ``LORA_OPTIONS`` (``r``, ``alpha``, ``target_modules``,
-    ``rank_pattern``, ``dropout``, ...), ``SCHEDULE_OPTIONS`` (``schedule``,
-    ``schedule_criterion``, ``schedule_keep_xa``) and ``REWRITE_OPTIONS`` (``fold_a``,
-    ``fuse_siblings``).
-    The model itself is not modified: the compiled model shares its weights (frozen copies
-    of the Parameter objects), except those ``fold_a`` copies into its folded buffers.
+    The model itself is not modified: before the first pass, the compiled model owns
+    frozen copies of its Parameter objects (sharing their storage) and private copies
+    of the buffers the graph writes, except those ``fold_a`` copies into its folded buffers.
     """
     _check_model(model)
-    from lorafx.hw_targets import get_target
-    from lorafx.passes import AnnotateCost, InlineGradModeRegions, InsertLoRA, SelectSchedule, SetTrainingMode
-    from lorafx.passes import CausalMaskToIsCausal, FoldLoRAIntoBase, FuseSiblings, RecomputeInputs
-
-    known_options = sorted(LORA_OPTIONS) + sorted(SCHEDULE_OPTIONS) + sorted(REWRITE_OPTIONS)
-    unknown = sorted(set(options) - set(known_options))
-    if unknown:
-        raise TypeError(f"lorafx.compile got unknown option(s) {unknown}; known options: {known_options}")
-    from lorafx.options import check_bool, check_choice
-    from lorafx.passes.select_schedule import CRITERIA
-    fold_a = options.get("fold_a", False)
-    fuse_siblings = options.get("fuse_siblings", backend == "eager")
-    keep_xa = options.get("schedule_keep_xa", False)
-    criterion = options.get("schedule_criterion", "flops")
-    for name, value in (("fold_a", fold_a), ("fuse_siblings", fuse_siblings), ("schedule_keep_xa", keep_xa)):
-        check_bool(name, value, "lorafx.compile: ")
-    check_choice("schedule_criterion", criterion, CRITERIA, "lorafx.compile: ")
-    hw = get_target(target)
+    check_seed("seed", seed, "lorafx.compile: ")
+    seed = None if seed is None else int(seed)
+    target_cls = target_class(target)
     if backend != "eager":
         known = torch._dynamo.list_backends()
         if backend not in known:
             raise ValueError(f"unknown backend {backend!r}; use 'eager' or a torch.compile backend: {known}")
-    lora = InsertLoRA(**{k: v for k, v in options.items() if k in LORA_OPTIONS})  # validates before capture
-    select = SelectSchedule(schedule=options.get("schedule", "auto"), criterion=criterion, keep_xa=keep_xa)
+    check_options(options, declarations(target_cls, passes), COMPILE_KEYWORDS)
+    if passes is not None:
+        _check_passes_and_options(passes, options, target_cls)
+    target_options, _ = _split(options, target_cls)
+    hw = get_target(target, **target_options)
     if example_inputs is None and example_kwargs is None:
         example_kwargs = default_example_inputs(model)
-    # AnnotateCost runs after every rewrite so its records describe the final graph.
-    # FoldLoRAIntoBase first: it takes the adapters RecomputeInputs left; FuseSiblings groups the rest.
-    rewrites = ([FoldLoRAIntoBase()] if fold_a else []) + ([FuseSiblings()] if fuse_siblings else [])
-    passes = [InlineGradModeRegions(), lora, select, CausalMaskToIsCausal(), RecomputeInputs(), *rewrites,
-              *hw.passes(), AnnotateCost(), SetTrainingMode(train=model.training)]
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    args, kwargs = bind_inputs(model, example_inputs or (), example_kwargs)
+    ctx = CompileContext(example_args=args, example_kwargs=kwargs, calibration=calibration, seed=seed, target=hw,
+                         backend=backend, training=model.training,
+                         bind=lambda a, k: bind_inputs(model, a, k))
+    pass_list = list(passes) if passes is not None else _build(options, ctx, hw)  # validated before capture
     instruments = list(instruments)
     if progress:
-        instruments.append(_Progress(len(passes)))
-    pipeline = Pipeline(passes, instruments=instruments)
+        instruments.append(_Progress(len(pass_list)))
+    pipeline = Pipeline(pass_list, instruments=instruments)
 
     start = time.perf_counter()
     gm = capture(model, example_inputs or (), example_kwargs, dynamic=dynamic)
     capture_seconds = time.perf_counter() - start
+    own_base(gm, model)  # before the first pass: no pass can touch the model's parameters
     nodes = len(gm.graph.nodes)
-    result = pipeline(gm)
+    result = pipeline(gm, ctx)
     gm = result.graph_module
-    reports = result.info["reports"]
-    lora_info = next((r.info for r in reports if r.name == "InsertLoRA"), {})
-    report = CompileReport(reports, capture_seconds, nodes, lora_info.get("adapter_sites", 0),
-                           sum(p.numel() for p in gm.parameters() if p.requires_grad),
-                           sum(p.numel() for p in gm.parameters()))
-    replay = Pipeline(passes[:-1])  # for inputs captured later; the model sets the training mode
-    return CompiledModel(model, gm, replay, report, target=hw.name, dynamic=dynamic, backend=backend,
-                         options={"target": hw.name, **options})
+    report = CompileReport.from_pipeline(result.info["reports"], capture_seconds, nodes, gm)
+    # for inputs captured later; the compiled model sets the training mode of every graph itself
+    replay = Pipeline([p for p in pass_list if "training_mode" not in p.provides])
+    recorded = {"target": hw.name, **options, **({"seed": seed} if seed is not None else {})}
+    return CompiledModel(model, gm, replay, report, context=ctx, target=hw.name, dynamic=dynamic, backend=backend,
+                         options=recorded)
+
+
+def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=None, trust_pickle: bool = False,
+                 **options):
+    """Compile ``model`` with the adapter configuration in ``directory`` and load its weights.
+
+    Both files are read and checked before compiling.  ``model`` may also be a
+    CompiledModel, whose adapters then receive the weights.  ``trust_pickle=True``
+    lets a ``.bin`` file run the pickle code it holds.
+    """
+    if isinstance(model, CompiledModel):
+        model.load_adapter(directory, trust_pickle=trust_pickle)
+        return model
+    config, weights = adapter_io.read_adapter(directory, trust_pickle)  # fail before the (slow) compile
+    settings = {**adapter_io.compile_settings(config), **options}
+    cm = compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
+    # Options that change the scales were chosen on purpose: check the scales only otherwise.
+    scales_chosen = any(k in options for k in adapter_io.SCALE_OPTIONS)
+    adapter_io.copy_adapter_weights(cm, directory, weights, None if scales_chosen else config)
+    return cm

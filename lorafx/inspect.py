@@ -16,66 +16,15 @@ from typing import List, Optional
 import torch
 import torch.fx
 
+from .dialect import kind_of
 from .meta import LoraRecord, OriginRecord, describe, get_record
 from .pipeline import Instrument
+from .printing import format_graph, format_node
+from .printing import node_shape as _shape
+from .printing import node_target as _target
 
 __all__ = ["format_node", "format_graph", "diff_graphs", "GraphDiff", "to_networkx", "draw",
            "PrintGraphs", "DiffGraphs", "TimePasses", "DumpGraphs"]
-
-
-def _short(a) -> str:
-    if isinstance(a, torch.fx.Node):
-        return f"%{a.name}"
-    if isinstance(a, (list, tuple)):
-        inner = ", ".join(_short(x) for x in a)
-        return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
-    if isinstance(a, float):
-        return f"{a:g}"
-    if isinstance(a, torch.dtype):
-        return str(a).replace("torch.", "")
-    return repr(a) if isinstance(a, str) else str(a)
-
-
-def _target(node: torch.fx.Node) -> str:
-    t = node.target
-    if node.op == "call_function":
-        name = getattr(t, "__name__", str(t))
-        if isinstance(t, torch._ops.OpOverload):
-            ns = t.namespace
-            base = t._schema.name.split("::")[-1]
-            name = f"{ns}.{base}" + ("" if t._overloadname == "default" else f".{t._overloadname}")
-        return name
-    return str(t)
-
-
-def _shape(node: torch.fx.Node) -> str:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        dims = ",".join(str(d) for d in val.shape)
-        return f"{str(val.dtype).replace('torch.', '')}[{dims}]"
-    return ""
-
-
-def format_node(node: torch.fx.Node) -> str:
-    """``%name: shape = target(args)  # lorafx records``."""
-    if node.op == "placeholder":
-        body = f"input {node.target}"
-    elif node.op == "output":
-        body = f"return {_short(node.args[0])}"
-    elif node.op == "get_attr":
-        body = f"get_attr {node.target}"
-    else:
-        args = [_short(a) for a in node.args] + [f"{k}={_short(v)}" for k, v in node.kwargs.items()]
-        body = f"{_target(node)}({', '.join(args)})"
-    shape = _shape(node)
-    text = f"%{node.name}" + (f": {shape}" if shape else "") + f" = {body}" if node.op != "output" else body
-    meta = describe(node)
-    return f"{text}  # {meta}" if meta else text
-
-
-def format_graph(gm: torch.fx.GraphModule, *, include_get_attr: bool = False) -> str:
-    lines = [format_node(n) for n in gm.graph.nodes if include_get_attr or n.op != "get_attr"]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -107,9 +56,9 @@ def to_networkx(gm: torch.fx.GraphModule):
 
     G = nx.DiGraph()
     for n in gm.graph.nodes:
-        rec = get_record(n, LoraRecord)
+        recs = _adapters(n)
         G.add_node(n.name, op=n.op, target=_target(n), shape=_shape(n), lorafx=describe(n),
-                   lora=rec is not None, site=rec.site if rec else "")
+                   lora=_is_lora(n), site=",".join(r.site for r in recs))
     for n in gm.graph.nodes:
         for user in n.users:
             G.add_edge(n.name, user.name)
@@ -121,8 +70,20 @@ _COLOURS = {"lora": "#d62728", "dropout": "#2ca02c", "placeholder": "#17a2b8", "
 _LABEL_CHARS = 96
 
 
+def _adapters(n: torch.fx.Node) -> List[LoraRecord]:
+    """The adapters a node computes (its kind's, for a LoRA op) or carries (a sibling's
+    output, a merged linear)."""
+    kind = kind_of(n)
+    recs = kind.adapters(n) if kind is not None else [get_record(n, LoraRecord)]
+    return [r for r in recs if r is not None]
+
+
+def _is_lora(n: torch.fx.Node) -> bool:
+    return kind_of(n) is not None or get_record(n, LoraRecord) is not None
+
+
 def _colour(n: torch.fx.Node) -> str:
-    if get_record(n, LoraRecord) is not None:
+    if _is_lora(n):
         return _COLOURS["lora"]
     if "dropout" in _target(n):
         return _COLOURS["dropout"]
@@ -143,14 +104,20 @@ def _is_plumbing(n: torch.fx.Node) -> bool:
 
 
 def _draw_label(n: torch.fx.Node) -> str:
-    rec = get_record(n, LoraRecord)
+    recs = _adapters(n)
+    kind = kind_of(n)
+    note = kind.describe(n) if kind is not None else ""
     if n.op == "placeholder":
         text = f"input {n.target}"
     elif n.op == "output":
         text = "output"
-    elif rec is not None:
+    elif len(recs) == 1:
+        rec = recs[0]
         text = (f"{n.name}  LoRA r={rec.r} alpha={rec.alpha:g} {rec.in_features}->{rec.out_features}"
-                + (" merged" if rec.merged else ""))
+                + (" merged" if rec.merged else "") + (f" ({note})" if note else ""))
+    elif kind is not None:
+        sites = ", ".join(r.site.rsplit(".", 1)[-1] for r in recs)
+        text = f"{n.name}  LoRA {kind.name}" + (f" [{sites}]" if sites else "") + (f" ({note})" if note else "")
     else:
         target = _target(n)
         if target.startswith("aten."):
@@ -231,7 +198,7 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
     lane = dict(zip(nodes, _lanes(nodes, inputs)))
     lanes = max(lane.values(), default=0) + 1
     labels = [_draw_label(n) for n in nodes]
-    adapters = sum(get_record(n, LoraRecord) is not None for n in nodes)
+    adapters = len({rec.site for n in nodes for rec in _adapters(n)})
 
     row_in, lane_in, char_in = 0.16, 0.2, 0.066  # inches per row / lane / label character (7 pt mono, hinted)
     header = 3  # rows above the graph for the title and legend
@@ -280,12 +247,12 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
     xs = [lane[n] for n in nodes]
     ys = [-index[n] for n in nodes]
     colours = [_colour(n) for n in nodes]
-    sizes = [22 if get_record(n, LoraRecord) is not None else 10 for n in nodes]
+    sizes = [22 if _is_lora(n) else 10 for n in nodes]
     ax.scatter(xs, ys, s=sizes, c=colours, zorder=3, linewidths=0)
     guides = [[(lane[n], -index[n]), (text_x - 0.2, -index[n])] for n in nodes]
     ax.add_collection(LineCollection(guides, colors=colours, linewidths=0.3, linestyles=":", alpha=0.5, zorder=2))
     for n, text, c in zip(nodes, labels, colours):
-        lora = get_record(n, LoraRecord) is not None
+        lora = _is_lora(n)
         ax.text(text_x, -index[n], text, fontsize=7, family="monospace", va="center", ha="left", zorder=4,
                 color=c if c != _COLOURS["call_function"] else "#222222",
                 fontweight="bold" if lora else "normal")

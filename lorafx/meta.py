@@ -1,8 +1,11 @@
-"""Typed lorafx metadata on fx nodes.
+"""Typed lorafx metadata on fx nodes and graphs.
 
-Every record lives under the single key ``node.meta["lorafx"]``, a plain dict
-from record kind to a frozen dataclass.  Records hold names and numbers only
-(no references to nodes or modules) so graphs deep-copy and pickle.
+Every node record lives under the single key ``node.meta["lorafx"]``, a plain dict
+from record kind to a frozen dataclass; each record renders itself (``describe()``).
+What lorafx knows about a whole graph (its call signature, dynamic dims, the
+properties passes provided, ...) is one ``GraphRecord`` under ``gm.meta["lorafx"]``,
+reached through ``graph_record(gm)``.  Records hold names and numbers only (no
+references to nodes or modules) so graphs deep-copy and pickle.
 
     >>> import torch.fx
     >>> from lorafx.meta import LoraRecord, describe, get_record, set_record
@@ -18,12 +21,13 @@ from record kind to a frozen dataclass.  Records hold names and numbers only
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Optional, Type, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Tuple, Type, TypeVar
 
 import torch.fx
 
 META_KEY = "lorafx"
+CAPTURED = "captured"  # the graph property every captured graph has
 
 R = TypeVar("R")
 
@@ -35,6 +39,9 @@ class OriginRecord:
     module: str  # dotted module name, "" for the root
     module_type: str = ""
     created_by: Optional[str] = None  # name of the pass that inserted the node
+
+    def describe(self) -> str:
+        return f"by {self.created_by}" if self.created_by else ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,11 @@ class LoraRecord:
     weight_transposed: bool = False  # True for GPT-2 Conv1D weights stored as (in, out)
     merged: bool = False
 
+    def describe(self) -> str:
+        return (f"lora(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}"
+                + (f", dropout={self.dropout:g}" if self.dropout else "")
+                + (", merged" if self.merged else "") + ")")
+
 
 @dataclass(frozen=True)
 class DropoutRecord:
@@ -62,6 +74,9 @@ class DropoutRecord:
 
     p: float
     site: str = ""
+
+    def describe(self) -> str:
+        return f"dropout(p={self.p:g})"
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,13 @@ class CostRecord:
     bwd_bytes: Any = 0
     requires_grad: bool = False  # a gradient flows back through this node
 
+    graph_property: ClassVar[str] = "cost"  # the graph property these records make up (see Pass.invalidates)
+
+    def describe(self) -> str:
+        if self.kind in ("matmul", "lora", "attention", "subgraph") and self.fwd_flops != 0:
+            return f"flops fwd={self.fwd_flops} bwd={self.bwd_flops}"
+        return ""
+
 
 @dataclass(frozen=True)
 class ScheduleRecord:
@@ -99,8 +121,53 @@ class ScheduleRecord:
     rule: str
     criterion: str = "flops"
 
+    graph_property: ClassVar[str] = "schedule"
+
+    def describe(self) -> str:
+        return f"schedule={self.rule}"
+
 
 RECORD_TYPES = (OriginRecord, LoraRecord, DropoutRecord, CostRecord, ScheduleRecord)
+
+
+@dataclass
+class GraphRecord:
+    """What lorafx knows about a whole graph: one per GraphModule, ``gm.meta["lorafx"]``.
+
+    ``capture`` fills the first group; passes update the rest.  Fields whose
+    metadata names a graph property (``cost``) are cleared when a pass invalidates it.
+    """
+
+    signature: tuple = ((), ())  # the call signature the graph is specialised to (capture.signature_key)
+    inputs: Tuple[str, ...] = ()  # keyword inputs, sorted
+    nargs: int = 0  # positional inputs (models whose forward takes *args)
+    input_ranks: Dict[str, int] = field(default_factory=dict)  # tensor input -> number of dims
+    dims: Dict[str, str] = field(default_factory=dict)  # dynamic symbol -> "batch" | "seq"
+    output_modules: Tuple[str, ...] = ()  # the model's output layer(s), left alone by "all-linear"
+    captured_training: bool = True  # the mode the graph was exported in
+    training: Optional[bool] = None  # the mode SetTrainingMode last set (None: as captured)
+    provided: FrozenSet[str] = frozenset({CAPTURED})  # properties the passes run so far provided
+    cost: Any = field(default=None, metadata={"graph_property": "cost"})  # the graph's total CostRecord
+
+    def forget(self, properties) -> None:
+        """Clear the fields that describe any of ``properties``; drop them from ``provided``."""
+        for f in dataclasses.fields(self):
+            if f.metadata.get("graph_property") in properties:
+                setattr(self, f.name, f.default)
+        self.provided = frozenset(self.provided) - frozenset(properties)
+
+    def describe(self) -> str:
+        dims = ", ".join(f"{k}={v}" for k, v in sorted(self.dims.items()))
+        return (f"graph(inputs={list(self.inputs)}, dims={{{dims}}}, "
+                f"provided={sorted(self.provided)}, training={self.training})")
+
+
+def graph_record(gm) -> GraphRecord:
+    """The ``GraphRecord`` of a GraphModule (an empty one is attached if missing)."""
+    rec = gm.meta.get(META_KEY)
+    if not isinstance(rec, GraphRecord):
+        rec = gm.meta[META_KEY] = GraphRecord()
+    return rec
 
 
 def records(node: torch.fx.Node) -> dict:
@@ -130,9 +197,28 @@ def update_record(node: torch.fx.Node, kind: Type[R], **changes) -> R:
     return new
 
 
+def forget_records(node: torch.fx.Node, properties) -> None:
+    """Drop ``node``'s records that make up any of the graph ``properties``."""
+    recs = node.meta.get(META_KEY)
+    if recs:
+        for kind, rec in list(recs.items()):
+            if getattr(rec, "graph_property", None) in properties:
+                del recs[kind]
+
+
+_DESCRIBERS: List[Callable[[torch.fx.Node], str]] = []
+
+
+def add_describer(describer: Callable[[torch.fx.Node], str]) -> None:
+    """Add a source of notes for ``describe``: ``describer(node)`` returns a short note
+    ("" for none), printed before the node's records.  The LoRA dialect adds its kinds'."""
+    if describer not in _DESCRIBERS:
+        _DESCRIBERS.append(describer)
+
+
 def describe(node: torch.fx.Node) -> str:
     """A one-line summary of a node's lorafx records, for printing graphs."""
-    parts = []
+    parts = [note for note in (d(node) for d in _DESCRIBERS) if note]
     for rec in node.meta.get(META_KEY, {}).values():
         if isinstance(rec, LoraRecord):
             parts.append(f"lora(r={rec.r}, alpha={rec.alpha:g}, scale={rec.scale:g}"
@@ -148,6 +234,6 @@ def describe(node: torch.fx.Node) -> str:
         elif isinstance(rec, OriginRecord):
             if rec.created_by:
                 parts.append(f"by {rec.created_by}")
-        else:
-            parts.append(type(rec).__name__)
-    return "; ".join(parts)
+        else:  # a record of a layer above (e.g. the dialect's): it renders itself, or is named
+            parts.append(rec.describe() if hasattr(rec, "describe") else type(rec).__name__)
+    return "; ".join(p for p in parts if p)

@@ -95,8 +95,12 @@ def _minilm():
 
 
 def _lorafx_tiny():
-    from lorafx.eval.harness import load_pretrained
-    return load_pretrained()[0]
+    # the evaluation suite's shipped checkpoint, read as data: the compiler never imports lorafx.eval
+    from transformers import AutoModelForCausalLM
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "checkpoints", "lorafx-tiny")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"no checkpoint at {folder}; regenerate it with tools/pretrain_tiny.py")
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
 
 
 BUILTIN_MODELS: Dict[str, Tuple[str, Callable[[], torch.nn.Module]]] = {

@@ -1,4 +1,9 @@
-"""Checks for option values shared by ``lorafx.compile`` and the passes.
+"""Compile options: their declarations and the checks for their values.
+
+A pass or a target declares the ``lorafx.compile`` options it takes as a class
+attribute ``options = (Option("r", int, 8, "LoRA rank", check=check_positive_int), ...)``;
+``compile()`` validates against the union of those declarations (``check_options``)
+and builds each pass from them.
 
 Each check raises naming the option, the bad value and the fix: TypeError for a value
 of the wrong type, ValueError for a bad value (out of range, a broken regex, not one of
@@ -7,13 +12,15 @@ numpy scalars; bools are not numbers here.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["check_bool", "check_positive_int", "check_positive_real", "check_probability", "check_choice",
+__all__ = ["Option", "check_options", "unknown_options_error", "options_table", "check_bool", "check_positive_int", "check_positive_real", "check_probability", "check_choice",
            "check_seed", "check_modules", "check_pattern_dict", "regex_error"]
 
 
@@ -108,3 +115,92 @@ def check_pattern_dict(name: str, value: Any, check_value: Callable[[str, Any, s
             raise ValueError(f"{where}{name} key {key!r} is not a valid regex ({err}); "
                              "escape special characters with re.escape, or use a plain module name")
         check_value(f"{name}[{key!r}]", item, where)
+
+
+# -- declarations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """A ``lorafx.compile`` option that a pass or target declares.
+
+    ``name``: the compile keyword; ``type`` and ``help``: for the docs; ``default``: the
+    value when the option is not given (``default_text`` shows a default that depends on
+    other settings).  ``field``: the pass or target field it sets (default: ``name``).
+    ``enables=True``: the option only switches its pass on or off (``fold_a``).
+    ``check(name, value, where)`` raises TypeError/ValueError for a bad value; without
+    one, a bool option is checked with ``check_bool`` and the rest by the pass's own
+    ``validate`` when compile builds it (both before capture).
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    field: Optional[str] = None
+    enables: bool = False
+    check: Optional[Callable[[str, Any, str], None]] = None
+    default_text: Optional[str] = None
+
+    @property
+    def target_field(self) -> str:
+        return self.field or self.name
+
+    def validate(self, value: Any, where: str = "") -> None:
+        if self.check is not None:
+            self.check(self.name, value, where)
+        elif self.type is bool:
+            check_bool(self.name, value, where)
+
+    def type_name(self) -> str:
+        kinds = self.type if isinstance(self.type, tuple) else (self.type,)
+        return " | ".join(k if isinstance(k, str) else "None" if k is type(None) else k.__name__ for k in kinds)
+
+    def shown_default(self) -> str:
+        return self.default_text or repr(self.default)
+
+
+Declarations = Sequence[Tuple[str, Sequence[Option]]]  # (owner, its options), e.g. ("InsertLoRA", (...))
+
+
+def unknown_options_error(unknown: Sequence[str], declarations: Declarations, builtin: Sequence[str] = (),
+                          where: str = "lorafx.compile") -> TypeError:
+    """The TypeError for unknown option names: close matches, then what each owner declares."""
+    known = [o.name for _, opts in declarations for o in opts] + list(builtin)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        if close:
+            hints.append(f"{name!r}: did you mean {' or '.join(map(repr, close))}?")
+    owners = [f"{owner} ({', '.join(repr(o.name) for o in opts) or 'none'})" for owner, opts in declarations]
+    if builtin:
+        owners.append(f"compile itself ({', '.join(map(repr, builtin))})")
+    return TypeError(f"{where} got unknown option(s) {sorted(unknown)}"
+                     + (f" ({'; '.join(hints)})" if hints else "")
+                     + f"; known options, by who declares them: {'; '.join(owners)}")
+
+
+def check_options(values: Mapping, declarations: Declarations, builtin: Sequence[str] = (),
+                  where: str = "lorafx.compile") -> None:
+    """Refuse unknown option names, then check every given value against its declaration."""
+    declared: Dict[str, List[Option]] = {}
+    for _, opts in declarations:
+        for o in opts:
+            declared.setdefault(o.name, []).append(o)
+    unknown = [k for k in values if k not in declared]
+    if unknown:
+        raise unknown_options_error(unknown, declarations, builtin, where)
+    for name, value in values.items():
+        for o in declared[name]:
+            o.validate(value, f"{where}: ")
+
+
+def options_table(declarations: Declarations) -> str:
+    """A markdown table of the declared options (the README's table of compile options)."""
+    cell = lambda text: str(text).replace("|", "\\|")
+    lines = ["| option | type | default | declared by | meaning |", "|---|---|---|---|---|"]
+    for owner, opts in declarations:
+        for o in opts:
+            lines.append(f"| `{o.name}` | {cell(o.type_name())} | `{cell(o.shown_default())}` | {owner} "
+                         f"| {cell(o.help)} |")
+    return "\n".join(lines)

@@ -1,9 +1,13 @@
 """The pass protocol and the pipeline that runs passes in a checked order.
 
 A pass is a frozen dataclass whose fields are its options (validated once in
-``validate``).  It declares the graph properties it ``requires`` and the ones it
-``provides``; calling it on a GraphModule rewrites the graph in place and returns
-a ``PassResult(graph_module, modified, info)``.
+``validate``).  It declares the graph properties it ``requires``, the ones it
+``provides`` and the ones it ``invalidates`` (a rewrite after ``AnnotateCost`` makes
+the ``"cost"`` records stale: they are dropped), and the ``lorafx.compile`` options
+it takes (``options``, see ``lorafx.options.Option``; ``from_options`` builds the
+pass from them).  Calling it on a GraphModule, with a ``CompileContext``, rewrites the
+graph in place and returns a ``PassResult(graph_module, modified, info)``;
+``summary(info)`` gives the pass's own lines for ``report()`` and the CLI.
 
 A ``Pipeline`` is itself a pass.  Built with a wrong order it raises
 ``PipelineOrderError`` naming the pass and the missing property; it never
@@ -13,28 +17,29 @@ and the passes that ran before it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Sequence
+from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 
-from .meta import LoraRecord, get_record
+from .context import CompileContext
+from .meta import CAPTURED, forget_records, graph_record
+from .options import Option
 
 __all__ = [
     "Pass", "PassResult", "Pipeline", "PassError", "PipelineOrderError", "Instrument",
-    "PassReport", "lint_graph", "provided", "CAPTURED",
+    "PassReport", "lint_graph", "add_graph_check", "provided", "CAPTURED", "CompileContext",
 ]
-
-CAPTURED = "captured"
-_PROVIDED_KEY = "lorafx_provided"
 
 
 def provided(gm: torch.fx.GraphModule) -> FrozenSet[str]:
     """The properties that passes run so far have provided on ``gm``."""
-    return frozenset(gm.meta.get(_PROVIDED_KEY, {CAPTURED}))
+    return frozenset(graph_record(gm).provided)
 
 
 class PassError(RuntimeError):
@@ -70,12 +75,37 @@ class PassResult:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
+_TAKES_CONTEXT: Dict[type, bool] = {}
+
+
+def _takes_context(cls: type) -> bool:
+    """Whether ``cls.run`` takes the context: ``run(self, gm, ctx)``, or ``run(self, gm)``
+    for a pass that needs none."""
+    if cls not in _TAKES_CONTEXT:
+        params = list(inspect.signature(cls.run).parameters.values())
+        _TAKES_CONTEXT[cls] = len(params) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
+    return _TAKES_CONTEXT[cls]
+
+
+def _scalar_note(info: Mapping[str, Any]) -> str:
+    """``k=v`` for the short scalar entries of a pass's info."""
+    return ", ".join(f"{k}={v}" if len(str(v)) <= 90 else f"{k}={str(v)[:87]}..."
+                     for k, v in info.items() if not isinstance(v, (dict, list, tuple, set)))
+
+
 @dataclass(frozen=True)
 class Pass:
-    """Base class: subclass as a frozen dataclass and implement ``run``."""
+    """Base class: subclass as a frozen dataclass and implement ``run(gm, ctx)``.
+
+    Class attributes (assign them without a type annotation, so they stay off the
+    dataclass fields): ``requires``, ``provides`` and ``invalidates`` (graph properties)
+    and ``options`` (the compile options the pass declares).
+    """
 
     requires: ClassVar[FrozenSet[str]] = frozenset({CAPTURED})
     provides: ClassVar[FrozenSet[str]] = frozenset()
+    invalidates: ClassVar[FrozenSet[str]] = frozenset()
+    options: ClassVar[Tuple[Option, ...]] = ()
 
     def __post_init__(self):
         self.validate()
@@ -87,23 +117,52 @@ class Pass:
     def name(self) -> str:
         return type(self).__name__
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any], ctx: CompileContext) -> Optional["Pass"]:
+        """This pass configured by the compile options in ``values`` (the declared ones
+        given; the others keep the field defaults), or None when an ``enables`` option
+        switches it off."""
+        kwargs = {}
+        for opt in cls.options:
+            if opt.enables:
+                if not values.get(opt.name, opt.default):
+                    return None
+            elif opt.name in values:
+                kwargs[opt.target_field] = values[opt.name]
+        return cls(**kwargs)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.name} does not implement run()")
 
-    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        missing = self.requires - provided(gm)
+    def summary(self, info: Mapping[str, Any]) -> List[str]:
+        """Lines for ``report()`` and the CLI: the first goes in the report table's info
+        column, any others below the table.  Default: the short scalar entries of ``info``."""
+        return [_scalar_note(info)]
+
+    def __call__(self, gm: torch.fx.GraphModule, ctx: Optional[CompileContext] = None) -> PassResult:
+        ctx = ctx if ctx is not None else CompileContext()
+        have = provided(gm)
+        missing = self.requires - have
         if missing:
             raise PassError(f"{self.name} requires {sorted(missing)}, which no pass run on this graph provided")
-        result = self.run(gm)
+        with (ctx.scope(self.name) if not ctx._scope else contextlib.nullcontext()):
+            result = self.run(gm, ctx) if _takes_context(type(self)) else self.run(gm)
+        out = result.graph_module
         if result.modified:
-            result.graph_module.recompile()
-        result.graph_module.meta[_PROVIDED_KEY] = set(provided(gm) | self.provides)
+            out.recompile()
+        stale = (self.invalidates - self.provides) & have
+        if stale:
+            for node in out.graph.nodes:
+                forget_records(node, stale)
+        record = graph_record(out)
+        record.forget(self.invalidates - self.provides)
+        record.provided = (have - self.invalidates) | self.provides
         return result
 
 
 @dataclass
 class PassReport:
-    """What one pass did: node counts, time and the pass's own info."""
+    """What one pass did: node counts, time, the pass's info and its summary lines."""
 
     name: str
     nodes_before: int
@@ -111,9 +170,13 @@ class PassReport:
     seconds: float
     modified: bool
     info: Dict[str, Any]
+    summary: List[str] = field(default_factory=list)
+    provides: FrozenSet[str] = frozenset()
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["provides"] = sorted(self.provides)
+        return out
 
 
 class Instrument:
@@ -128,11 +191,20 @@ class Instrument:
     def after_pipeline(self, gm: torch.fx.GraphModule, reports: List[PassReport]) -> None: ...
 
 
+_GRAPH_CHECKS: List[Callable[[torch.fx.Graph], Optional[str]]] = []
+
+
+def add_graph_check(check: Callable[[torch.fx.Graph], Optional[str]]) -> None:
+    """Add an invariant to ``lint_graph``: ``check(graph)`` returns a problem or None.
+    Layers above the spine (the LoRA dialect) add theirs here."""
+    if check not in _GRAPH_CHECKS:
+        _GRAPH_CHECKS.append(check)
+
+
 def lint_graph(gm: torch.fx.GraphModule) -> None:
-    """fx's own lint plus lorafx invariants: adapter ops carry a LoraRecord and
-    every get_attr names an existing attribute."""
+    """fx's own lint plus lorafx invariants: every get_attr names an existing attribute,
+    and the added checks hold (the dialect's: every LoRA op node carries its LoraRecord)."""
     gm.graph.lint()
-    lora_op = torch.ops.lorafx.lora_linear.default
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             obj = gm
@@ -140,8 +212,10 @@ def lint_graph(gm: torch.fx.GraphModule) -> None:
                 if not hasattr(obj, part):
                     raise PassError(f"node {node.name} reads missing attribute {node.target!r}")
                 obj = getattr(obj, part)
-        elif node.op == "call_function" and node.target is lora_op and get_record(node, LoraRecord) is None:
-            raise PassError(f"lora_linear node {node.name} has no LoraRecord in node.meta['lorafx']")
+    for check in _GRAPH_CHECKS:
+        problem = check(gm.graph)
+        if problem:
+            raise PassError(problem)
 
 
 def _count(gm: torch.fx.GraphModule) -> int:
@@ -173,12 +247,26 @@ class Pipeline(Pass):
     def requires(self) -> FrozenSet[str]:  # type: ignore[override]
         return frozenset({CAPTURED})
 
+    def _effect(self) -> Tuple[FrozenSet[str], FrozenSet[str]]:
+        """(provided, invalidated) by running the passes in order on any graph."""
+        gained: FrozenSet[str] = frozenset()
+        lost: FrozenSet[str] = frozenset()
+        for p in self.passes:
+            gained = (gained - p.invalidates) | p.provides
+            lost = (lost | p.invalidates) - p.provides
+        return gained, lost
+
     @property
     def provides(self) -> FrozenSet[str]:  # type: ignore[override]
-        out: set = set()
-        for p in self.passes:
-            out |= p.provides
-        return frozenset(out)
+        return self._effect()[0]
+
+    @property
+    def invalidates(self) -> FrozenSet[str]:  # type: ignore[override]
+        return self._effect()[1]
+
+    @property
+    def options(self) -> Tuple[Option, ...]:  # type: ignore[override]
+        return tuple(o for p in self.passes for o in p.options)
 
     def __repr__(self) -> str:
         return f"Pipeline([{', '.join(repr(p) for p in self.passes)}])"
@@ -189,25 +277,38 @@ class Pipeline(Pass):
             if missing:
                 later = [q.name for q in self.passes[i + 1:] if q.provides & missing]
                 before = ", ".join(q.name for q in self.passes[:i]) or "nothing"
-                fix = f"; move {later[0]} before {p.name}" if later else "; add a pass that provides it"
+                lost = [q.name for q in self.passes[:i] if q.invalidates & missing]
+                fix = (f"; move {later[0]} before {p.name}" if later else
+                       f"; {lost[-1]} invalidates it: run a pass that provides it again after {lost[-1]}" if lost else
+                       "; add a pass that provides it")
                 raise PipelineOrderError(
                     f"{p.name} (position {i}) requires {sorted(missing)}, not provided by the passes "
                     f"before it ({before}){fix}"
                 )
-            have = have | p.provides
+            have = (have - p.invalidates) | p.provides
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def _scopes(self) -> List[str]:
+        """Each pass's decision scope: its name and how many passes of that name precede it."""
+        seen: Dict[str, int] = {}
+        out = []
+        for p in self.passes:
+            out.append(f"{p.name}#{seen.get(p.name, 0)}")
+            seen[p.name] = seen.get(p.name, 0) + 1
+        return out
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         reports: List[PassReport] = []
         for inst in self.instruments:
             inst.before_pipeline(gm)
         modified = False
-        for p in self.passes:
+        for p, scope in zip(self.passes, self._scopes()):
             for inst in self.instruments:
                 inst.before_pass(p, gm)
             before = _count(gm)
             start = time.perf_counter()
             try:
-                result = p(gm)
+                with ctx.scope(scope):
+                    result = p(gm, ctx)
                 lint_graph(result.graph_module)
             except Exception as e:
                 history = ", ".join(r.name for r in reports) or "none"
@@ -216,7 +317,9 @@ class Pipeline(Pass):
             seconds = time.perf_counter() - start
             gm = result.graph_module
             modified |= result.modified
-            report = PassReport(p.name, before, _count(gm), seconds, result.modified, dict(result.info))
+            info = dict(result.info)
+            report = PassReport(p.name, before, _count(gm), seconds, result.modified, info,
+                                list(p.summary(info)), frozenset(p.provides))
             reports.append(report)
             for inst in self.instruments:
                 inst.after_pass(p, result, report)
@@ -224,6 +327,8 @@ class Pipeline(Pass):
             inst.after_pipeline(gm, reports)
         return PassResult(gm, modified, {"reports": reports})
 
-    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        result = self.run(gm)
-        return result
+    def summary(self, info: Mapping[str, Any]) -> List[str]:
+        return [f"{len(info.get('reports', []))} passes"]
+
+    def __call__(self, gm: torch.fx.GraphModule, ctx: Optional[CompileContext] = None) -> PassResult:
+        return self.run(gm, ctx if ctx is not None else CompileContext())

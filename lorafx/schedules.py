@@ -3,7 +3,7 @@
 A LoRA linear ``y = x Wᵀ + bias + s·(d(x) Aᵀ) Bᵀ`` (W (m, n), A (r, n), B (m, r),
 b tokens, d = dropout) can be computed in several orders with different
 FLOPs (RunLoRA, arXiv 2312.03415).  A *schedule* names one forward and one
-backward order; ``lorafx/ops.py`` implements each of them as a kernel, and this
+backward order; ``lorafx/dialect/linear.py`` implements each of them as a kernel, and this
 module gives their costs as sympy expressions that match the kernels' GEMMs
 exactly, in ``torch.utils.flop_counter.FlopCounterMode``'s convention (2 FLOPs
 per multiply-add; bias adds, scaling and other elementwise work count 0).
@@ -51,8 +51,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import sympy
 
 __all__ = [
-    "FORWARDS", "BACKWARDS", "SCHEDULES", "KEEP_SCHEDULES", "ALL_SCHEDULES", "DEFAULT_SCHEDULE", "Schedule",
-    "parse_schedule", "parse_rule", "format_rule", "resolve", "effective", "rule_keeps_xa", "lora_steps",
+    "FORWARDS", "BACKWARDS", "SCHEDULES", "KEEP_SCHEDULES", "ALL_SCHEDULES", "DEFAULT_SCHEDULE",
+    "DEFAULT_KEEP_XA_SCHEDULE", "Schedule", "Rule", "parse_schedule", "parse_rule", "format_rule", "resolve",
+    "effective", "rule_keeps_xa", "piecewise", "cheapest_rule", "lora_steps",
     "lora_flops", "lora_bytes", "lora_cost", "crossover", "best_rule", "candidates", "min_lora_overhead",
     "b", "n", "m", "r",
 ]
@@ -63,6 +64,7 @@ SCHEDULES = tuple(f + bw for f in FORWARDS for bw in BACKWARDS)
 KEEP_SCHEDULES = tuple(f + bw + "k" for f in FORWARDS for bw in ("b1", "b5"))
 ALL_SCHEDULES = SCHEDULES + KEEP_SCHEDULES
 DEFAULT_SCHEDULE = "f1b1"
+DEFAULT_KEEP_XA_SCHEDULE = "f1b1k"  # the default of the ops that keep XA (lora_linear_xa, lora_linear_folded)
 
 # Symbols for symbolic use: tokens, in, out, rank.
 b, n, m, r = sympy.symbols("b n m r", positive=True, integer=True)
@@ -97,8 +99,7 @@ def parse_schedule(name: str) -> Schedule:
 
 
 @functools.lru_cache(maxsize=4096)
-def parse_rule(rule: str) -> Tuple[Tuple[int, Schedule], ...]:
-    """``"f1b1|4096:f2b5"`` -> ((0, f1b1), (4096, f2b5)): (first token count, schedule) pieces."""
+def _parse_rule(rule: str) -> "Rule":
     if not isinstance(rule, str) or not rule.strip():
         raise ValueError(f"LoRA schedule rule must be a non-empty string, got {rule!r}")
     parts = rule.split("|")
@@ -115,7 +116,68 @@ def parse_rule(rule: str) -> Tuple[Tuple[int, Schedule], ...]:
         pieces.append((t, parse_schedule(name)))
     if len({s.keep_xa for _, s in pieces}) > 1:
         raise ValueError(f"bad LoRA schedule rule {rule!r}: all pieces must keep XA ('k') or none")
-    return tuple(pieces)
+    return Rule(tuple(pieces))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A parsed dispatch rule: ``(first token count, schedule)`` pieces, the first at 0.
+
+    ``Rule.parse("f1b1|4096:f2b5")`` is parsed once (cached); ``str(rule)`` gives the
+    text back (adjacent equal pieces merged), ``rule.resolve(tokens)`` the schedule
+    that runs at a token count.
+
+    >>> from lorafx.schedules import Rule
+    >>> rule = Rule.parse("f1b1|4096:f2b5")
+    >>> rule.resolve(100).name, rule.resolve(4096).name, rule.keep_xa, str(rule)
+    ('f1b1', 'f2b5', False, 'f1b1|4096:f2b5')
+    """
+
+    pieces: Tuple[Tuple[int, Schedule], ...]
+
+    @staticmethod
+    def parse(rule: "str | Rule") -> "Rule":
+        """The Rule for ``rule`` (a Rule is returned as is); ValueError if it does not parse."""
+        return rule if isinstance(rule, Rule) else _parse_rule(rule)
+
+    @property
+    def keep_xa(self) -> bool:
+        """Whether the rule's schedules keep XA (all pieces agree)."""
+        return self.pieces[0][1].keep_xa
+
+    @property
+    def schedules(self) -> Tuple[Schedule, ...]:
+        return tuple(s for _, s in self.pieces)
+
+    def resolve(self, tokens: int) -> Schedule:
+        """The schedule this rule picks for ``tokens`` tokens."""
+        chosen = self.pieces[0][1]
+        for t, s in self.pieces[1:]:
+            if tokens >= t:
+                chosen = s
+        return chosen
+
+    def map(self, fn: Callable[[Schedule], Optional[Schedule]]) -> Optional["Rule"]:
+        """The rule with every piece's schedule replaced by ``fn(schedule)``; None if ``fn``
+        returns None for a piece."""
+        pieces = []
+        for t, s in self.pieces:
+            new = fn(s)
+            if new is None:
+                return None
+            pieces.append((t, new))
+        return Rule.parse(format_rule(pieces))
+
+    def __str__(self) -> str:
+        return format_rule(self.pieces)
+
+    def __repr__(self) -> str:
+        return f"Rule({str(self)!r})"
+
+
+def parse_rule(rule: "str | Rule") -> Tuple[Tuple[int, Schedule], ...]:
+    """``"f1b1|4096:f2b5"`` -> ((0, f1b1), (4096, f2b5)): (first token count, schedule) pieces."""
+    return Rule.parse(rule).pieces
 
 
 def format_rule(pieces: Sequence[Tuple[int, Any]]) -> str:
@@ -129,17 +191,13 @@ def format_rule(pieces: Sequence[Tuple[int, Any]]) -> str:
     return "|".join([out[0][1]] + [f"{t}:{s}" for t, s in out[1:]])
 
 
-def resolve(rule: str, tokens: int) -> Schedule:
+def resolve(rule: "str | Rule", tokens: int) -> Schedule:
     """The schedule ``rule`` picks for ``tokens`` tokens."""
-    chosen = None
-    for t, s in parse_rule(rule):
-        if tokens >= t:
-            chosen = s
-    return chosen
+    return Rule.parse(rule).resolve(tokens)
 
 
-def rule_keeps_xa(rule: str) -> bool:
-    return parse_rule(rule)[0][1].keep_xa
+def rule_keeps_xa(rule: "str | Rule") -> bool:
+    return Rule.parse(rule).keep_xa
 
 
 def effective(s: Schedule, dropout: bool) -> Schedule:
@@ -184,7 +242,7 @@ def lora_steps(schedule: Schedule | str, b, n, m, r, *, x_requires_grad: bool = 
                bias: bool = False, bias_requires_grad: Optional[bool] = None, dropout: bool = False,
                itemsize: int = 4) -> List[Step]:
     """The GEMMs (and the elementwise passes the byte model counts) of one schedule, in the
-    order the kernels in ``lorafx/ops.py`` run them.  ``schedule`` is a single schedule."""
+    order the kernels in ``lorafx/dialect/linear.py`` run them.  ``schedule`` is a single schedule."""
     s = parse_schedule(schedule) if isinstance(schedule, str) else schedule
     s = effective(s, dropout)
     if bias_requires_grad is None:
@@ -247,15 +305,18 @@ def lora_steps(schedule: Schedule | str, b, n, m, r, *, x_requires_grad: bool = 
     return steps
 
 
-def _piecewise(rule: str, b, fn: Callable[[Schedule], Tuple[Any, Any]]):
-    pieces = parse_rule(rule)
+def piecewise(rule: "str | Rule", b, fn: Callable[[Schedule], Tuple[Any, ...]]) -> Tuple[Any, ...]:
+    """``fn(schedule)`` (a tuple of amounts) for the schedule ``rule`` picks at ``b`` tokens:
+    the value itself for one piece or a concrete ``b``, else ``sympy.Piecewise`` in ``b``."""
+    rule = Rule.parse(rule)
+    pieces = rule.pieces
     if len(pieces) == 1:
         return fn(pieces[0][1])
     if isinstance(b, (int,)) or (isinstance(b, sympy.Basic) and b.is_number):
-        return fn(resolve(rule, int(b)))
+        return fn(rule.resolve(int(b)))
     vals = [fn(s) for _, s in pieces]
     out = []
-    for k in range(2):
+    for k in range(len(vals[0])):
         args = []
         for i, (t, _) in enumerate(pieces):
             cond = sympy.true if i == len(pieces) - 1 else sympy.Lt(b, pieces[i + 1][0])
@@ -286,7 +347,7 @@ def lora_flops(schedule: str, b, n, m, r, *, x_requires_grad: bool = True, w_req
         fwd = sum((st.flops for st in steps if st.phase == "fwd"), 0)
         bwd = sum((st.flops for st in steps if st.phase == "bwd"), 0)
         return _simplify(fwd), _simplify(bwd)
-    return _piecewise(schedule, b, fn)
+    return piecewise(schedule, b, fn)
 
 
 def lora_bytes(schedule: str, b, n, m, r, *, itemsize: int = 4, x_requires_grad: bool = True,
@@ -300,7 +361,7 @@ def lora_bytes(schedule: str, b, n, m, r, *, itemsize: int = 4, x_requires_grad:
         fwd = sum((st.nbytes(itemsize) for st in steps if st.phase == "fwd"), 0)
         bwd = sum((st.nbytes(itemsize) for st in steps if st.phase == "bwd"), 0)
         return _simplify(fwd), _simplify(bwd)
-    return _piecewise(schedule, b, fn)
+    return piecewise(schedule, b, fn)
 
 
 def _simplify(e):
@@ -360,7 +421,18 @@ def best_rule(n_: int, m_: int, r_: int, *, names: Optional[Iterable[str]] = Non
     schedule that is cheapest just below keeps the range (a switch needs a strict gain).
     """
     names = tuple(names) if names is not None else candidates()
-    costs = {s: sympy.expand(lora_cost(s, b, n_, m_, r_, training=training, **kw)) for s in names}
+    costs = {s: lora_cost(s, b, n_, m_, r_, training=training, **kw) for s in names}
+    return str(cheapest_rule(costs, max_tokens=max_tokens))
+
+
+def cheapest_rule(costs: Dict[str, Any], *, max_tokens: Optional[int] = None) -> Rule:
+    """The rule that runs, at every token count, the schedule of least cost: ``costs`` maps
+    schedule names, in order of preference at a tie, to sympy expressions in ``b`` (the
+    token count), affine for the RunLoRA kernels.  The breakpoints are the crossovers solved
+    with sympy; at a tie the schedule that is cheapest just below keeps the range (a switch
+    needs a strict gain)."""
+    names = tuple(costs)
+    costs = {s: sympy.expand(sympy.sympify(c)) for s, c in costs.items()}
     points = set()
     for s1, s2 in itertools.combinations(names, 2):
         diff = costs[s1] - costs[s2]
@@ -388,7 +460,7 @@ def best_rule(n_: int, m_: int, r_: int, *, names: Optional[Iterable[str]] = Non
         if nxt != cur:
             pieces.append((t, nxt))
             cur = nxt
-    return format_rule(pieces)
+    return Rule.parse(format_rule(pieces))
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -412,9 +484,7 @@ def time_schedules(names: Sequence[str], tokens: int, n_: int, m_: int, r_: int,
     import statistics
     import time
 
-    import torch
-
-    from . import ops  # noqa: F401  registers the ops
+    import torch  # (importing lorafx registers the lorafx ops)
 
     dtype = dtype or torch.float32
     gen = torch.Generator().manual_seed(seed)
@@ -430,7 +500,7 @@ def time_schedules(names: Sequence[str], tokens: int, n_: int, m_: int, r_: int,
 
     def run(label):
         name = label.split("#")[0]  # "f1b1#control": the same schedule timed under a second label
-        keep = parse_rule(name)[0][1].keep_xa
+        keep = Rule.parse(name).keep_xa
         f = torch.ops.lorafx.lora_linear_xa if keep else torch.ops.lorafx.lora_linear
         y = f(x, W, bv, A, B, 0.5, mask, dropout, name)
         if keep:

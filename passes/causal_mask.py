@@ -47,6 +47,7 @@ import sympy
 import torch
 import torch.fx
 
+from lorafx.context import CompileContext
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
 __all__ = ["CausalMaskToIsCausal", "prove_causal_mask", "mask_expression", "NotProven"]
@@ -377,8 +378,9 @@ def _is_causal_arg(node):
 class CausalMaskToIsCausal(Pass):
     requires = frozenset({CAPTURED})
     provides = frozenset({"causal_sdpa"})
+    invalidates = frozenset({"cost"})
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         interp = _Interpreter(gm)
         rewritten, kept = 0, {}
         dropped: List[torch.fx.Node] = []

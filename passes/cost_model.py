@@ -5,7 +5,7 @@ Preserves: the graph (nothing is rewritten; only ``node.meta["lorafx"]`` changes
 
 Each call_function node gets a ``CostRecord`` (``lorafx.meta``) whose amounts are
 sympy expressions in the graph's dynamic dims.  torch.export's symbols are renamed
-through ``gm.meta["lorafx_dims"]``: ``s72`` becomes ``batch`` and ``s70`` ``seq``
+through the graph record's ``dims`` (``lorafx.meta.graph_record``): ``s72`` becomes ``batch`` and ``s70`` ``seq``
 (other dynamic dims keep their export names).  The info of the pass, and
 ``graph_cost(gm)``, give the whole-graph totals; ``evaluate(expr, batch=.., seq=..)``
 turns an expression (or its string) into a number.
@@ -31,11 +31,13 @@ FlopCounterMode`` exactly, 2 FLOPs per multiply-add:
   ``sdpa_flop_count`` (q·kᵀ and p·v, 4·B·H·L·S·E for E = Ev) and, when a gradient
   flows through it, ``sdpa_backward_flop_count`` (scores recomputed, then dP, dV, dQ,
   dK: 2·B·H·L·S·(3E + 2Ev)).  Causal masks are not discounted (neither does FlopCounterMode).
-* ``lorafx.lora_linear`` / ``lora_linear_xa`` / ``lora_linear_folded``: the GEMMs its kernel runs for the node's
-  schedule argument (``lorafx.schedules.lora_flops``; default f1b1: RunLoRA's f1 forward,
-  b1 backward with xAᵀ recomputed), with the token count symbolic.  ``lora_linear_siblings``
-  (FuseSiblings): the sum over its adapters, each with its own rule (stacking the rank-r
-  GEMMs changes their shapes, not their FLOPs).
+* LoRA ops (every kind registered in ``lorafx.dialect``): the kind's own formulas
+  (``OpKind.cost``).  ``lora_linear`` and its variants count the GEMMs their kernels run
+  for the node's schedule argument (``lorafx.schedules.lora_flops``; default f1b1:
+  RunLoRA's f1 forward, b1 backward with xAᵀ recomputed), with the token count symbolic;
+  ``lora_linear_siblings`` (FuseSiblings) the sum over its adapters, each with its own rule
+  (stacking the rank-r GEMMs changes their shapes, not their FLOPs).  A kind's helper ops
+  (``dropout_mask``) create tensors and carry no gradient.
 * Matrix-vector products (``mv``, ``dot``, and the ``matmul`` cases that ATen runs
   as one: see ``_matmul_runs_mv``), which FlopCounterMode does not count, go to the
   other FLOPs.
@@ -75,8 +77,10 @@ import sympy
 import torch
 import torch.fx
 
-from lorafx.meta import CostRecord, LoraRecord, get_record, set_record
+from lorafx.context import CompileContext
+from lorafx.meta import CostRecord, get_record, graph_record, set_record
 from lorafx.pipeline import CAPTURED, Pass, PassResult
+from lorafx.dialect import InputQuery, kind_of, owner_of
 from lorafx.schedules import DEFAULT_SCHEDULE, lora_flops
 
 __all__ = ["AnnotateCost", "BATCH", "SEQ", "COST_FIELDS", "evaluate", "graph_cost", "lora_linear_flops",
@@ -130,7 +134,7 @@ _CREATE = {
     "arange", "zeros", "ones", "full", "empty", "empty_like", "zeros_like", "ones_like", "full_like",
     "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "new_ones", "new_zeros",
     "new_full", "new_empty", "new_empty_strided", "empty_strided", "scalar_tensor", "eye", "linspace",
-    "tensor", "bernoulli", "dropout_mask", "_local_scalar_dense",
+    "tensor", "bernoulli", "_local_scalar_dense",
 }
 _ELEMENTWISE = {
     "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "neg", "abs",
@@ -213,7 +217,7 @@ def _total(records, kind: str, requires_grad: bool = False, expand: bool = False
 
 class _Annotator:
     def __init__(self, gm: torch.fx.GraphModule, grad_inputs):
-        self.dims: Dict[str, str] = dict(gm.meta.get("lorafx_dims") or {})
+        self.dims: Dict[str, str] = dict(graph_record(gm).dims)
         self.grad_inputs = grad_inputs
         self.exprs: Dict[Any, Any] = {}  # export expression -> readable expression
         self.symbols: Dict[Any, Any] = {}  # export symbol -> readable symbol
@@ -350,18 +354,21 @@ class _Annotator:
                 flag = bool(src) and _is_float_tensor(out)
             return CostRecord("view", requires_grad=flag), flag
         name = _op_name(target)
+        lora_kind = kind_of(node)
+        helper = lora_kind is None and owner_of(node) is not None
         ins = [a for a in node.all_input_nodes if isinstance(self._val(a, vals), torch.Tensor)]
         grad = lambda a: isinstance(a, torch.fx.Node) and bool(flags.get(a))
-        in_grad = any(grad(a) for a in ins)
+        in_grad = any(grad(a) for a in ins) and not helper  # a LoRA kind's helper ops carry no gradient
         if isinstance(out, (tuple, list)):
             out_flag: Any = tuple(in_grad and grad_enabled and name not in _NO_GRAD and _is_float_tensor(o)
                                   for o in out)
             needs_bwd = any(out_flag)
+            differentiable = lora_kind.grad_outputs(node) if lora_kind is not None else None
+            if differentiable is not None:  # e.g. a kept xa is not differentiable
+                out_flag = tuple(f and d for f, d in zip(out_flag, differentiable))
         else:
             out_flag = in_grad and grad_enabled and name not in _NO_GRAD and _is_float_tensor(out)
             needs_bwd = out_flag
-        if name in ("lora_linear_xa", "lora_linear_folded") and isinstance(out_flag, tuple):
-            out_flag = (out_flag[0],) + (False,) * (len(out_flag) - 1)  # xa is not differentiable
         if not isinstance(target, torch._ops.OpOverload) and not isinstance(out, (torch.Tensor, tuple, list)):
             return CostRecord("shape"), False  # Python arithmetic on sizes, torch._check, ...
 
@@ -369,11 +376,11 @@ class _Annotator:
         fwd_bytes = bwd_bytes = None
         if name in _VIEW or (name in _TO and self._same_dtype(node, out, vals)):
             return CostRecord("view", requires_grad=bool(needs_bwd)), out_flag
-        if name in ("lora_linear", "lora_linear_xa", "lora_linear_recompute", "lora_linear_folded") and \
-                getattr(target, "namespace", "") == "lorafx":
-            kind, fwd, bwd, other = self._lora(node, vals, grad, needs_bwd)
-        elif name == "lora_linear_siblings" and getattr(target, "namespace", "") == "lorafx":
-            kind, fwd, bwd, other = self._siblings(node, vals, grad, needs_bwd)
+        if lora_kind is not None:  # the kind's own formulas (lorafx.dialect)
+            cost = lora_kind.cost(node, _Inputs(self, vals, flags))
+            kind, fwd, bwd, other = "lora", sympy.sympify(cost.fwd), sympy.sympify(cost.bwd), sympy.sympify(cost.other)
+        elif helper:
+            kind = "create"
         elif name in _MATMUL:
             kind, fwd, bwd, other = self._matmul(node, name, out, vals, grad, needs_bwd)
         elif name in _ATTENTION:
@@ -476,61 +483,6 @@ class _Annotator:
         other = (_PER_ELEMENT_SOFTMAX + 1) * bh * L * S  # scale + softmax of the scores
         return "attention", fwd, bwd, other
 
-    def _lora(self, node, vals, grad, needs_bwd):
-        args = list(node.args) + [None] * (9 - len(node.args))
-        x, w, bias, a, b = args[:5]
-        mask, p = node.kwargs.get("dropout_mask", args[6]), node.kwargs.get("dropout_p", args[7])
-        schedule = node.kwargs.get("schedule", args[8])
-        if schedule is None:
-            schedule = "f1b1k" if _op_name(node.target) in ("lora_linear_xa", "lora_linear_folded") else DEFAULT_SCHEDULE
-        xv, wv, av = self._val(x, vals), self._val(w, vals), self._val(a, vals)
-        rec = get_record(node, LoraRecord)
-        if isinstance(wv, torch.Tensor):
-            m, n = self.size(wv.shape[0]), self.size(wv.shape[1])
-        else:  # weight without a known shape: fall back on the adapter's record
-            m, n = sympy.Integer(rec.out_features), sympy.Integer(rec.in_features)
-        r = self.size(av.shape[0]) if isinstance(av, torch.Tensor) else sympy.Integer(rec.r)
-        if _op_name(node.target) == "lora_linear_folded" and isinstance(wv, torch.Tensor):
-            m = m - r  # w is the (m + r, n) buffer [W; A]
-        tokens = sympy.Mul(*[self.size(d) for d in xv.shape[:-1]])
-        dropout = self._dropout_active(mask, p, vals)
-        fwd, bwd = lora_linear_flops(tokens, n, m, r, schedule=schedule, need_x=grad(x), need_w=grad(w),
-                                     need_a=grad(a), need_b=grad(b), dropout=dropout)
-        other = _ZERO
-        if bias is not None:
-            other += tokens * m  # bias add
-        if dropout:
-            other += 2 * tokens * n  # d(x) = x * mask / (1 - p)
-        return "lora", sympy.sympify(fwd), (sympy.sympify(bwd) if needs_bwd else _ZERO), other
-
-    def _siblings(self, node, vals, grad, needs_bwd):
-        """``lora_linear_siblings(x, weights, biases, has_bias, As, Bs, scales, rules, recipe, sources)``:
-        each adapter as a ``lora_linear`` with its own rule (siblings have no dropout)."""
-        x, weights, _, has_bias, a_list, b_list, _, rules = node.args[:8]
-        tokens = sympy.Mul(*[self.size(d) for d in self._val(x, vals).shape[:-1]])
-        fwd = bwd = other = _ZERO
-        for w, a, b, rule, bias in zip(weights, a_list, b_list, rules.split(";"), has_bias):
-            m, n = (self.size(d) for d in self._val(w, vals).shape)
-            f, bw = lora_linear_flops(tokens, n, m, self.size(self._val(a, vals).shape[0]), schedule=rule,
-                                      need_x=grad(x), need_w=grad(w), need_a=grad(a), need_b=grad(b))
-            fwd, bwd = fwd + sympy.sympify(f), bwd + sympy.sympify(bw)
-            if bias:
-                other += tokens * m
-        return "lora", fwd, (bwd if needs_bwd else _ZERO), other
-
-    def _dropout_active(self, mask, p, vals) -> bool:
-        """Whether the adapter's dropout mask is active (a non-empty mask; for a
-        ``lorafx.dropout_mask`` node, its train flag and p)."""
-        if not isinstance(mask, torch.fx.Node):
-            return False
-        if mask.op == "call_function" and mask.target is torch.ops.lorafx.dropout_mask.default:
-            margs = list(mask.args) + [None] * (3 - len(mask.args))
-            train = mask.kwargs.get("train", margs[2])
-            prob = mask.kwargs.get("p", margs[1])
-            return bool(train) and bool(prob) and float(prob) > 0
-        mv = self._val(mask, vals)
-        return isinstance(mv, torch.Tensor) and self.numel(mv) != 0 and bool(p)
-
     def _hop(self, gm, node, flags, grad_enabled):
         """A higher-order op (torch.no_grad / autocast regions): cost its subgraph."""
         args = list(node.args)
@@ -547,6 +499,27 @@ class _Annotator:
         records, out_flags = self.run_graph(sub, in_flags, grad_enabled=enabled)
         rec = _total(records, "subgraph", requires_grad=any(out_flags))
         return rec, out_flags
+
+
+class _Inputs(InputQuery):
+    """The annotator's answers to a LoRA kind: symbolic sizes and gradient flags."""
+
+    def __init__(self, ann: _Annotator, vals, flags):
+        self.ann, self.vals, self.flags = ann, vals, flags
+
+    def value(self, arg):
+        return self.ann._val(arg, self.vals)
+
+    def shape(self, arg):
+        v = self.value(arg)
+        return tuple(self.ann.size(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
+
+    def needs_grad(self, arg) -> bool:
+        return isinstance(arg, torch.fx.Node) and bool(self.flags.get(arg))
+
+    def tokens(self, arg):
+        shape = self.shape(arg)
+        return sympy.Mul(*shape[:-1]) if shape else sympy.Integer(1)
 
 
 # -- the pass ---------------------------------------------------------------------------------
@@ -578,11 +551,15 @@ class AnnotateCost(Pass):
             raise ValueError(f"AnnotateCost: grad_inputs must be a bool or a tuple of input names, "
                              f"got {self.grad_inputs!r}")
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def summary(self, info) -> List[str]:
+        """The scalar info, then the FLOP and byte totals (``cost_summary``)."""
+        return super().summary(info) + cost_summary(info)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         ann = _Annotator(gm, self.grad_inputs)
         records, _ = ann.run_graph(gm)
         total = _total(records, "graph", expand=True)
-        gm.meta["lorafx_cost"] = total
+        graph_record(gm).cost = total
         info: Dict[str, Any] = {
             "forward_flops": str(total.fwd_flops),
             "backward_flops": str(total.bwd_flops),

@@ -5,7 +5,7 @@ and once in the skinny ``x Aᵀ``.  This pass stores A as r extra rows under W i
 (m + r, n) buffer, ``<weight>_lorafx_folded``, and rebinds both W and ``lora_A`` as
 views of it: nothing is copied per step (an optimizer step on A writes the buffer's
 rows), and the base GEMM becomes ``x [W; A]ᵀ = [x Wᵀ | x Aᵀ]``.  The node becomes
-``lorafx.lora_linear_folded`` (lorafx/ops_folded.py), which also keeps that x Aᵀ for
+``lorafx.lora_linear_folded`` (lorafx/dialect/folded.py), which also keeps that x Aᵀ for
 backward instead of recomputing it.  Its backward is unchanged (b1 or b5 at the
 run-time token count): every f1/f2 piece of the node's rule becomes the folded
 forward, ``f1b1|689:f2b5`` -> ``f1b1k|689:f1b5k``.
@@ -38,54 +38,41 @@ After::
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.fx
 
-import lorafx.ops_folded  # noqa: F401  (registers lorafx::lora_linear_folded)
+from lorafx.context import CompileContext
+from lorafx.dialect import FOLDED, LINEAR, kind_of
+from lorafx.dialect.registry import getitem_index
+from lorafx.dialect.folded import folded_rule
 from lorafx.graph_utils import get_attr, owner_and_name, safe_name
-from lorafx.meta import LoraRecord, ScheduleRecord, get_record, records, set_record
+from lorafx.meta import LoraRecord, get_record
+from lorafx.options import Option
 from lorafx.pipeline import Pass, PassResult
-from lorafx.schedules import DEFAULT_SCHEDULE, format_rule, parse_rule
 
-__all__ = ["FoldLoRAIntoBase", "FOLDED_SUFFIX", "folded_rule", "unfold"]
+__all__ = ["FoldLoRAIntoBase", "FOLDED_SUFFIX"]
 
 FOLDED_SUFFIX = "_lorafx_folded"
-_LORA = torch.ops.lorafx.lora_linear.default
-_XA = torch.ops.lorafx.lora_linear_xa.default
-_FOLDED = torch.ops.lorafx.lora_linear_folded.default
-
-
-def folded_rule(rule: str) -> Optional[str]:
-    """The folded op's rule for a lora node's rule (every forward becomes the folded f1, XA kept),
-    or None if a piece uses a backward the folded op does not run (b3/b4)."""
-    pieces = []
-    for start, s in parse_rule(rule):
-        if s.bwd not in ("b1", "b5"):
-            return None
-        name = f"f1{s.bwd}k"
-        if not pieces or pieces[-1][1] != name:
-            pieces.append((start, name))
-    return format_rule(pieces)
-
-
-def _arg(node, i, name, default):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 @dataclass(frozen=True)
 class FoldLoRAIntoBase(Pass):
     requires = frozenset({"lora", "schedule"})
     provides = frozenset({"folded"})
+    invalidates = frozenset({"cost"})
+    options = (
+        Option("fold_a", bool, False, "store A as r extra rows of the frozen weight's buffer, so one GEMM gives "
+               "x W^T and x A^T; copies each adapted weight once at compile time (see Performance)", enables=True),
+    )
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         folded, kept = 0, {}
         buffers: Dict[str, int] = {}
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in (_LORA, _XA):
+            if kind_of(node) is not LINEAR:
                 continue
             reason = self._why_not(gm, node)
             if reason is None:
@@ -110,17 +97,17 @@ class FoldLoRAIntoBase(Pass):
             return "merged"
         if rec.weight_transposed:
             return "Conv1D-layout weight (stored transposed)"
-        if _arg(node, 6, "dropout_mask", None) is not None or rec.dropout > 0:
+        v = LINEAR.view(node)
+        if v.dropout_mask is not None or rec.dropout > 0:
             return "adapter dropout (A multiplies the masked x, W the plain one)"
-        w, a = node.args[1], node.args[3]
+        w, a = v.weight, v.lora_A
         if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target == rec.weight
                 and isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target == rec.lora_A):
             return "weight or lora_A is not read straight from the module"
-        if node.target is _XA and any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        if LINEAR.keeps_xa(node) and any(getitem_index(u) != 0 for u in node.users):
             return "its XA output is used in the graph"
-        rule = _arg(node, 8, "schedule", DEFAULT_SCHEDULE if node.target is _LORA else "f1b1k")
-        if folded_rule(rule) is None:
-            return f"schedule {rule!r} uses b3/b4 (the folded op runs b1/b5)"
+        if folded_rule(LINEAR.rule(node)) is None:
+            return f"schedule {str(LINEAR.rule(node))!r} uses b3/b4 (the folded op runs b1/b5)"
         W, A = get_attr(gm, rec.weight), get_attr(gm, rec.lora_A)
         if W.dtype != A.dtype or W.device != A.device:
             return "weight and lora_A differ in dtype or device"
@@ -146,55 +133,7 @@ class FoldLoRAIntoBase(Pass):
             buffers[ext_path] = ext.numel() * ext.element_size()
         elif ext.shape != (m + r, W.shape[1]) or A.data_ptr() != ext[m:].data_ptr():
             return f"{ext_path} exists but does not hold this adapter's A"  # folded for another adapter
-        rule = folded_rule(_arg(node, 8, "schedule", DEFAULT_SCHEDULE if node.target is _LORA else "f1b1k"))
-        g = gm.graph
-        with g.inserting_before(node):
-            ext_node = g.get_attr(ext_path)
-            new = g.create_node("call_function", _FOLDED,
-                                (node.args[0], ext_node, node.args[2], node.args[3], node.args[4],
-                                 float(node.args[5]), None, 0.0, rule),
-                                name=safe_name(rec.site) + "_lora_fold")
-            out = g.call_function(operator.getitem, (new, 0))
-        val = node.meta.get("val")
-        y_val = val[0] if isinstance(val, (tuple, list)) else val
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in node.meta:
-                new.meta[key] = out.meta[key] = node.meta[key]
-        if isinstance(y_val, torch.Tensor):
-            out.meta["val"] = y_val
-            tokens = y_val.numel() // y_val.shape[-1] if y_val.shape[-1] else 0
-            new.meta["val"] = (y_val, y_val.new_empty((r, tokens)))
-        for n in (new, out):
-            for kept_record in records(node).values():
-                set_record(n, kept_record)
-            set_record(n, ScheduleRecord(rule, "folded"))
-        if node.target is _XA:
-            for user in list(node.users):
-                user.replace_all_uses_with(out)
-                g.erase_node(user)
-        else:
-            node.replace_all_uses_with(out)
-        g.erase_node(node)
+        with gm.graph.inserting_before(node):
+            ext_node = gm.graph.get_attr(ext_path)
+        FOLDED.fold(gm.graph, node, ext_node, folded_rule(LINEAR.rule(node)), name=safe_name(rec.site) + "_lora_fold")
         return None
-
-
-def unfold(graph: torch.fx.Graph) -> int:
-    """Undo the graph side of FoldLoRAIntoBase: every ``lora_linear_folded`` node becomes the
-    ``lora_linear_xa`` it computes, reading W (a view of the folded buffer) by its own name;
-    the rule (f1b1k / f1b5k pieces) is kept.  MergeLoRA and ``merge_and_unload`` call this
-    first.  Returns how many nodes it rewrote (the caller recompiles)."""
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _FOLDED:
-            continue
-        rec = get_record(node, LoraRecord)
-        with graph.inserting_before(node):
-            w = graph.get_attr(rec.weight)
-        args = list(node.args)
-        args[1] = w
-        node.target, node.args = _XA, tuple(args)
-        for e in graph.find_nodes(op="get_attr", target=rec.weight + FOLDED_SUFFIX):
-            if not e.users:
-                graph.erase_node(e)
-        count += 1
-    return count

@@ -1,7 +1,7 @@
 """FuseSiblings: one op for the adapters that read the same input (q/k/v, gate/up).
 
 Sibling adapters ``y_i = x W_iᵀ + s_i (x A_iᵀ) B_iᵀ`` share x.  Their rank-r
-products are skinny GEMMs; ``lora_linear_siblings`` (lorafx/ops_fused.py) does
+products are skinny GEMMs; ``lora_linear_siblings`` (lorafx/dialect/siblings.py) does
 them together: forward ``[A_1; ...; A_k] xᵀ`` in one GEMM, backward every
 ``dA_i`` in one GEMM (``Z x`` with the stacked ``z_i = s_i B_iᵀ dy_iᵀ``), the
 adapters' part of dx in one GEMM (``Zᵀ [A_1; ...; A_k]``) and every
@@ -45,51 +45,27 @@ After::
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 import torch.fx
 
-import lorafx.ops_fused  # noqa: F401  (registers lorafx::lora_linear_siblings)
+from lorafx.context import CompileContext
+from lorafx.dialect import SIBLINGS, kind_of
 from lorafx.graph_utils import safe_name
 from lorafx.meta import LoraRecord, get_record
+from lorafx.options import Option
 from lorafx.pipeline import Pass, PassResult
-from lorafx.schedules import DEFAULT_SCHEDULE, parse_rule
 
 __all__ = ["FuseSiblings", "split_siblings"]
 
-_LORA = torch.ops.lorafx.lora_linear.default
-_RECOMPUTE = torch.ops.lorafx.lora_linear_recompute.default
-_SIBLINGS = torch.ops.lorafx.lora_linear_siblings.default
-
-
-def _arg(node, i, name, default):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def _why_not(members: List[torch.fx.Node]) -> Optional[str]:
-    kinds = {m.target for m in members}
-    if len(kinds) > 1:
-        return "mixed lora_linear / lora_linear_recompute"
     for m in members:
-        mask = _arg(m, 6, "dropout_mask", None)
         rec = get_record(m, LoraRecord)
-        if mask is not None or (rec is not None and rec.dropout > 0):
-            return "adapter dropout (independent masks per adapter)"
         if rec is not None and rec.merged:
             return "merged"
-    for rule in {_arg(m, 8, "schedule", DEFAULT_SCHEDULE) for m in members}:
-        for _, s in parse_rule(rule):
-            if s.bwd in ("b3", "b4") or s.keep_xa:
-                return f"schedule {rule!r} uses {s.name} (the sibling kernel runs f1/f2 with b1/b5)"
-    if members[0].target is _RECOMPUTE:
-        if len({(m.args[9], tuple(m.args[10])) for m in members}) > 1:
-            return "different recipes"
-    return None
+    return SIBLINGS.why_not(members)  # what the sibling kernel itself cannot run
 
 
 def _hoist(node: torch.fx.Node, before: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> bool:
@@ -116,17 +92,29 @@ class FuseSiblings(Pass):
 
     requires = frozenset({"lora"})
     provides = frozenset({"fused_siblings"})
+    invalidates = frozenset({"cost"})
+    options = (
+        Option("fuse_siblings", bool, None, "one op for the adapters that share an input (q/k/v, gate/up), their "
+               "rank-r GEMMs stacked (off by default with a torch.compile backend, where its backward would be "
+               "specialised, and recompiled, per token-count range)", enables=True,
+               default_text="True with backend='eager', else False"),
+    )
+
+    @classmethod
+    def from_options(cls, values, ctx: CompileContext):
+        """On by default with the eager backend only."""
+        return cls() if values.get("fuse_siblings", ctx.backend == "eager") else None
 
     def validate(self) -> None:
         if not isinstance(self.min_group, int) or self.min_group < 2:
             raise ValueError(f"FuseSiblings: min_group must be an int >= 2, got {self.min_group!r}")
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         graph = gm.graph
         groups: Dict[torch.fx.Node, List[torch.fx.Node]] = {}
         for node in graph.nodes:
-            if node.op == "call_function" and node.target in (_LORA, _RECOMPUTE) and isinstance(node.args[0], torch.fx.Node):
-                groups.setdefault(node.args[0], []).append(node)
+            if SIBLINGS.joins(node) and isinstance(kind_of(node).input(node), torch.fx.Node):
+                groups.setdefault(kind_of(node).input(node), []).append(node)
         fused, kept, made = 0, {}, []
         for x, members in groups.items():
             if len(members) < self.min_group:
@@ -143,63 +131,26 @@ class FuseSiblings(Pass):
         return PassResult(gm, fused > 0, info)
 
     def _fuse(self, gm, x, members) -> Optional[str]:
-        graph = gm.graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        first = members[0]
-        args = [m.args for m in members]
-        for a in args:
-            for v in (a[1], a[2], a[3], a[4]):
-                if isinstance(v, torch.fx.Node) and not _hoist(v, first, order):
-                    return f"{v.name} is computed between the siblings"
-        weights = [a[1] for a in args]
-        biases = [a[2] for a in args if a[2] is not None]
-        has_bias = [a[2] is not None for a in args]
-        schedules = [_arg(m, 8, "schedule", DEFAULT_SCHEDULE) for m in members]
-        recipe, sources = ("", [])
-        if first.target is _RECOMPUTE:
-            recipe, sources = first.args[9], list(first.args[10])
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for m in members:
+            v = kind_of(m).view(m)
+            for arg in (v.weight, v.bias, v.lora_A, v.lora_B):
+                if isinstance(arg, torch.fx.Node) and not _hoist(arg, members[0], order):
+                    return f"{arg.name} is computed between the siblings"
         recs = [get_record(m, LoraRecord) for m in members]
         parent = recs[0].site.rsplit(".", 1)[0] if "." in recs[0].site else ""
         short = "_".join(r.site.rsplit(".", 1)[-1] for r in recs)
-        with graph.inserting_before(first):
-            node = graph.create_node(
-                "call_function", _SIBLINGS,
-                (x, weights, biases, has_bias, [a[3] for a in args], [a[4] for a in args], [float(a[5]) for a in args],
-                 ";".join(schedules), recipe, sources),
-                name=safe_name(f"{parent}.{short}" if parent else short) + "_lora")
-        node.meta["val"] = [m.meta.get("val") for m in members]
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in first.meta:
-                node.meta[key] = first.meta[key]
-        for i, m in enumerate(members):  # each member becomes getitem(fused, i): its name, users and records stay
-            m.target, m.args, m.kwargs = operator.getitem, (node, i), {}
+        SIBLINGS.fuse(gm.graph, members, name=safe_name(f"{parent}.{short}" if parent else short) + "_lora")
         return None
 
 
 def split_siblings(gm: torch.fx.GraphModule) -> int:
     """Undo FuseSiblings: every ``lora_linear_siblings`` node becomes one ``lora_linear`` (or
     ``lora_linear_recompute``, when it carries a recipe) per sibling again, with the records its
-    getitem nodes carry.  MergeLoRA calls this first.  Returns how many sibling nodes it split."""
-    graph = gm.graph
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _SIBLINGS:
-            continue
-        x, weights, biases, has_bias, As, Bs, scales, schedules, recipe, sources = node.args
-        bias_iter = iter(biases)
-        rules = schedules.split(";")
-        outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-        for i, (w, a, bb, s, rule) in enumerate(zip(weights, As, Bs, scales, rules)):
-            bias = next(bias_iter) if has_bias[i] else None
-            out = outs.get(i)
-            if out is None:  # an unused output
-                continue
-            base = (x, w, bias, a, bb, s, None, 0.0, rule)
-            # the getitem becomes the adapter's op again: its name, users and records stay
-            out.target = _RECOMPUTE if recipe else _LORA
-            out.args, out.kwargs = ((*base, recipe, list(sources)) if recipe else base), {}
-        graph.erase_node(node)
-        count += 1
-    if count:
+    getitem nodes carry (``SIBLINGS.split``).  Returns how many sibling nodes it split."""
+    nodes = [n for n in gm.graph.nodes if kind_of(n) is SIBLINGS]
+    for node in nodes:
+        SIBLINGS.split(gm.graph, node)
+    if nodes:
         gm.recompile()
-    return count
+    return len(nodes)

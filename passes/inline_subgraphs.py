@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from lorafx.context import CompileContext
 from lorafx.graph_utils import get_attr
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
@@ -55,8 +56,9 @@ def _may_require_grad(gm: torch.fx.GraphModule, node) -> bool:
 class InlineGradModeRegions(Pass):
     requires = frozenset({CAPTURED})
     provides = frozenset({"inlined"})
+    invalidates = frozenset({"cost"})
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         count = 0
         for node in list(gm.graph.find_nodes(op="call_function", target=_WRAP)):
             enabled, sub_node, *operands = node.args

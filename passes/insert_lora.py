@@ -33,9 +33,12 @@ import torch
 import torch.fx
 
 from lorafx import options as O
+from lorafx.context import CompileContext
+from lorafx.dialect import LINEAR
 from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, node_module,
-                                pattern_value, safe_name, set_parameter, unique)
-from lorafx.meta import LoraRecord, OriginRecord, set_record
+                                pattern_value, set_parameter, unique)
+from lorafx.meta import LoraRecord, graph_record
+from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
 __all__ = ["InsertLoRA", "freeze_base"]
@@ -44,6 +47,10 @@ ALL_LINEAR = "all-linear"
 INITS = ("kaiming", "gaussian")
 _ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora), so 0 means "
               "they never change the model and nan or inf makes every output nan")
+
+
+def _check_alpha(name, value, where):
+    O.check_positive_real(name, value, where, _ALPHA_WHY)
 
 
 def _as_tuple(v):
@@ -68,6 +75,28 @@ class InsertLoRA(Pass):
 
     requires = frozenset({CAPTURED})
     provides = frozenset({"lora"})
+    invalidates = frozenset({"cost"})
+    options = (
+        Option("r", int, 8, "LoRA rank", check=O.check_positive_int),
+        Option("alpha", float, 16.0, "LoRA alpha; scale = alpha / r", check=_check_alpha),
+        Option("target_modules", (str, list), ALL_LINEAR,
+               "'all-linear' (every linear but the output layer), a list of module names (PEFT's suffix rule) "
+               "or a regex",
+               check=O.check_modules),
+        Option("exclude_modules", (str, list, type(None)), None, "module names or a regex to leave alone",
+               check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
+        Option("rank_pattern", dict, {}, "PEFT-style {regex: rank}",
+               check=lambda name, value, where: O.check_pattern_dict(name, value, O.check_positive_int, where,
+                                                                     "{'q_proj': 16}")),
+        Option("alpha_pattern", dict, {}, "PEFT-style {regex: alpha}",
+               check=lambda name, value, where: O.check_pattern_dict(name, value, _check_alpha, where,
+                                                                     "{'q_proj': 32}")),
+        Option("use_rslora", bool, False, "scale = alpha / sqrt(r) (rsLoRA, arXiv 2312.03732)"),
+        Option("dropout", float, 0.0, "adapter dropout probability, on in train(), off in eval(); saved as a "
+               "boolean mask, never a copy of x", check=O.check_probability),
+        Option("init", str, "kaiming", "'kaiming' or 'gaussian' init of A; B starts at 0",
+               check=lambda name, value, where: O.check_choice(name, value, INITS, where)),
+    )
 
     def __post_init__(self):
         super().__post_init__()  # validate the options as given, then normalise them
@@ -102,7 +131,7 @@ class InsertLoRA(Pass):
 
     # -- matching -----------------------------------------------------------------
     def _selected(self, gm: torch.fx.GraphModule, sites):
-        outputs = set(gm.meta.get("lorafx_output_modules", []))
+        outputs = set(graph_record(gm).output_modules)
         chosen = []
         for s in sites:
             if self.target_modules == ALL_LINEAR:
@@ -144,11 +173,11 @@ class InsertLoRA(Pass):
                 A.copy_(torch.randn(A.shape, generator=gen, dtype=torch.float32) / r)
         return torch.nn.Parameter(A), torch.nn.Parameter(B)
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         sites = self._selected(gm, find_linear_sites(gm))
         _refuse_shared_weights(gm, sites)
         configs = [self.site_config(s) for s in sites]  # validate all before touching the graph
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        seed = self.seed if self.seed is not None else ctx.decide("seed", ctx.draw_seed)  # replayed per capture
         gen = torch.Generator().manual_seed(seed)
         if self.freeze:
             freeze_base(gm)
@@ -204,26 +233,16 @@ def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
 
 def replace_with_lora(gm, node, x, weight_node, bias, record: LoraRecord, created_by: str,
                       train: Optional[bool] = None) -> torch.fx.Node:
-    """Insert a ``lora_linear`` computing ``node``'s linear plus the adapter; returns the new node."""
+    """Insert a ``lora_linear`` computing ``node``'s linear plus the adapter (``LINEAR.build``)
+    and give it ``node``'s users; returns the new node."""
     g = gm.graph
     if train is None:
-        train = gm.meta.get("lorafx_training", True)
+        train = graph_record(gm).training is not False
     with g.inserting_before(node):
-        w = g.call_function(torch.ops.aten.t.default, (weight_node,)) if record.weight_transposed else weight_node
-        a = g.get_attr(record.lora_A)
-        b = g.get_attr(record.lora_B)
-        mask = None
-        if record.dropout > 0:
-            mask = g.call_function(torch.ops.lorafx.dropout_mask.default, (x, record.dropout, train))
-            set_record(mask, OriginRecord(record.site, created_by=created_by))
-        new = g.create_node("call_function", torch.ops.lorafx.lora_linear.default,
-                            (x, w, bias, a, b, record.scale, mask, record.dropout),
-                            name=safe_name(record.site) + "_lora")
+        new = LINEAR.build(g, x, weight_node, bias, record, train=train, created_by=created_by)
     for key in ("nn_module_stack", "stack_trace", "val"):
         if key in node.meta:
             new.meta[key] = node.meta[key]
-    set_record(new, OriginRecord(record.site, "Linear", created_by=created_by))
-    set_record(new, record)
     node.replace_all_uses_with(new)
     g.erase_node(node)
     return new

@@ -1,11 +1,14 @@
 """MergeLoRA / UnmergeLoRA: fold adapters into the frozen weights and back.
 
-MergeLoRA requires ``"lora"``; it computes W' = W + scale * B A in float32
-(transposed for Conv1D-layout weights), binds W' in place of W and turns each
-``lora_linear`` into a plain ``aten.linear``.  The original W is kept as a
-non-persistent buffer ``<weight>_lorafx_unmerged`` so that UnmergeLoRA restores it
-bit for bit (the caller's model is never written to).  ``unload=True`` also
-deletes A, B and the kept weights (merge_and_unload).
+MergeLoRA requires ``"lora"``.  It first rewrites every LoRA op into its kind's
+canonical, single-adapter form (``lorafx.dialect.canonicalize``: sibling groups split,
+folded and recompute nodes back to ``lora_linear``), then asks each node's kind for its
+merged weight (W + scale * B A by default, in float32, in the stored layout), binds it
+in place of W and turns the node into a plain ``aten.linear``.  The original W is kept
+as a non-persistent buffer ``<weight>_lorafx_unmerged`` so that UnmergeLoRA restores it
+bit for bit (the caller's model is never written to); UnmergeLoRA asks the kind the
+node was merged from (its ``MergedFrom`` record) to rebuild it.  ``unload=True`` also
+deletes the adapters' tensors and the kept weights (merge_and_unload).
 
 Preserves: outputs (merged equals unmerged up to float rounding; dropout is
 the identity in eval).
@@ -19,45 +22,45 @@ After::
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Callable, Dict
 
 import torch
 import torch.fx
 
+from lorafx.context import CompileContext
+from lorafx.dialect import LINEAR, MergedFrom, canonicalize, kind_named, kind_of
 from lorafx.graph_utils import get_attr, owner_and_name, del_attr
-from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
-from lorafx.ops_fused import MERGEABLE_LORA_OPS
-from lorafx.pipeline import Pass, PassError, PassResult
+from lorafx.meta import LoraRecord, OriginRecord, get_record, graph_record, set_record
+from lorafx.pipeline import Pass, PassResult
 
-from .fold_lora import FOLDED_SUFFIX, unfold
-from .fuse_siblings import split_siblings
-from .insert_lora import replace_with_lora
+from .fold_lora import FOLDED_SUFFIX
 
-__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weight", "unmerge_site_weight", "kept_unmerged_weight"]
+__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", "kept_unmerged_weight"]
 
 _KEPT = "_lorafx_unmerged"
 
 
-def merged_weight(gm: torch.nn.Module, rec: LoraRecord) -> torch.Tensor:
-    """W + scale * B A in the stored layout, computed in float32 (or wider)."""
-    W = get_attr(gm, rec.weight)
-    acc = torch.promote_types(W.dtype, torch.float32)
-    A = get_attr(gm, rec.lora_A).detach().to(acc)
-    B = get_attr(gm, rec.lora_B).detach().to(acc)
-    delta = rec.scale * (B @ A)
-    if rec.weight_transposed:
-        delta = delta.t()
-    return (W.detach().to(acc) + delta).to(W.dtype)
+def merged_weights(gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
+    """{weight path: merged weight} for every adapter of ``gm``, from each kind's
+    ``merged_weight`` on a canonical copy of the graph (``gm`` itself is not changed)."""
+    graph = copy.deepcopy(gm.graph)
+    out = {}
+    for node in canonicalize(graph):
+        rec = get_record(node, LoraRecord)
+        if rec is not None and not rec.merged:
+            out.setdefault(rec.weight, kind_of(node).merged_weight(gm, node))
+    return out
 
 
-def _merge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:
+def _merge_site_weight(gm: torch.nn.Module, rec: LoraRecord, merged: Callable[[], torch.Tensor]) -> None:
     owner, name = owner_and_name(gm, rec.weight)
     if hasattr(owner, name + _KEPT):
         return  # merged already (a module called twice, or a graph sharing modules)
     original = owner._parameters[name]
-    merged = torch.nn.Parameter(merged_weight(gm, rec), requires_grad=False)
     owner.register_buffer(name + _KEPT, original.data, persistent=False)
-    owner._parameters[name] = merged
+    owner._parameters[name] = torch.nn.Parameter(merged(), requires_grad=False)
 
 
 def kept_unmerged_weight(gm: torch.nn.Module, rec: LoraRecord):
@@ -83,45 +86,31 @@ class MergeLoRA(Pass):
     requires = frozenset({"lora"})
     provides = frozenset({"merged"})
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        xa_op = torch.ops.lorafx.lora_linear_xa.default  # returns (y, xa): its users are getitem(node, 0)
-        ops = (*MERGEABLE_LORA_OPS, xa_op)  # + lora_linear_recompute (RecomputeInputs)
-        split_siblings(gm)  # FuseSiblings' groups back to one op per adapter
-        if unfold(gm.graph):  # FoldLoRAIntoBase's nodes back to lora_linear_xa
-            gm.recompile()
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         count = 0
-        adapters = set()
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in ops:
-                continue
-            rec = get_record(node, LoraRecord)
+        unloaded = set()
+        for node in canonicalize(gm.graph):  # one single-adapter node per adapter
+            kind, rec = kind_of(node), get_record(node, LoraRecord)
             if self.rebind_weights:
-                _merge_site_weight(gm, rec)
-            x, w, bias = node.args[0], node.args[1], node.args[2]
+                _merge_site_weight(gm, rec, lambda: kind.merged_weight(gm, node))
+            v = kind.view(node)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.aten.linear.default, (x, w, bias))
-            new.meta.update({k: v for k, v in node.meta.items() if k != "lorafx"})
+                new = gm.graph.call_function(torch.ops.aten.linear.default, (v.x, v.weight, v.bias))
+            new.meta.update({k: val for k, val in node.meta.items() if k != "lorafx"})
             set_record(new, get_record(node, OriginRecord) or OriginRecord(rec.site))
             if not self.unload:
                 set_record(new, LoraRecord(**{**rec.__dict__, "merged": True}))
-            if node.target is xa_op:
-                for user in list(node.users):
-                    if user.args[1] != 0:
-                        raise PassError(f"MergeLoRA: {node.name}'s XA output is used by {user.name}")
-                    user.replace_all_uses_with(new)
-                    gm.graph.erase_node(user)
-            else:
-                node.replace_all_uses_with(new)
+                set_record(new, MergedFrom(kind.name))
+            unloaded.update((path, rec.weight) for path in kind.adapter_tensors(node))
+            node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-            adapters.add((rec.lora_A, rec.lora_B, rec.weight))
             count += 1
         gm.graph.eliminate_dead_code()
         if self.unload:
-            for a, b, w in adapters:
-                for path in (a, b):
-                    if _has_attr(gm, path):
-                        del_attr(gm, path)
-                owner, name = owner_and_name(gm, w)
+            for path, weight in unloaded:
+                if _has_attr(gm, path):
+                    del_attr(gm, path)
+                owner, name = owner_and_name(gm, weight)
                 for suffix in (_KEPT, FOLDED_SUFFIX):  # the kept weight; FoldLoRAIntoBase's [W; A] buffer
                     if hasattr(owner, name + suffix):
                         delattr(owner, name + suffix)
@@ -135,7 +124,7 @@ class UnmergeLoRA(Pass):
     requires = frozenset({"lora"})
     provides = frozenset()
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         count = 0
         for node in list(gm.graph.nodes):
             rec = get_record(node, LoraRecord) if node.op == "call_function" else None
@@ -143,12 +132,18 @@ class UnmergeLoRA(Pass):
                 continue
             if self.rebind_weights:
                 unmerge_site_weight(gm, rec)
-            x, w, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
-            weight_node = w.args[0] if rec.weight_transposed else w
-            unmerged = LoraRecord(**{**rec.__dict__, "merged": False})
+            merged_from = get_record(node, MergedFrom)
+            kind = kind_named(merged_from.kind) if merged_from is not None else LINEAR
             origin = get_record(node, OriginRecord)
-            replace_with_lora(gm, node, x, weight_node, bias, unmerged,
-                                    created_by=origin.created_by if origin else "InsertLoRA")
+            with gm.graph.inserting_before(node):
+                new = kind.unmerge(gm.graph, node, LoraRecord(**{**rec.__dict__, "merged": False}),
+                                   train=graph_record(gm).training is not False,
+                                   created_by=origin.created_by if origin else "InsertLoRA")
+            for key in ("nn_module_stack", "stack_trace", "val"):
+                if key in node.meta:
+                    new.meta[key] = node.meta[key]
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
             count += 1
         gm.graph.eliminate_dead_code()
         return PassResult(gm, count > 0, {"unmerged_sites": count})

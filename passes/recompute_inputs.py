@@ -6,13 +6,13 @@ LLaMA layer x is the RMSNorm output (q/k/v, gate/up) or ``silu(gate) * up``
 (down_proj), tensors nobody else keeps.  But their producers' own backward
 keeps what is needed to rebuild them: ``mul(h, rsqrt)`` saves h and rsqrt,
 ``mul(silu, up)`` saves both factors.  This pass rewrites each such
-``lora_linear`` into ``lora_linear_recompute`` (lorafx/ops_fused.py), which saves
+``lora_linear`` into ``lora_linear_recompute`` (lorafx/dialect/recompute.py), which saves
 those tensors (already alive, so no new memory) instead of x and rebuilds
 ``x = recipe(sources)`` in backward with the very same ATen ops -- one or two
 elementwise kernels, so the result is bit-identical.
 
 How a recipe is found.  From x, the pass walks back through cheap ops
-(``lorafx.ops_fused.RECIPE_OPS``: elementwise maps, casts, views with constant
+(``lorafx.dialect.recipe.RECIPE_OPS``: elementwise maps, casts, views with constant
 sizes) until every leaf is *free*: a parameter or buffer, or a tensor that an
 autograd node upstream of x saves anyway (the rules in ``_saved_inputs``:
 ``mul`` saves each factor when the other needs a gradient, ``silu``/``gelu``/
@@ -55,18 +55,16 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.fx
 
-import lorafx.ops_fused  # noqa: F401  (registers lorafx::lora_linear_recompute)
+from lorafx.context import CompileContext
+from lorafx.dialect import LINEAR, RECOMPUTE, kind_of, owner_of
+from lorafx.dialect.recipe import RECIPE_OPS, compile_recipe, recipe_op_name
 from lorafx.graph_utils import get_attr
 from lorafx.meta import LoraRecord, get_record
-from lorafx.ops_fused import RECIPE_OPS, compile_recipe, recipe_op_name
 from lorafx.pipeline import Pass, PassResult
-from lorafx.schedules import DEFAULT_SCHEDULE
 
 __all__ = ["RecomputeInputs", "requires_grad_flags", "find_recipe"]
 
 aten = torch.ops.aten
-_LORA = torch.ops.lorafx.lora_linear.default
-_RECOMPUTE = torch.ops.lorafx.lora_linear_recompute.default
 
 # Ops whose output shares its input's storage (a saved view keeps the base alive).
 _VIEW_OPS = {
@@ -99,8 +97,6 @@ _SAVE_OUTPUT = {
     aten.rsqrt.default, aten.sigmoid.default, aten.tanh.default, aten.exp.default, aten.relu.default,
     aten.softmax.int, aten.log_softmax.int, aten.scaled_dot_product_attention.default,
 }
-_LORA_OPS_SAVING_X = {_LORA, getattr(torch.ops.lorafx, "lora_linear_xa").default} if hasattr(
-    torch.ops.lorafx, "lora_linear_xa") else {_LORA}
 
 
 def requires_grad_flags(gm: torch.fx.GraphModule, inputs_require_grad: bool = False) -> Dict[torch.fx.Node, bool]:
@@ -119,8 +115,8 @@ def requires_grad_flags(gm: torch.fx.GraphModule, inputs_require_grad: bool = Fa
                 v = None
             flags[node] = isinstance(v, torch.Tensor) and v.requires_grad
         elif node.op == "call_function":
-            if node.target in (aten.detach.default, torch.ops.lorafx.dropout_mask.default):
-                flags[node] = False
+            if node.target is aten.detach.default or (kind_of(node) is None and owner_of(node) is not None):
+                flags[node] = False  # detach, and a LoRA kind's helper ops (the dropout mask)
             elif isinstance(val, torch.Tensor) and not floating:
                 flags[node] = False
             else:
@@ -137,9 +133,9 @@ def _saved_inputs(node: torch.fx.Node, rg) -> Optional[Set[torch.fx.Node]]:
     if not rg.get(node, False):
         return set()  # no autograd node, nothing saved
     t = node.target
-    if t in _LORA_OPS_SAVING_X or t is _RECOMPUTE:
-        return {a for a in node.args[:5] if isinstance(a, torch.fx.Node)} if t is not _RECOMPUTE else \
-            {a for a in (node.args[1], node.args[3], node.args[4]) if isinstance(a, torch.fx.Node)} | set(node.args[10])
+    kind = kind_of(node)
+    if kind is not None:  # a LoRA op: its kind knows what it saves
+        return kind.saved_inputs(node)
     if t in _PRODUCTS or t is aten.div.Tensor:
         i, j = _PRODUCTS.get(t, (0, 1))
         a, b = node.args[i], node.args[j]
@@ -265,17 +261,18 @@ class RecomputeInputs(Pass):
 
     requires = frozenset({"lora"})
     provides = frozenset({"recompute_inputs"})
+    invalidates = frozenset({"cost"})
 
     def validate(self) -> None:
         if not isinstance(self.max_ops, int) or self.max_ops < 1:
             raise ValueError(f"RecomputeInputs: max_ops must be a positive int, got {self.max_ops!r}")
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         rg = requires_grad_flags(gm, self.inputs_require_grad)
         groups: Dict[torch.fx.Node, List[torch.fx.Node]] = {}
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is _LORA and isinstance(node.args[0], torch.fx.Node):
-                groups.setdefault(node.args[0], []).append(node)
+            if kind_of(node) is LINEAR and not LINEAR.keeps_xa(node) and isinstance(LINEAR.input(node), torch.fx.Node):
+                groups.setdefault(LINEAR.input(node), []).append(node)
         rewritten, kept, recipes = 0, {}, {}
         for x, loras in groups.items():
             reason = self._why_not(gm, x, loras, rg)
@@ -289,15 +286,7 @@ class RecomputeInputs(Pass):
                 continue
             recipe, sources = found
             for n in loras:
-                args = list(n.args) + [None] * (9 - len(n.args))
-                defaults = {6: n.kwargs.get("dropout_mask"), 7: n.kwargs.get("dropout_p", 0.0),
-                            8: n.kwargs.get("schedule", DEFAULT_SCHEDULE)}
-                for i, v in defaults.items():
-                    if i >= len(n.args):
-                        args[i] = v
-                n.target = _RECOMPUTE
-                n.args = (*args[:9], recipe, list(sources))
-                n.kwargs = {}
+                RECOMPUTE.adopt(n, recipe, sources)
                 rewritten += 1
             recipes[x.name] = {"recipe": recipe, "sources": [s.name for s in sources],
                                "adapters": [n.name for n in loras]}

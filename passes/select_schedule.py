@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import operator
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -59,14 +58,16 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx import schedules as S
+from lorafx.context import CompileContext
+from lorafx.dialect import InputQuery, OpKind, ScheduleFamily, kind_of, owner_of
 from lorafx.graph_utils import get_attr
 from lorafx.meta import LoraRecord, ScheduleRecord, get_record, set_record
+from lorafx.options import Option
 from lorafx.pipeline import Pass, PassResult
 
 __all__ = ["SelectSchedule", "lora_nodes", "grad_flags", "CRITERIA"]
 
 CRITERIA = ("flops", "time")
-LORA_OPS = (torch.ops.lorafx.lora_linear.default, torch.ops.lorafx.lora_linear_xa.default)
 
 # Process-wide caches: FLOP-criterion rules (sympy solving is slow) and time measurements.
 _FLOPS_RULES: Dict[tuple, str] = {}
@@ -74,7 +75,8 @@ _TIME_MEMORY: Dict[str, Dict[str, Any]] = {}
 
 
 def lora_nodes(gm: torch.fx.GraphModule):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LORA_OPS]
+    """The nodes SelectSchedule chooses a rule for: those of kinds with a schedule family."""
+    return [n for n in gm.graph.nodes if (kind_of(n) is not None and kind_of(n).scheduled)]
 
 
 def _hint(d) -> Optional[int]:
@@ -85,9 +87,6 @@ def _hint(d) -> Optional[int]:
         return int(hint_int(d))
     except Exception:
         return None
-
-
-_NO_GRAD_OPS = {torch.ops.lorafx.dropout_mask.default}
 
 
 def grad_flags(gm: torch.fx.GraphModule) -> Dict[torch.fx.Node, bool]:
@@ -106,7 +105,7 @@ def grad_flags(gm: torch.fx.GraphModule) -> Dict[torch.fx.Node, bool]:
         elif node.op == "output":
             continue
         else:
-            if node.target in _NO_GRAD_OPS:
+            if kind_of(node) is None and owner_of(node) is not None:  # a LoRA kind's helper op (dropout mask)
                 flags[node] = False
                 continue
             val = node.meta.get("val")
@@ -166,6 +165,16 @@ class SelectSchedule(Pass):
 
     requires = frozenset({"lora"})
     provides = frozenset({"schedule"})
+    invalidates = frozenset({"cost"})
+    options = (
+        Option("schedule", str, "auto", "'auto' (the cheapest per node and token count) or a schedule / rule "
+               "for every node, e.g. 'f1b1' or 'f1b1|4096:f2b5'"),
+        Option("schedule_criterion", str, "flops", "'flops' (sympy FLOP formulas) or 'time' (measured on this "
+               "machine, cached; the measured choice is recorded and replayed for new call signatures)",
+               field="criterion", check=lambda name, value, where: O.check_choice(name, value, CRITERIA, where)),
+        Option("schedule_keep_xa", bool, False, "save x A^T (r x tokens) for backward instead of recomputing it",
+               field="keep_xa"),
+    )
 
     def __post_init__(self):
         counts = self.token_counts
@@ -202,53 +211,25 @@ class SelectSchedule(Pass):
             raise TypeError(f"{where}cache_path must be a path, '' (memory only) or None, got {self.cache_path!r}")
 
     # -- per node ------------------------------------------------------------------------
-    def _shape(self, gm, node):
-        args = list(node.args) + [None] * (9 - len(node.args))
-        x, w, bias, a, bb, _, mask = args[:7]
-        rec = get_record(node, LoraRecord)
-        wv = w.meta.get("val") if isinstance(w, torch.fx.Node) else None
-        av = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-        if isinstance(a, torch.fx.Node) and a.op == "get_attr" and av is None:
-            av = get_attr(gm, a.target)
-        m = _hint(wv.shape[0]) if wv is not None else rec.out_features
-        n = _hint(wv.shape[1]) if wv is not None else rec.in_features
-        r = _hint(av.shape[0]) if av is not None else rec.r
-        xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        tokens = None
-        dtype, device = torch.float32, "cpu"
-        if isinstance(xv, torch.Tensor):
-            dims = [_hint(d) for d in xv.shape[:-1]]
-            if all(d is not None for d in dims):
-                tokens = 1
-                for d in dims:
-                    tokens *= d
-            dtype, device = xv.dtype, str(xv.device)
-        if device == "meta" and isinstance(a, torch.fx.Node) and a.op == "get_attr":
-            device = str(get_attr(gm, a.target).device)
-        return n, m, r, tokens, dtype, device, bias is not None, isinstance(mask, torch.fx.Node)
-
-    def _flops_rule(self, n, m, r, flags) -> str:
-        key = (n, m, r, self.keep_xa, self.byte_weight, tuple(sorted(flags.items())))
+    def _flops_rule(self, kind: OpKind, family: ScheduleFamily) -> str:
+        key = (kind.name, family.key, self.byte_weight)
         if key not in _FLOPS_RULES:
-            names = S.candidates(dropout=flags["dropout"], keep_xa=self.keep_xa)
-            _FLOPS_RULES[key] = S.best_rule(n, m, r, names=names, byte_weight=self.byte_weight, **flags)
+            costs = {name: family.cost(name, S.b, byte_weight=self.byte_weight) for name in family.candidates}
+            _FLOPS_RULES[key] = str(S.cheapest_rule(costs))
         return _FLOPS_RULES[key]
 
-    def _time_rule(self, n, m, r, tokens, dtype, device, flags, p, disk, new_entries) -> Tuple[str, dict]:
+    def _time_rule(self, kind: OpKind, family: ScheduleFamily, tokens: Optional[int], disk,
+                   new_entries) -> Tuple[str, dict]:
         counts = self.token_counts or ((tokens,) if tokens else (1024,))
-        names = S.candidates(dropout=flags["dropout"], keep_xa=self.keep_xa)
+        names = family.candidates
         winners = []
         measured = {}
         for t in sorted(set(counts)):
-            key = json.dumps({"n": n, "m": m, "r": r, "dtype": str(dtype), "device": device,
-                              "threads": torch.get_num_threads(), "tokens": t, "keep_xa": self.keep_xa,
-                              **{k: bool(v) for k, v in flags.items()}}, sort_keys=True)
+            key = json.dumps({"kind": kind.name, **dict(family.key), **dict(family.time_key),
+                              "threads": torch.get_num_threads(), "tokens": t}, sort_keys=True, default=str)
             entry = _TIME_MEMORY.get(key) or disk.get(key)
             if entry is None or set(entry.get("seconds", {})) != set(names):
-                secs = S.time_schedules(names, t, n, m, r, dtype=dtype, device=device, repeats=self.repeats,
-                                        x_requires_grad=flags["x_requires_grad"],
-                                        w_requires_grad=flags["w_requires_grad"], bias=flags["bias"],
-                                        dropout=p if flags["dropout"] else 0.0)
+                secs = family.time(names, t, self.repeats)
                 entry = {"seconds": secs, "best": min(secs, key=secs.get)}
                 new_entries[key] = entry
             _TIME_MEMORY[key] = entry
@@ -257,7 +238,7 @@ class SelectSchedule(Pass):
         return S.rule_from_measurements(winners), measured
 
     # -- the pass ------------------------------------------------------------------------
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         nodes = lora_nodes(gm)
         flags_of = grad_flags(gm) if nodes else {}
         cache = _cache_file(self.cache_path) if self.criterion == "time" and self.schedule == "auto" else None
@@ -266,26 +247,21 @@ class SelectSchedule(Pass):
         choices: Dict[str, str] = {}
         measured: Dict[str, Any] = {}
         modified = False
+        inputs = _Inputs(gm, flags_of)
         for node in nodes:
-            n, m, r, tokens, dtype, device, has_bias, has_mask = self._shape(gm, node)
-            args = list(node.args[:8])  # (x, W, bias, A, B, scale, dropout_mask, dropout_p)
-            for i, (key, default) in enumerate((("dropout_mask", None), ("dropout_p", 0.0)), start=6):
-                if len(args) == i:
-                    args.append(node.kwargs.get(key, default))
-            x, w, bias, a, bb = node.args[:5]
-            flags = {"x_requires_grad": flags_of.get(x, True), "w_requires_grad": flags_of.get(w, False),
-                     "a_requires_grad": flags_of.get(a, True), "b_requires_grad": flags_of.get(bb, True),
-                     "bias": has_bias, "dropout": has_mask}
+            kind = kind_of(node)
+            family = kind.schedule_family(node, inputs, keep_xa=self.keep_xa)
             crit = self.criterion
             if self.schedule != "auto":
-                rule, crit = self.schedule, "fixed"
-            elif self.criterion == "flops":
-                rule = self._flops_rule(n, m, r, flags)
-            else:
-                rule, seen = self._time_rule(n, m, r, tokens, dtype, device, flags, float(args[7] or 0.0), disk,
-                                             new_entries)
+                rule, crit = str(S.Rule.parse(self.schedule)), "fixed"
+            elif self.criterion == "time" and family.time is not None:
+                tokens = inputs.tokens(kind.input(node))
+                rule, seen = ctx.decide(  # a measured choice: recorded, replayed for new call signatures
+                    f"rule:{node.name}", lambda: self._time_rule(kind, family, tokens, disk, new_entries))
                 measured[node.name] = seen
-            modified |= self._rewrite(gm, node, args, rule)
+            else:  # the FLOP formulas (also for a kind whose schedules cannot be timed)
+                rule, crit = self._flops_rule(kind, family), "flops"
+            modified |= kind.set_rule(gm.graph, node, S.Rule.parse(rule))
             rec = get_record(node, LoraRecord)
             choices[rec.site if rec is not None else node.name] = rule
             set_record(node, ScheduleRecord(rule, crit))
@@ -298,45 +274,33 @@ class SelectSchedule(Pass):
             info["cache"] = cache or "memory"
         return PassResult(gm, modified, info)
 
-    def _rewrite(self, gm, node, args, rule) -> bool:
-        """Set the node's schedule argument, switching between lora_linear and lora_linear_xa
-        as the rule needs."""
-        keep = S.rule_keeps_xa(rule)
-        want = torch.ops.lorafx.lora_linear_xa.default if keep else torch.ops.lorafx.lora_linear.default
-        new_args = tuple(args) + (rule,)
-        if node.target is want:
-            if tuple(node.args) == new_args:
-                return False
-            node.args = new_args
-            node.kwargs = {}
-            return True
-        g = gm.graph
-        if keep:  # lora_linear -> lora_linear_xa + getitem(., 0)
-            val = node.meta.get("val")
-            with g.inserting_after(node):
-                first = g.call_function(operator.getitem, (node, 0))
-            node.replace_all_uses_with(first, delete_user_cb=lambda u: u is not first)
-            node.target, node.args, node.kwargs = want, new_args, {}
-            if isinstance(val, torch.Tensor):
-                first.meta["val"] = val
-                try:
-                    tokens = val.numel() // val.shape[-1] if val.shape[-1] else 0
-                    node.meta["val"] = (val, val.new_empty((args[3].meta["val"].shape[0], tokens)))
-                except Exception:
-                    node.meta["val"] = (val, None)
-            for key in ("nn_module_stack", "stack_trace"):
-                if key in node.meta:
-                    first.meta[key] = node.meta[key]
-        else:  # lora_linear_xa -> lora_linear: drop the getitem(., 0) users
-            for user in list(node.users):
-                if user.target is operator.getitem and user.args[1] == 0:
-                    user.replace_all_uses_with(node)
-                    g.erase_node(user)
-                else:
-                    raise ValueError(f"SelectSchedule: {node.name}'s XA output is used by {user.name}; "
-                                     "it cannot become a lora_linear without XA")
-            val = node.meta.get("val")
-            if isinstance(val, (tuple, list)):
-                node.meta["val"] = val[0]
-            node.target, node.args, node.kwargs = want, new_args, {}
-        return True
+
+class _Inputs(InputQuery):
+    """Concrete sizes (the example's hints for dynamic dims) and gradient flags for a kind."""
+
+    def __init__(self, gm: torch.fx.GraphModule, flags: Dict[torch.fx.Node, bool]):
+        self.gm, self.flags = gm, flags
+
+    def value(self, arg):
+        if not isinstance(arg, torch.fx.Node):
+            return arg
+        if arg.op == "get_attr":
+            try:
+                return get_attr(self.gm, arg.target)
+            except AttributeError:
+                pass
+        return arg.meta.get("val")
+
+    def shape(self, arg):
+        v = self.value(arg)
+        if not isinstance(v, torch.Tensor):
+            return None
+        dims = tuple(_hint(d) for d in v.shape)
+        return dims if all(d is not None for d in dims) else None
+
+    def needs_grad(self, arg) -> bool:
+        return isinstance(arg, torch.fx.Node) and bool(self.flags.get(arg, False))
+
+    def tokens(self, arg) -> Optional[int]:
+        shape = self.shape(arg)
+        return math.prod(shape[:-1]) if shape else None

@@ -19,11 +19,14 @@ After ``SetTrainingMode(train=False)``::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx
 
-from lorafx.meta import DropoutRecord, get_record, set_record
+from lorafx.context import CompileContext
+from lorafx.dialect import owner_of
+from lorafx.meta import DropoutRecord, get_record, graph_record, set_record
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
 __all__ = ["SetTrainingMode", "set_training_mode"]
@@ -31,25 +34,31 @@ __all__ = ["SetTrainingMode", "set_training_mode"]
 aten = torch.ops.aten
 _FLAG_OPS = {  # ops called as (input, p, train)
     aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-    aten.feature_alpha_dropout.default, torch.ops.lorafx.dropout_mask.default,
+    aten.feature_alpha_dropout.default,
 }
 _BATCH_NORM_TRAIN = {aten.batch_norm.default: 5, aten._native_batch_norm_legit_functional.default: 5}
 
 
 @dataclass(frozen=True)
 class SetTrainingMode(Pass):
-    train: bool = True
+    train: Optional[bool] = True  # None: the compile's mode (ctx.training)
 
     requires = frozenset({CAPTURED})
     provides = frozenset({"training_mode"})
 
-    def validate(self) -> None:
-        if not isinstance(self.train, bool):
-            raise ValueError(f"SetTrainingMode: train must be a bool, got {self.train!r}")
+    @classmethod
+    def from_options(cls, values, ctx: CompileContext) -> "SetTrainingMode":
+        """In compile's pipeline: the mode of the model being compiled."""
+        return cls(train=None)
 
-    def run(self, gm: torch.fx.GraphModule) -> PassResult:
-        flipped = set_training_mode(gm, self.train)
-        return PassResult(gm, flipped > 0, {"train": self.train, "flipped": flipped})
+    def validate(self) -> None:
+        if self.train is not None and not isinstance(self.train, bool):
+            raise ValueError(f"SetTrainingMode: train must be a bool or None (the compile's mode), got {self.train!r}")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+        train = ctx.training if self.train is None else self.train
+        flipped = set_training_mode(gm, train)
+        return PassResult(gm, flipped > 0, {"train": train, "flipped": flipped})
 
 
 def _set_arg(node: torch.fx.Node, index: int, name: str, value) -> bool:
@@ -72,7 +81,10 @@ def set_training_mode(gm: torch.fx.GraphModule, train: bool) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in _FLAG_OPS:
+        kind = owner_of(node)
+        if kind is not None:  # LoRA ops and their helpers (adapter dropout masks): their kind switches them
+            changed += kind.set_training(node, train)
+        elif node.target in _FLAG_OPS:
             changed += _set_arg(node, 2, "train", train)
         elif node.target is aten.scaled_dot_product_attention.default:
             rec = get_record(node, DropoutRecord)
@@ -92,7 +104,7 @@ def set_training_mode(gm: torch.fx.GraphModule, train: bool) -> int:
                     f"be switched to {'train' if train else 'eval'} mode (train mode uses batch statistics and "
                     "updates the running ones); capture the model in the mode you run it "
                     f"(lorafx.capture(..., training={train})); lorafx.compile does this for you, once per mode")
-    gm.meta["lorafx_training"] = train
+    graph_record(gm).training = train
     if changed:
         gm.recompile()
     return changed

@@ -51,7 +51,7 @@ def test_capture_equals_eager_plain_modules(case):
 def test_batch_of_one_gives_dynamic_batch(tiny_model):
     model = tiny_model("llama").eval()
     gm = lorafx.capture(model, (ids(1, 8),))
-    assert sorted(gm.meta["lorafx_dims"].values()) == ["batch", "seq"]
+    assert sorted(lorafx.graph_record(gm).dims.values()) == ["batch", "seq"]
     x = ids(3, 40)
     torch.testing.assert_close(gm(input_ids=x).logits, model(input_ids=x).logits)
 
@@ -59,7 +59,7 @@ def test_batch_of_one_gives_dynamic_batch(tiny_model):
 def test_positional_inputs_bind_to_names(tiny_model):
     model = tiny_model("llama").eval()
     gm = lorafx.capture(model, (ids(2, 8),))
-    assert gm.meta["lorafx_inputs"]["kwargs"] == ["input_ids"]
+    assert lorafx.graph_record(gm).inputs == ("input_ids",)
 
 
 def test_capture_restores_the_model(tiny_model):

@@ -369,7 +369,7 @@ def test_node_kinds_and_the_norm_chain(compiled):
     # the lm_head is a plain linear: frozen weight, dX only
     head = next(r for n, r in kinds["matmul"] if n.target is torch.ops.aten.linear.default)
     assert head.fwd_flops == 2 * BATCH * SEQ * 32 * 96 == head.bwd_flops
-    assert not gm.meta.get("lorafx_cost") is None and "uncovered" not in compiled("llama").report().cost
+    assert lorafx.graph_record(gm).cost is not None and "uncovered" not in compiled("llama").report().cost
 
 
 def test_pass_is_fast_and_records_copy(compiled):

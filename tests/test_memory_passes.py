@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 
 import lorafx
 from lorafx.meta import LoraRecord, get_record
-from lorafx.ops_fused import compile_recipe, run_recipe
+from lorafx.dialect.recipe import compile_recipe, run_recipe
 from lorafx.passes import CausalMaskToIsCausal, FuseSiblings, RecomputeInputs, set_training_mode
 from lorafx.testing import assert_equivalent, attention_models, lora_configs, residual_models
 
@@ -264,7 +264,7 @@ def test_lora_linear_recompute_opcheck_and_gradcheck(schedule, dropout):
     torch.library.opcheck(RECOMPUTE, args)
     fn = lambda x, A, B, h, u: RECOMPUTE(x, W, b, A, B, 2.0, mask, p, schedule, recipe, [h, u])
     assert torch.autograd.gradcheck(fn, (x, A, B, h, u))
-    from lorafx.ops import lora_linear_reference
+    from lorafx.dialect.linear import lora_linear_reference
     torch.testing.assert_close(RECOMPUTE(*args), lora_linear_reference(x, W, b, A, B, 2.0, mask, p))
 
 
@@ -342,7 +342,7 @@ def test_fuse_siblings_skips_dropout():
 
 @pytest.mark.parametrize("column", [False, True])
 def test_lora_linear_siblings_opcheck_and_gradcheck(column, monkeypatch):
-    monkeypatch.setattr(lorafx.ops, "COLUMN_RANK", 1 if column else 10**9)  # both forms of the rank-r products
+    monkeypatch.setattr(lorafx.dialect.linear, "COLUMN_RANK", 1 if column else 10**9)  # both forms of the rank-r products
     g = torch.Generator().manual_seed(0)
     d = dict(dtype=torch.float64)
     x = torch.randn(2, 3, 4, generator=g, **d).requires_grad_()
@@ -350,7 +350,7 @@ def test_lora_linear_siblings_opcheck_and_gradcheck(column, monkeypatch):
     bias = torch.randn(3, generator=g, **d)
     As = [torch.randn(2, 4, generator=g, **d).requires_grad_(), torch.randn(1, 4, generator=g, **d).requires_grad_()]
     Bs = [torch.randn(5, 2, generator=g, **d).requires_grad_(), torch.randn(3, 1, generator=g, **d).requires_grad_()]
-    from lorafx.ops import lora_linear_reference as ref
+    from lorafx.dialect.linear import lora_linear_reference as ref
     for rules in ("f1b1;f1b1", "f2b5;f2b5", "f1b5;f2b1", "f1b1|7:f2b5;f1b1"):
         args = (x, Ws, [bias], [False, True], As, Bs, [2.0, 0.5], rules, "", [])
         torch.library.opcheck(SIBLINGS, args)

@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import lorafx  # noqa: F401
-from lorafx.ops import lora_linear_reference
+from lorafx.dialect.linear import lora_linear_reference
 
 op = torch.ops.lorafx.lora_linear
 

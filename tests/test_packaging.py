@@ -26,3 +26,4 @@ def test_wheel_holds_only_the_lorafx_package(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"lorafx"}
     assert "lorafx/passes/insert_lora.py" in names and "lorafx/hw_targets/__init__.py" in names
+    assert "lorafx/dialect/registry.py" in names and "lorafx/dialect/linear.py" in names

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import lorafx
-from lorafx import ops as lorafx_ops
+from lorafx.dialect import linear as linear_kind
 from lorafx import schedules as S
 from lorafx.meta import ScheduleRecord, get_record
-from lorafx.ops import lora_linear_reference, schedule_counts
+from lorafx.dialect.linear import lora_linear_reference, schedule_counts
 from lorafx.passes import SelectSchedule
 from lorafx.passes.select_schedule import lora_nodes
 
@@ -54,7 +54,7 @@ shapes = st.fixed_dictionaries({
 
 def orientation(c):
     """Make the kernels use the drawn orientation of the rank-r products at this small r."""
-    return mock.patch.object(lorafx_ops, "COLUMN_RANK", 1 if c["column"] else 10**9)
+    return mock.patch.object(linear_kind, "COLUMN_RANK", 1 if c["column"] else 10**9)
 
 
 @FAST

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """PEFT under torch.compile vs lorafx with backend="inductor", on the LLaMA benchmark model.
 
-    python tools/bench_compile.py [--rank 8] [--layers 4] [--hidden 512] [--batch 4] [--seq 256]
-        [--steps 20] [--warmup 2] [--threads T] [--json out.json]
+    python tools/bench_compile.py [--preset default|launch] [--rank 8] [--layers 4] [--hidden 512]
+        [--batch 4] [--seq 256] [--steps 20] [--warmup 2] [--threads T] [--device cpu|cuda]
+        [--dtype float32|bfloat16|float16] [--json out.json]
 
 Two numbers per mode:
 
@@ -15,6 +16,11 @@ first step  wall time of the first training step (forward with labels, backward,
             beside it (setup).
 steady step median step time after warm-up; both modes live in one process and run
             round-robin, one step each per round, so machine noise hits both alike.
+            On CUDA every timed step ends with a synchronize.
+
+``--device``/``--dtype`` place the model (and the first-step subprocesses) on that device
+in that dtype; PEFT keeps its default ``autocast_adapter_dtype=True`` (float32 adapters in a
+bfloat16 model) as a user of ``torch.compile(peft_model)`` gets it.
 
 peft:   torch.compile(peft.get_peft_model(model, LoraConfig(r, 2r, q,k,v,o,gate,up,down)))
 lorafx: lorafx.compile(model, r, alpha=2r, same targets, backend="inductor")
@@ -35,7 +41,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import TARGETS, add_model_args, build_base, make_train_step, trainable  # noqa: E402
+from bench_train_step import (TARGETS, add_model_args, apply_preset, build_base, make_train_step,  # noqa: E402
+                              trainable)
 
 MODES = ("peft", "lorafx")
 
@@ -46,10 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--first-step-only", choices=MODES, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return apply_preset(p.parse_args(argv))
 
 
 def build(mode: str, base, ids, r: int):
@@ -76,7 +85,7 @@ def first_step(args, mode: str) -> dict:
                    TORCHINDUCTOR_AUTOGRAD_CACHE="0")
         cmd = [sys.executable, os.path.abspath(__file__), "--first-step-only", mode,
                *[f"--{k}={getattr(args, k)}" for k in ("rank", "layers", "hidden", "intermediate", "heads",
-                                                        "vocab", "batch", "seq", "seed")]]
+                                                        "vocab", "batch", "seq", "seed", "device", "dtype")]]
         if args.threads:
             cmd.append(f"--threads={args.threads}")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -90,17 +99,24 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = build_base(args, torch.device("cpu"), torch.float32)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    base = build_base(args, device, getattr(torch, args.dtype))
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(args.seed)).to(device)
     if args.first_step_only:
         model, step, setup = build(args.first_step_only, base, ids, args.rank)
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         print(json.dumps({"setup_s": setup, "first_step_s": time.perf_counter() - t0}))
         return None
 
     print(f"LlamaForCausalLM {args.layers} layers, hidden {args.hidden}, batch {args.batch} x seq {args.seq}, "
-          f"LoRA r={args.rank}; {torch.get_num_threads()} threads")
+          f"LoRA r={args.rank}; {args.device} {args.dtype}, {torch.get_num_threads()} threads")
     first = {}
     for mode in MODES:
         print(f"  first step of {mode} (fresh process, empty inductor cache) ...", flush=True)
@@ -114,8 +130,10 @@ def main(argv=None):
     from tqdm.auto import tqdm
     for i in tqdm(range(args.steps), desc="steady", leave=False):
         for mode in (MODES if i % 2 == 0 else MODES[::-1]):
+            sync()
             t0 = time.perf_counter()
             steps[mode]()
+            sync()
             times[mode].append(time.perf_counter() - t0)
     result = {
         "args": vars(args),

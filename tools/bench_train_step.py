@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Time one LoRA training step: frozen-model floor vs PEFT vs lorafx, in one process.
 
-    python tools/bench_train_step.py [--rank 8] [--layers 4] [--hidden 512] [--intermediate 1376]
-        [--heads 8] [--vocab 8000] [--batch 4] [--seq 256] [--steps 60] [--warmup 3]
-        [--threads T] [--device cpu|cuda] [--dtype float32|bfloat16] [--modes floor,peft,lorafx]
-        [--floor exact|embeds] [--json out.json] [--no-check] [--no-memory] [--no-progress]
-        [--lorafx-passes SPEC[;SPEC...]]
+    python tools/bench_train_step.py [--preset default|launch] [--rank 8] [--layers 4] [--hidden 512]
+        [--intermediate 1376] [--heads 8] [--vocab 8000] [--batch 4] [--seq 256] [--steps 60] [--warmup 3]
+        [--threads T] [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--modes floor,peft,peft_native,lorafx] [--floor exact|embeds] [--json out.json] [--no-check]
+        [--no-memory] [--no-progress] [--lorafx-passes SPEC[;SPEC...]]
 
 A LLaMA-shaped ``transformers.LlamaForCausalLM`` is built from a config (random
 init, fixed seed, sdpa attention, no KV cache) and deep-copied once per mode, so
@@ -29,8 +29,20 @@ floor   the frozen base model (every parameter requires_grad=False), backpropaga
             (about 1.5% too much work at the default size).
 peft    ``peft.get_peft_model(copy, LoraConfig(r, lora_alpha=2r, target_modules=
         [q,k,v,o,gate,up,down]_proj, lora_dropout=0))`` + AdamW on its trainable params.
+        PEFT's default ``autocast_adapter_dtype=True`` keeps the adapters in float32
+        when the model is in bfloat16/float16 (the adapter products then run in fp32).
+peft_native
+        the same with ``autocast_adapter_dtype=False``: adapters in the model's dtype,
+        like lorafx's.  Timed by default when --dtype is not float32 (in float32 it is
+        the same model as ``peft``).
 lorafx  ``lorafx.compile(copy, example_kwargs={input_ids, labels}, r, alpha=2r,
         target_modules=[same], dropout=0)`` + AdamW on its trainable params.
+
+Presets (``--preset``) set the model shape; explicit shape options override them:
+``default`` is the shape above (hidden 512, 4 layers, batch 4 x seq 256, vocab 8000);
+``launch`` is a launch-bound model (hidden 64, intermediate 176, 4 heads, 2 layers,
+vocab 512, batch 1 x seq 8) whose every GEMM takes microseconds, so a step's time is
+the per-op overhead on the host: Python, dispatch, autograd and launches.
 
 Choosing lorafx's passes (``--lorafx-passes``)
 ----------------------------------------------
@@ -108,21 +120,34 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the profiler's start/
 import torch  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_MODES = ("floor", "peft", "lorafx")
+ALL_MODES = ("floor", "peft", "peft_native", "lorafx")
+PEFT_MODES = ("peft", "peft_native")
+PRESETS = {
+    "default": dict(layers=4, hidden=512, intermediate=1376, heads=8, vocab=8000, batch=4, seq=256),
+    "launch": dict(layers=2, hidden=64, intermediate=176, heads=4, vocab=512, batch=1, seq=8),
+}
 MB = 1024.0 * 1024.0
 
 
 # ----------------------------------------------------------------------------- setup
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model-shape options shared by the benchmarks in tools/."""
+    """The model-shape options shared by the benchmarks in tools/ (``--preset`` fills the
+    ones not given; see ``apply_preset``)."""
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="model shape: default (hidden 512, 4 layers, 4x256 tokens) or launch (hidden 64, "
+                        "2 layers, 1x8 tokens: per-op overhead dominates); shape options override it")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    for name in PRESETS["default"]:
+        p.add_argument(f"--{name}", type=int, default=None, help=f"default: the preset's ({PRESETS['default'][name]} "
+                                                                   f"in the default preset)")
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the shape options left unset from ``args.preset``."""
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,7 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of floor,peft,lorafx")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of floor,peft,peft_native,lorafx (default: all; peft_native "
+                        "only when --dtype is not float32)")
     p.add_argument("--floor", default="exact", choices=["exact", "embeds"],
                    help="where the floor's backward starts: at layer 0's q/k/v outputs (exact, default) "
                         "or at inputs_embeds")
@@ -147,7 +174,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lorafx-passes", default=None, metavar="SPEC[;SPEC...]",
                    help="edit lorafx's default pass list: 'default' or items +Name / -Name (comma-separated); "
                         "several ';'-separated SPECs add modes lorafx[SPEC] (see the notes below)")
-    args = p.parse_args(argv)
+    args = apply_preset(p.parse_args(argv))
+    if args.modes is None:
+        args.modes = ",".join(m for m in ALL_MODES if m != "peft_native" or args.dtype != "float32")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ALL_MODES]
     if bad or not modes:
@@ -253,14 +282,16 @@ def make_train_step(model, ids, opt):
     return step
 
 
-def make_peft(base, ids, r) -> Mode:
+def make_peft(base, ids, r, name: str = "peft") -> Mode:
+    """PEFT's LoRA; ``peft_native`` passes ``autocast_adapter_dtype=False`` (adapters in the
+    model's dtype instead of float32)."""
     import peft
     t0 = time.perf_counter()
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), lora_dropout=0.0)
-    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    model = peft.get_peft_model(copy.deepcopy(base), cfg, autocast_adapter_dtype=(name != "peft_native"))
     model.train()
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
-    return Mode("peft", model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
+    return Mode(name, model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
 
 
 def make_lorafx(base, ids, r, spec: Optional[str] = None, name: str = "lorafx") -> Mode:
@@ -268,10 +299,12 @@ def make_lorafx(base, ids, r, spec: Optional[str] = None, name: str = "lorafx") 
     t0 = time.perf_counter()
     source = copy.deepcopy(base)
     kwargs = {"input_ids": ids, "labels": ids}
-    model = lorafx.compile(source, example_kwargs=kwargs,
-                           r=r, alpha=2 * r, target_modules=list(TARGETS), dropout=0.0, seed=0)
-    if spec is not None and spec != "default":
-        model = recompile_with_passes(model, source, kwargs, spec)
+    options = dict(r=r, alpha=2 * r, target_modules=list(TARGETS), dropout=0.0)
+    if spec is not None and spec != "default":  # the default pipeline, edited
+        model = lorafx.compile(source, example_kwargs=kwargs, seed=0,
+                               passes=edit_passes(lorafx.default_passes(**options), spec))
+    else:
+        model = lorafx.compile(source, example_kwargs=kwargs, seed=0, **options)
     model.train()
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
     return Mode(name, model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
@@ -290,7 +323,8 @@ def _pass_class(token: str):
 
 
 def edit_passes(passes: list, spec: str) -> list:
-    """The default pass list (without SetTrainingMode) edited by ``spec`` (see --lorafx-passes)."""
+    """The default pass list edited by ``spec`` (see --lorafx-passes); added passes go before
+    the pass that provides ``"cost"`` (AnnotateCost)."""
     passes = list(passes)
     for item in (x.strip() for x in spec.split(",")):
         if not item or item == "default":
@@ -302,30 +336,9 @@ def edit_passes(passes: list, spec: str) -> list:
                 raise SystemExit(f"--lorafx-passes: {cls.__name__} is not in the default pipeline")
             passes = [p for p in passes if type(p) is not cls]
         elif not any(type(p) is cls for p in passes):
-            at = next((i for i, p in enumerate(passes) if type(p).__name__ == "AnnotateCost"), len(passes))
+            at = next((i for i, p in enumerate(passes) if "cost" in p.provides), len(passes))
             passes.insert(at, cls())
     return passes
-
-
-def recompile_with_passes(compiled, source, kwargs, spec: str):
-    """Capture ``source`` again and run ``compiled``'s default pass list edited by ``spec``."""
-    import lorafx
-    from lorafx.compiled import CompiledModel, CompileReport
-    from lorafx.passes import SetTrainingMode
-    from lorafx.pipeline import Pipeline
-    passes = edit_passes(compiled._pipeline.passes, spec)
-    t0 = time.perf_counter()
-    gm = lorafx.capture(source, (), kwargs)
-    seconds = time.perf_counter() - t0
-    nodes = len(gm.graph.nodes)
-    result = Pipeline([*passes, SetTrainingMode(train=True)])(gm)
-    gm = result.graph_module
-    info = next((rep.info for rep in result.info["reports"] if rep.name == "InsertLoRA"), {})
-    report = CompileReport(result.info["reports"], seconds, nodes, info.get("adapter_sites", 0),
-                           sum(p.numel() for p in gm.parameters() if p.requires_grad),
-                           sum(p.numel() for p in gm.parameters()))
-    return CompiledModel(source, gm, Pipeline(passes), report, target=compiled.target, dynamic=compiled.dynamic,
-                         options=compiled.options)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -350,15 +363,30 @@ def adapter_pairs(peft_model, fx_model):
     return pairs
 
 
+def _compare_adapter_grads(label: str, ref_pairs, pairs, tol) -> float:
+    """Max relative error of ``pairs``' adapter gradients against ``ref_pairs``' (compared in
+    float32: PEFT keeps float32 adapters in a bfloat16 model by default)."""
+    worst = 0.0
+    for (name, q, _), (_, _, p) in zip(ref_pairs, pairs):
+        if q.grad is None or p.grad is None:
+            raise SystemExit(f"check failed: {label}: no gradient for {name}")
+        want, got = q.grad.float(), p.grad.float()
+        scale = want.abs().max().item() or 1.0
+        err = (want - got).abs().max().item() / scale
+        worst = max(worst, err)
+        if not torch.allclose(want, got, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale):
+            raise SystemExit(f"check failed: {label}: gradient of {name} differs from PEFT's (max rel err {err:.2e})")
+    return worst
+
+
 def check_equal_work(modes: Dict[str, Mode], ids, seed: int, dtype) -> dict:
-    """Losses agree at B = 0; with equal (random) A/B, PEFT and lorafx agree in loss and adapter grads."""
+    """Losses agree at B = 0; with equal (random) A/B, every LoRA mode agrees with PEFT
+    (``peft``, else ``peft_native``) in loss and adapter grads."""
     result: dict = {}
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     with torch.no_grad():
         losses = {}
-        if "floor" in modes:
-            losses["floor"] = modes["floor"].model(input_ids=ids, labels=ids).loss.item()
-        for name in ("peft", "lorafx"):
+        for name in ("floor", *PEFT_MODES, "lorafx"):
             if name in modes:
                 losses[name] = modes[name].model(input_ids=ids, labels=ids).loss.item()
     ref = next(iter(losses.values()))
@@ -366,52 +394,42 @@ def check_equal_work(modes: Dict[str, Mode], ids, seed: int, dtype) -> dict:
     for name, v in losses.items():
         if not math.isclose(v, ref, rel_tol=tol["rtol"], abs_tol=tol["atol"]):
             raise SystemExit(f"check failed: with B = 0 the {name} loss {v} != {ref}")
-    if "peft" not in modes or "lorafx" not in modes:
+    ref_name = next((n for n in PEFT_MODES if n in modes), None)
+    if ref_name is None or "lorafx" not in modes:
         return result
 
-    pm, fm = modes["peft"].model, modes["lorafx"].model
-    pairs = adapter_pairs(pm, fm)
+    pm = modes[ref_name].model
+    ref_pairs = adapter_pairs(pm, modes["lorafx"].model)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, q, p in pairs:
+        for name, q, _ in ref_pairs:
             if name.endswith("lora_B"):
                 q.copy_(torch.randn(q.shape, generator=gen) * 0.02)
-            p.copy_(q)
-    losses = {}
-    for name, model in (("peft", pm), ("lorafx", fm)):
+    loss = pm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    losses = {ref_name: loss.item()}
+    worst = {}
+    others = [n for n in modes if n != ref_name and n != "floor"]  # peft_native, lorafx, lorafx[SPEC]...
+    for name in others:
+        model = modes[name].model
+        pairs = (adapter_pairs(model, modes["lorafx"].model) if name in PEFT_MODES
+                 else adapter_pairs(pm, model))
+        with torch.no_grad():  # the same A/B as the reference PEFT model's
+            for (_, q, _), (_, a, b) in zip(ref_pairs, pairs):
+                (a if name in PEFT_MODES else b).copy_(q)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         losses[name] = loss.item()
-    worst = 0.0
-    for name, q, p in pairs:
-        if q.grad is None or p.grad is None:
-            raise SystemExit(f"check failed: no gradient for {name}")
-        scale = q.grad.abs().max().item() or 1.0
-        err = (q.grad - p.grad).abs().max().item() / scale
-        worst = max(worst, err)
-        if not torch.allclose(q.grad, p.grad, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale):
-            raise SystemExit(f"check failed: gradient of {name} differs (max rel err {err:.2e})")
-    for extra in [n for n in modes if n.startswith("lorafx[")]:  # --lorafx-passes variants
-        xm = modes[extra].model
-        xpairs = adapter_pairs(pm, xm)
-        with torch.no_grad():
-            for name, q, p in xpairs:
-                p.copy_(q)
-        loss = xm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if not math.isclose(loss.item(), losses["peft"], rel_tol=tol["rtol"], abs_tol=tol["atol"]):
-            raise SystemExit(f"check failed: PEFT loss {losses['peft']} != {extra} loss {loss.item()}")
-        for name, q, p in xpairs:
-            scale = q.grad.abs().max().item() or 1.0
-            if p.grad is None or not torch.allclose(q.grad, p.grad, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale):
-                raise SystemExit(f"check failed: {extra}: gradient of {name} differs from PEFT's")
-        modes[extra].optimizer.zero_grad(set_to_none=True)
-    for mode in (modes["peft"], modes["lorafx"]):
-        mode.optimizer.zero_grad(set_to_none=True)
+        if not math.isclose(losses[name], losses[ref_name], rel_tol=tol["rtol"], abs_tol=tol["atol"]):
+            raise SystemExit(f"check failed: {ref_name} loss {losses[ref_name]} != {name} loss {losses[name]}")
+        if name in PEFT_MODES:  # pairs are (name, this PEFT's param, lorafx's): compare this PEFT's
+            pairs = [(n, a, a) for n, a, _ in pairs]
+        worst[name] = _compare_adapter_grads(name, ref_pairs, pairs, tol)
+    for name in (ref_name, *others):
+        modes[name].optimizer.zero_grad(set_to_none=True)
+    result["reference"] = ref_name
     result["losses_equal_AB"] = losses
     result["max_rel_grad_err"] = worst
-    if not math.isclose(losses["peft"], losses["lorafx"], rel_tol=tol["rtol"], abs_tol=tol["atol"]):
-        raise SystemExit(f"check failed: PEFT loss {losses['peft']} != lorafx loss {losses['lorafx']}")
     return result
 
 
@@ -604,15 +622,18 @@ def summarize(args, modes: Dict[str, Mode], check: dict, env: dict) -> dict:
                 row["peak_vs_floor"] = m.memory["peak"] / floor_peak
         rows[name] = row
     out = {"config": {k: v for k, v in vars(args).items()}, "env": env, "check": check, "modes": rows}
-    if "peft" in rows and "lorafx" in rows:
-        out["peft_over_lorafx"] = rows["peft"]["median_ms"] / rows["lorafx"]["median_ms"]
-        out["peft_over_lorafx_paired"] = statistics.median(
-            p / q for p, q in zip(modes["peft"].times, modes["lorafx"].times))
+    for peft_name in PEFT_MODES:  # "peft_over_lorafx", "peft_native_over_lorafx", ...
+        if peft_name not in rows or "lorafx" not in rows:
+            continue
+        key = f"{peft_name}_over_lorafx"
+        out[key] = rows[peft_name]["median_ms"] / rows["lorafx"]["median_ms"]
+        out[f"{key}_paired"] = statistics.median(
+            p / q for p, q in zip(modes[peft_name].times, modes["lorafx"].times))
         if floor_ms:
-            extra_p, extra_f = rows["peft"]["median_ms"] - floor_ms, rows["lorafx"]["median_ms"] - floor_ms
-            out["peft_over_lorafx_above_floor"] = extra_p / extra_f if extra_f > 0 else None
-        if "memory_bytes" in rows["peft"] and "memory_bytes" in rows["lorafx"]:
-            out["peft_over_lorafx_peak_memory"] = rows["peft"]["memory_bytes"]["peak"] / rows["lorafx"]["memory_bytes"]["peak"]
+            extra_p, extra_f = rows[peft_name]["median_ms"] - floor_ms, rows["lorafx"]["median_ms"] - floor_ms
+            out[f"{key}_above_floor"] = extra_p / extra_f if extra_f > 0 else None
+        if "memory_bytes" in rows[peft_name] and "memory_bytes" in rows["lorafx"]:
+            out[f"{key}_peak_memory"] = rows[peft_name]["memory_bytes"]["peak"] / rows["lorafx"]["memory_bytes"]["peak"]
     return out
 
 
@@ -639,15 +660,18 @@ def print_table(summary: dict) -> None:
     print(fmt(["-" * w for w in widths]))
     for row in table[1:]:
         print(fmt(row))
-    if "peft_over_lorafx" in summary:
-        print(f"\nPEFT / lorafx step time: {summary['peft_over_lorafx']:.3f}x"
-              + (" (>1: lorafx faster)" if summary["peft_over_lorafx"] >= 1 else " (<1: lorafx slower)")
-              + f"; paired per round: {summary['peft_over_lorafx_paired']:.3f}x")
-        above = summary.get("peft_over_lorafx_above_floor")
+    for peft_name, label in (("peft", "PEFT"), ("peft_native", "PEFT (autocast_adapter_dtype=False)")):
+        key = f"{peft_name}_over_lorafx"
+        if key not in summary:
+            continue
+        print(f"\n{label} / lorafx step time: {summary[key]:.3f}x"
+              + (" (>1: lorafx faster)" if summary[key] >= 1 else " (<1: lorafx slower)")
+              + f"; paired per round: {summary[key + '_paired']:.3f}x")
+        above = summary.get(f"{key}_above_floor")
         if above is not None:
-            print(f"PEFT / lorafx time above the floor: {above:.3f}x")
-        if "peft_over_lorafx_peak_memory" in summary:
-            print(f"PEFT / lorafx peak memory: {summary['peft_over_lorafx_peak_memory']:.3f}x")
+            print(f"{label} / lorafx time above the floor: {above:.3f}x")
+        if f"{key}_peak_memory" in summary:
+            print(f"{label} / lorafx peak memory: {summary[key + '_peak_memory']:.3f}x")
 
 
 def main(argv=None) -> dict:
@@ -668,7 +692,7 @@ def main(argv=None) -> dict:
         import peft
         env["peft"] = peft.__version__
     except ImportError:
-        if "peft" in args.modes:
+        if any(m in args.modes for m in PEFT_MODES):
             raise SystemExit("peft is not installed: pip install peft (or --modes floor,lorafx)")
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -684,6 +708,7 @@ def main(argv=None) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     makers = {"floor": lambda: make_floor(base, ids, args.floor),
               "peft": lambda: make_peft(base, ids, args.rank),
+              "peft_native": lambda: make_peft(base, ids, args.rank, "peft_native"),
               "lorafx": lambda: make_lorafx(base, ids, args.rank, args.lorafx_specs[0] if args.lorafx_specs else None)}
     names = list(args.modes)
     for spec in args.lorafx_specs[1:]:  # further --lorafx-passes SPECs: one more lorafx mode each
@@ -693,7 +718,7 @@ def main(argv=None) -> dict:
     modes: Dict[str, Mode] = {}
     for name in names:
         modes[name] = makers[name]()
-        print(f"  built {name:<6} in {modes[name].setup_seconds:.1f}s "
+        print(f"  built {name:<11} in {modes[name].setup_seconds:.1f}s "
               f"({sum(p.numel() for p in trainable(modes[name].model)):,} trainable params)")
     del base
 
@@ -702,9 +727,11 @@ def main(argv=None) -> dict:
         check = check_equal_work(modes, ids, args.seed, dtype)
         msg = "check: losses at B=0 agree"
         if "losses_equal_AB" in check:
-            l = check["losses_equal_AB"]
-            msg += (f"; with equal random A/B, PEFT loss {l['peft']:.6f} == lorafx {l['lorafx']:.6f}, "
-                    f"adapter grads max rel err {check['max_rel_grad_err']:.1e}")
+            l, ref = check["losses_equal_AB"], check["reference"]
+            msg += (f"; with equal random A/B, {ref} loss {l[ref]:.6f} == "
+                    + ", ".join(f"{n} {v:.6f}" for n, v in l.items() if n != ref)
+                    + ", adapter grads max rel err "
+                    + ", ".join(f"{n} {v:.1e}" for n, v in check["max_rel_grad_err"].items()))
         print(msg)
 
     order = list(modes.values())

@@ -1,0 +1,2 @@
+"""The lorafx version (a spine module, so that any layer may read it)."""
+__version__ = "0.1.0"

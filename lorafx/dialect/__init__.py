@@ -1,0 +1,30 @@
+"""The LoRA dialect: the kinds of LoRA op and the registry every pass asks.
+
+One module per kind, each registering itself on import:
+
+* ``linear``     ``lora_linear`` and its keep-XA variant ``lora_linear_xa`` (plus the
+  ``dropout_mask`` and ``lora_linear_backward`` helper ops and the kernels the other
+  kinds reuse);
+* ``recompute``  ``lora_linear_recompute``, which rebuilds its input in backward from a
+  ``recipe`` (the recipe language is in ``recipe``);
+* ``siblings``   ``lora_linear_siblings``, the adapters that read one input, as one op;
+* ``folded``     ``lora_linear_folded``, with A stored under W in one buffer.
+
+``registry`` holds the ``OpKind`` protocol, ``register_kind`` / ``kind_of`` / ``kinds``,
+and the named argument views (``args_of``, ``set_args``, ``write``, ``create``).  A new
+kind is a module like these: its ``torch.library`` ops, an ``OpKind`` subclass, and a
+``register_kind`` call.
+"""
+from .registry import (ArgView, InputQuery, MergedFrom, NodeCost, OpKind, ScheduleFamily, args_of, canonicalize,
+                       create, kind_named, kind_of, kinds, lint, lora_nodes, owner_of, register_kind, set_args,
+                       write)
+from .linear import LINEAR, lora_linear_reference, schedule_counts
+from .recompute import RECOMPUTE
+from .siblings import SIBLINGS
+from .folded import FOLDED
+
+__all__ = [
+    "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
+    "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "set_args",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "lora_linear_reference", "schedule_counts",
+]
