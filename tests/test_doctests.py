@@ -41,3 +41,13 @@ def test_docstring_examples_run(name):
         runner.run(test, out=out.append)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, "".join(out)
+
+
+@pytest.mark.parametrize("doc", ["CONTRIBUTING.md"])
+def test_document_examples_run(doc):
+    """The worked examples in the repository's documents run as written."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), doc)
+    result = doctest.testfile(path, module_relative=False, globs={"__name__": doc}, optionflags=FLAGS,
+                              verbose=False, report=True)
+    assert result.attempted > 0 and result.failed == 0, f"{doc}: {result.failed} of {result.attempted} failed"
