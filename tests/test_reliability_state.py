@@ -9,6 +9,7 @@ test, trained by the test's own SGD step), and the user's model is bit-identical
 its snapshot.
 """
 import copy
+import shutil
 import tempfile
 
 import pytest
@@ -110,6 +111,11 @@ class CompiledModelMachine(RuleBasedStateMachine):
         self.training = True
         self.folder = tempfile.mkdtemp(prefix="lorafx-state-")
         self.seed = seed
+
+    def teardown(self):
+        folder = getattr(self, "folder", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _count(self):
         steps_run["count"] += 1
