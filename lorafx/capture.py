@@ -56,32 +56,31 @@ def is_hf_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _binding(sig: inspect.Signature) -> Tuple[inspect.Signature, bool, frozenset]:
+    """(``sig``, whether it takes ``*args``, the names its arguments can be passed by)."""
+    P = inspect.Parameter
+    return (sig, any(p.kind is P.VAR_POSITIONAL for p in sig.parameters.values()),
+            frozenset(n for n, p in sig.parameters.items() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)))
+
+
 @functools.lru_cache(maxsize=256)
-def _method_signature(func) -> inspect.Signature:
-    """The signature of ``func`` bound to an instance (its first parameter dropped)."""
+def _method_binding(func) -> Tuple[inspect.Signature, bool, frozenset]:
+    """``_binding`` of ``func`` bound to an instance (its first parameter dropped)."""
     sig = inspect.signature(func)
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
+    return _binding(sig.replace(parameters=list(sig.parameters.values())[1:]))
 
 
-def _forward_signature(model: torch.nn.Module) -> inspect.Signature:
-    """``inspect.signature(model.forward)``, cached per forward function (it is read on every
-    call of a compiled model, and building it takes tens of microseconds)."""
+def _forward_binding(model: torch.nn.Module) -> Tuple[inspect.Signature, bool, frozenset]:
+    """``_binding(inspect.signature(model.forward))``, cached per forward function (read on
+    every call of a compiled model; building a signature takes tens of microseconds)."""
     forward = model.forward
     func = getattr(forward, "__func__", None)
-    if func is None or getattr(forward, "__self__", None) is not model:
-        return inspect.signature(forward)
-    try:
-        return _method_signature(func)
-    except TypeError:  # unhashable callable
-        return inspect.signature(forward)
-
-
-@functools.lru_cache(maxsize=256)
-def _parameter_kinds(sig: inspect.Signature) -> Tuple[bool, frozenset]:
-    """(whether ``sig`` takes ``*args``, the names its arguments can be passed by)."""
-    P = inspect.Parameter
-    return (any(p.kind is P.VAR_POSITIONAL for p in sig.parameters.values()),
-            frozenset(n for n, p in sig.parameters.items() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)))
+    if func is not None and getattr(forward, "__self__", None) is model:
+        try:
+            return _method_binding(func)
+        except TypeError:  # unhashable callable
+            pass
+    return _binding(inspect.signature(forward))
 
 
 def bind_inputs(model: torch.nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]]) -> Tuple[tuple, dict]:
@@ -92,8 +91,7 @@ def bind_inputs(model: torch.nn.Module, args: Sequence[Any], kwargs: Optional[Di
     """
     kwargs = dict(kwargs or {})
     args = tuple(args or ())
-    sig = _forward_signature(model)
-    var_positional, named = _parameter_kinds(sig)
+    sig, var_positional, named = _forward_binding(model)
     if var_positional:
         return args, {k: v for k, v in kwargs.items() if v is not None}
     if not args and named.issuperset(kwargs):  # keywords only, all named: what bind_partial gives

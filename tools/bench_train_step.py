@@ -374,7 +374,7 @@ def _compare_adapter_grads(label: str, ref_pairs, pairs, tol) -> float:
         scale = want.abs().max().item() or 1.0
         err = (want - got).abs().max().item() / scale
         worst = max(worst, err)
-        if not torch.allclose(want, got, rtol=tol["rtol"] * 10, atol=tol["atol"] * scale):
+        if not torch.allclose(want, got, rtol=tol["rtol"] * 10, atol=tol["grad_atol"] * scale):
             raise SystemExit(f"check failed: {label}: gradient of {name} differs from PEFT's (max rel err {err:.2e})")
     return worst
 
@@ -383,7 +383,11 @@ def check_equal_work(modes: Dict[str, Mode], ids, seed: int, dtype) -> dict:
     """Losses agree at B = 0; with equal (random) A/B, every LoRA mode agrees with PEFT
     (``peft``, else ``peft_native``) in loss and adapter grads."""
     result: dict = {}
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # grad_atol: a fraction of the largest gradient entry.  In bfloat16 the adapter products
+    # round at 2^-8 and sum over every token, so adapter gradients of PEFT's float32 adapters
+    # and lorafx's bfloat16 ones differ by a few percent of that entry at the default shape.
+    tol = (dict(rtol=1e-4, atol=1e-5, grad_atol=1e-5) if dtype == torch.float32
+           else dict(rtol=2e-2, atol=2e-2, grad_atol=6e-2))
     with torch.no_grad():
         losses = {}
         for name in ("floor", *PEFT_MODES, "lorafx"):
