@@ -15,11 +15,20 @@ from .inspect import DiffGraphs, DumpGraphs, PrintGraphs, TimePasses, diff_graph
 from .meta import DropoutRecord, GraphRecord, LoraRecord, OriginRecord, get_record, graph_record, set_record
 from .options import Option
 from .pipeline import Instrument, Pass, PassError, PassResult, Pipeline, PipelineOrderError, lint_graph
+from .reallocate import ReallocateRanks
 
 __all__ = [
     "compile", "default_passes", "capture", "CompiledModel", "CompileReport", "CaptureError", "load_adapter", "save_adapter",
     "Pass", "PassResult", "Pipeline", "PassError", "PipelineOrderError", "Instrument", "lint_graph",
     "format_graph", "diff_graphs", "to_networkx", "draw", "PrintGraphs", "DiffGraphs", "TimePasses",
     "DumpGraphs", "LoraRecord", "OriginRecord", "DropoutRecord", "get_record", "set_record",
-    "GraphRecord", "graph_record", "CompileContext", "Option", "__version__",
+    "GraphRecord", "graph_record", "CompileContext", "Option", "ReallocateRanks", "ReallocateRanksCallback",
+    "__version__",
 ]
+
+
+def __getattr__(name):
+    if name == "ReallocateRanksCallback":  # a transformers TrainerCallback: built on first use
+        from .reallocate import ReallocateRanksCallback
+        return ReallocateRanksCallback
+    raise AttributeError(f"module 'lorafx' has no attribute {name!r}")

@@ -11,8 +11,19 @@ Compiling a model with an adapter's configuration and loading its weights
 (``lorafx.load_adapter``) is the driver's ``lorafx.compiler.load_adapter``, built on
 ``read_adapter``, ``compile_settings`` and ``copy_adapter_weights`` here.
 
-``save_adapter`` never leaves a half-written adapter: the weights' metadata records
-the sha256 of the config saved with them, so a mix left by a crash is refused on load.
+Shortcut adapters (``shortcuts=True``, HeteroLoRA's LoRA-adapted shortcut
+connections), which PEFT cannot express, go to a third file, ``lorafx_shortcuts.safetensors``:
+``<site>.lora_A`` (r, dim) and ``<site>.lora_B`` (dim, r) per site (``shortcuts.3.attn_skip``),
+and in its metadata each site's ``{r, alpha, scale, link}`` as JSON.  PEFT ignores the
+file; ``lorafx.load_adapter`` compiles with the sites it lists and loads both parts.  A
+model whose only adapters are shortcuts writes the config (``target_modules: []``) and
+this file, and no PEFT weights.
+
+``save_adapter`` never leaves a half-written adapter: every file is staged, then moved
+in (a file a save no longer writes, such as an old shortcuts file, is moved out last);
+any error puts the previous files back.  The metadata of each weights file records the
+sha256 of the config saved with it and an id of the save, so a mix left by a crash is
+refused on load.
 """
 from __future__ import annotations
 
@@ -24,7 +35,9 @@ import pickle
 import re
 import shutil
 import tempfile
+import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
@@ -32,15 +45,20 @@ import torch
 from ._version import __version__
 from .graph_utils import get_attr, pattern_value
 
-__all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "compile_settings",
-           "copy_adapter_weights", "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
+           "compile_settings", "shortcut_settings", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+SHORTCUTS_NAME = "lorafx_shortcuts.safetensors"  # the shortcut adapters, which PEFT cannot express
+BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 STAGING_PREFIX = ".lorafx-save-"  # the hidden folder a save stages its files in
 # safetensors metadata key: the sha256 of the config bytes saved with these weights
 PAIRING_KEY = "lorafx_config_sha256"
+SAVE_ID_KEY = "lorafx_save_id"  # safetensors metadata key: the same random id in every weights file of one save
+SHORTCUTS_KEY = "lorafx_shortcuts"  # metadata key of the shortcuts file: {site: {r, alpha, scale, link}} as JSON
 logger = logging.getLogger("lorafx")
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
@@ -140,17 +158,35 @@ def _peft_config(cm, records) -> dict:
     }
 
 
+def _shortcuts_only_config(cm, shortcuts) -> dict:
+    """The config of an adapter made of shortcut adapters only: PEFT's fields, no target modules."""
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(cm._source),
+        "base_model_name_or_path": getattr(getattr(cm._source, "config", None), "_name_or_path", None) or None,
+        "r": _most_common(rec.r for rec in shortcuts.values()),
+        "lora_alpha": _most_common(rec.alpha for rec in shortcuts.values()),
+        "target_modules": [],  # no linear adapters: the weights are all in lorafx_shortcuts.safetensors
+        "bias": "none",
+        "inference_mode": True,
+        "use_dora": False,
+    }
+
+
 def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
-    """Write ``cm``'s adapters to ``directory`` in PEFT's format.
+    """Write ``cm``'s adapters to ``directory`` in PEFT's format, and its shortcut adapters
+    (if any) to ``lorafx_shortcuts.safetensors`` beside them.
 
     Atomic: if any step fails, the adapter already in ``directory`` stays as it was
     and no staging files remain.  Other files in ``directory`` are left alone.
     ``overwrite=False`` refuses to replace an adapter already there.
     """
     records = cm.lora_records()
-    if not records:
+    shortcuts = cm.shortcut_records()
+    if not records and not shortcuts:
         raise ValueError("this model has no LoRA adapters to save")
-    meta = [s for s, r in records.items() if get_attr(cm, r.lora_A).is_meta or get_attr(cm, r.lora_B).is_meta]
+    paths = {site: (r.lora_A, r.lora_B) for site, r in [*records.items(), *shortcuts.items()]}
+    meta = [s for s, (a, b) in paths.items() if get_attr(cm, a).is_meta or get_attr(cm, b).is_meta]
     if meta:
         raise ValueError(f"cannot save the adapters: they are on the meta device (adapter {meta[0]!r} has no "
                          "values), because the model was compiled without weights, so there is nothing to save; "
@@ -158,29 +194,49 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"{directory} is a file: pass a folder to save_adapter (it writes "
                                  f"{CONFIG_NAME} and {WEIGHTS_NAME} into it)")
-    replacing = any(os.path.exists(os.path.join(directory, n)) for n in (CONFIG_NAME, WEIGHTS_NAME))
+    replacing = any(os.path.exists(os.path.join(directory, n)) for n in (CONFIG_NAME, WEIGHTS_NAME, SHORTCUTS_NAME))
     if replacing and not overwrite:
         raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it")
-    config = _peft_config(cm, records)
-    tensors = {}
-    for site, rec in records.items():
-        tensors[f"{PREFIX}{site}.lora_A.weight"] = get_attr(cm, rec.lora_A).detach().contiguous().cpu()
-        tensors[f"{PREFIX}{site}.lora_B.weight"] = get_attr(cm, rec.lora_B).detach().contiguous().cpu()
+    tensor = lambda path: get_attr(cm, path).detach().contiguous().cpu()
+    files: Dict[str, Tuple[dict, dict]] = {}  # file name -> (tensors, extra metadata)
+    if records:
+        config = _peft_config(cm, records)
+        files[WEIGHTS_NAME] = ({f"{PREFIX}{site}.lora_{ab}.weight": tensor(path) for site, rec in records.items()
+                                for ab, path in (("A", rec.lora_A), ("B", rec.lora_B))}, {})
+    else:
+        config = _shortcuts_only_config(cm, shortcuts)
+    if shortcuts:
+        listed = {site: {"r": rec.r, "alpha": rec.alpha, "scale": rec.scale, "link": rec.link}
+                  for site, rec in shortcuts.items()}
+        files[SHORTCUTS_NAME] = ({f"{site}.lora_{ab}": tensor(path) for site, rec in shortcuts.items()
+                                  for ab, path in (("A", rec.lora_A), ("B", rec.lora_B))},
+                                 {SHORTCUTS_KEY: json.dumps(listed)})
+    # files of an earlier save that this one does not write (moved out, after the new ones are in)
+    stale = [SHORTCUTS_NAME] if not shortcuts else ([] if records else [WEIGHTS_NAME, BIN_NAME])
     os.makedirs(directory, exist_ok=True)
-    _write_atomically(directory, config, tensors)
+    _write_atomically(directory, config, files, stale)
+    if shortcuts and records:
+        logger.warning("lorafx: PEFT cannot express shortcut adapters (%d sites, shortcuts=True): they are saved in "
+                       "%s beside the PEFT adapter in %s, which PEFT's PeftModel.from_pretrained ignores; "
+                       "lorafx.load_adapter(model, folder) restores both", len(shortcuts), SHORTCUTS_NAME, directory)
+    elif shortcuts:
+        logger.warning("lorafx: this model has shortcut adapters only (%d sites, shortcuts=True), which PEFT cannot "
+                       "express: wrote %s and %s to %s (no %s, so PEFT cannot load it); lorafx.load_adapter(model, "
+                       "folder) restores them", len(shortcuts), CONFIG_NAME, SHORTCUTS_NAME, directory, WEIGHTS_NAME)
     if replacing:
         logger.warning("lorafx: replaced the adapter in %s", directory)
 
 
-def _write_atomically(directory: str, config: dict, tensors: dict) -> None:
-    """Stage both files in a hidden folder inside ``directory``, back up the old ones
-    (hard links, else copies), then move weights and config in; on any error put the
-    old files back."""
+def _write_atomically(directory: str, config: dict, files: Dict[str, Tuple[dict, dict]], stale=()) -> None:
+    """Stage the config and the weights ``files`` ({name: (tensors, extra metadata)}) in a
+    hidden folder inside ``directory``, back up the old ones (hard links, else copies),
+    move the weights then the config in, then move the ``stale`` files of an earlier save
+    out (into the stage, as their own backups); on any error put the old files back."""
     from safetensors.torch import save_file
 
     stage = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
-    backups: Dict[str, str] = {}  # name -> backup of the file it replaces
-    moved = []  # names already moved into ``directory``
+    backups: Dict[str, str] = {}  # name -> backup of the file it replaces (or removes)
+    moved = []  # names whose file in ``directory`` is no longer the old one
     keep_stage = False
     try:
         with open(os.path.join(stage, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -189,13 +245,16 @@ def _write_atomically(directory: str, config: dict, tensors: dict) -> None:
             os.fsync(f.fileno())
         with open(os.path.join(stage, CONFIG_NAME), "rb") as f:
             config_sha = hashlib.sha256(f.read()).hexdigest()
-        # lorafx's metadata goes in the weights: PEFT warns about unknown config keys
-        save_file(tensors, os.path.join(stage, WEIGHTS_NAME),
-                  metadata={"format": "pt", "lorafx_version": __version__,
-                            PAIRING_KEY: config_sha})
-        with open(os.path.join(stage, WEIGHTS_NAME), "rb") as f:
-            os.fsync(f.fileno())
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        save_id = uuid.uuid4().hex
+        for name, (tensors, extra) in files.items():
+            # lorafx's metadata goes in the weights: PEFT warns about unknown config keys
+            save_file(tensors, os.path.join(stage, name),
+                      metadata={"format": "pt", "lorafx_version": __version__, PAIRING_KEY: config_sha,
+                                SAVE_ID_KEY: save_id, **extra})
+            with open(os.path.join(stage, name), "rb") as f:
+                os.fsync(f.fileno())
+        names = [*files, CONFIG_NAME]  # weights first: a crash before the config is in is caught on load
+        for name in names:
             old = os.path.join(directory, name)
             if os.path.exists(old):
                 backups[name] = os.path.join(stage, name + ".old")
@@ -203,9 +262,15 @@ def _write_atomically(directory: str, config: dict, tensors: dict) -> None:
                     os.link(old, backups[name])
                 except OSError:  # no hard links here: copy
                     shutil.copy2(old, backups[name])
-        for name in (WEIGHTS_NAME, CONFIG_NAME):  # weights first: a crash in between is caught on load
+        for name in names:
             os.replace(os.path.join(stage, name), os.path.join(directory, name))
             moved.append(name)
+        for name in stale:  # last: until then a stale file is refused on load (its save id differs)
+            old = os.path.join(directory, name)
+            if os.path.exists(old):
+                backups[name] = os.path.join(stage, name + ".old")
+                os.replace(old, backups[name])
+                moved.append(name)
     except BaseException as error:
         try:
             for name in reversed(moved):
@@ -274,11 +339,11 @@ def read_adapter_config(directory: str) -> dict:
 
 
 def _weights_file(directory: str) -> str:
-    for name in (WEIGHTS_NAME, "adapter_model.bin"):
+    for name in (WEIGHTS_NAME, BIN_NAME):
         path = os.path.join(directory, name)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor adapter_model.bin")
+    raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_NAME}")
 
 
 def _load_state(path: str, trust_pickle: bool) -> Tuple[dict, dict]:
@@ -322,36 +387,153 @@ def _read_weights(directory: str, trust_pickle: bool = False) -> Tuple[Dict[str,
     return {s: (ab["A"], ab["B"]) for s, ab in sites.items()}, metadata
 
 
-def _read_adapter(directory: str, trust_pickle: bool = False):
-    """Read and check both files of the adapter in ``directory``: (config, weights)."""
+@dataclass(frozen=True)
+class SavedShortcut:
+    """One shortcut adapter of ``lorafx_shortcuts.safetensors``."""
+
+    r: int
+    alpha: float
+    scale: float
+    link: str
+    lora_A: torch.Tensor  # (r, dim)
+    lora_B: torch.Tensor  # (dim, r)
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """What an adapter folder holds, every file read and checked (``read_adapter_files``).
+
+    ``weights``: {site: (A, B)} of the linear adapters ({} for shortcut adapters only);
+    ``shortcuts``: {site: SavedShortcut}, in the saved order ({} without a shortcuts file)."""
+
+    config: dict
+    weights: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    shortcuts: Dict[str, SavedShortcut]
+
+
+def _read_shortcuts(directory: str) -> Tuple[Dict[str, SavedShortcut], dict]:
+    """The shortcut adapters in ``directory``'s shortcuts file, and its metadata."""
+    path = os.path.join(directory, SHORTCUTS_NAME)
+    state, metadata = _load_state(path, trust_pickle=False)
+    try:
+        listed = json.loads(metadata[SHORTCUTS_KEY])
+    except (KeyError, ValueError):
+        listed = None
+    if not isinstance(listed, dict):
+        raise ValueError(f"{path} has no valid {SHORTCUTS_KEY!r} metadata (the sites' r, alpha, scale and link): "
+                         f"{_fix(path)}")
+    out = {}
+    for site, cfg in listed.items():
+        A, B = state.pop(f"{site}.lora_A", None), state.pop(f"{site}.lora_B", None)
+        if A is None or B is None:
+            raise ValueError(f"{path}: shortcut {site} has no {'lora_A' if A is None else 'lora_B'}: {_fix(path)}")
+        try:
+            out[site] = SavedShortcut(int(cfg["r"]), float(cfg["alpha"]), float(cfg["scale"]), str(cfg["link"]), A, B)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: the metadata of shortcut {site} is not {{r, alpha, scale, link}}: "
+                             f"{_fix(path)}") from None
+    if state:
+        raise ValueError(f"{path}: unexpected entry {sorted(state)[0]!r} (a shortcut not in its metadata): "
+                         f"{_fix(path)}")
+    return out, metadata
+
+
+def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFiles:
+    """Read and check every file of the adapter in ``directory``: the config, the PEFT
+    weights and the shortcut adapters, each paired with the config (and the weights with
+    each other) by the save that wrote them."""
     config, raw = _read_config(directory)
-    weights, metadata = _read_weights(directory, trust_pickle)
-    expected = metadata.get(PAIRING_KEY)
-    if expected is not None and expected != hashlib.sha256(raw).hexdigest():
-        raise ValueError(f"the config and weights in {directory} come from different saves (an interrupted save, "
-                         f"or {CONFIG_NAME} edited after saving?); save the adapter again")
-    return config, weights
+    config_sha = hashlib.sha256(raw).hexdigest()
+    has_shortcuts = os.path.exists(os.path.join(directory, SHORTCUTS_NAME))
+    metas = {}
+    weights: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    if has_shortcuts and config.get("target_modules") == [] and not any(
+            os.path.exists(os.path.join(directory, n)) for n in (WEIGHTS_NAME, BIN_NAME)):
+        pass  # shortcut adapters only
+    else:
+        try:
+            weights, metas[_weights_file(directory)] = _read_weights(directory, trust_pickle)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_NAME}"
+                                    + (f" (it has {SHORTCUTS_NAME}, but its {CONFIG_NAME} names linear adapters)"
+                                       if has_shortcuts else "")) from None
+    shortcuts: Dict[str, SavedShortcut] = {}
+    if has_shortcuts:
+        shortcuts, metas[os.path.join(directory, SHORTCUTS_NAME)] = _read_shortcuts(directory)
+    for path, metadata in metas.items():
+        expected = metadata.get(PAIRING_KEY)
+        if expected is not None and expected != config_sha:
+            raise ValueError(f"the config and weights in {directory} come from different saves (an interrupted "
+                             f"save, or {CONFIG_NAME} edited after saving?); save the adapter again")
+    ids = {m.get(SAVE_ID_KEY) for m in metas.values()}
+    if len(metas) > 1 and (None in ids or len(ids) > 1):
+        raise ValueError(f"the PEFT weights and {SHORTCUTS_NAME} in {directory} come from different saves (an "
+                         "interrupted save, or a file copied in from another adapter?); save the adapter again")
+    return AdapterFiles(config, weights, shortcuts)
+
+
+def _read_adapter(directory: str, trust_pickle: bool = False):
+    """Read and check the adapter in ``directory``: (config, linear weights)."""
+    files = read_adapter_files(directory, trust_pickle)
+    return files.config, files.weights
 
 
 def load_adapter_weights(cm, directory: str, *, trust_pickle: bool = False) -> None:
-    """Copy the adapter in ``directory`` into ``cm``'s adapters.
+    """Copy the adapter in ``directory`` into ``cm``'s adapters, its shortcut adapters too.
 
     The adapter must be one lorafx supports, target the same sites with the same
     shapes, and give every site the scale (alpha / r, or alpha / sqrt(r)) ``cm``
     was compiled with: otherwise the outputs would silently differ from PEFT's.
-    Nothing is copied unless all of that holds.  ``trust_pickle=True`` lets a
-    ``.bin`` file run the pickle code it holds.
+    The same holds for the shortcut adapters.  Nothing is copied unless all of that
+    holds.  ``trust_pickle=True`` lets a ``.bin`` file run the pickle code it holds.
     """
-    config, weights = _read_adapter(directory, trust_pickle)
-    _copy_weights(cm, directory, weights, config)
+    files = read_adapter_files(directory, trust_pickle)
+    _copy_weights(cm, directory, files.weights, files.config, files.shortcuts)
 
 
-def _copy_weights(cm, directory: str, weights, config=None) -> None:
-    """Copy ``weights`` (site -> (A, B)) into ``cm``'s adapters (shapes, and the scales
-    when ``config`` is given, must match; nothing is copied otherwise)."""
+def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
+    """[(parameter path, tensor)] that load ``shortcuts`` into ``cm``'s shortcut adapters;
+    ValueError, naming the fix, when they do not fit."""
+    mine = cm.shortcut_records()
+    if shortcuts and not mine:
+        raise ValueError(f"the adapter in {directory} has {len(shortcuts)} shortcut adapter(s) ({SHORTCUTS_NAME}) "
+                         "but this model was compiled without shortcuts; load it with lorafx.load_adapter(model, "
+                         "folder), which compiles the saved shortcut sites")
+    if mine and not shortcuts:
+        raise ValueError(f"this model has {len(mine)} shortcut adapter(s) (shortcuts=True) but the adapter in "
+                         f"{directory} has none (no {SHORTCUTS_NAME}); load it into a model compiled without "
+                         "shortcuts, e.g. with lorafx.load_adapter(model, folder)")
+    missing, extra = sorted(set(mine) - set(shortcuts)), sorted(set(shortcuts) - set(mine))
+    if missing or extra:
+        raise ValueError(f"the shortcut adapters in {directory} do not fit this model: its shortcut sites without "
+                         f"weights {missing[:10]}, saved shortcuts without a site {extra[:10]}; load the adapter "
+                         "with lorafx.load_adapter(model, folder), which compiles the saved sites")
+    out = []
+    for site, rec in mine.items():
+        saved = shortcuts[site]
+        pa, pb = get_attr(cm, rec.lora_A), get_attr(cm, rec.lora_B)
+        if saved.lora_A.shape != pa.shape or saved.lora_B.shape != pb.shape:
+            raise ValueError(f"{site}: shortcut shapes A{tuple(saved.lora_A.shape)} B{tuple(saved.lora_B.shape)} "
+                             f"do not match this model's A{tuple(pa.shape)} B{tuple(pb.shape)}")
+        if not _close(saved.scale, rec.scale):
+            raise ValueError(f"{site}: the shortcut in {directory} has scale {saved.scale:g} (alpha {saved.alpha:g} "
+                             f"/ r {saved.r}) but this model was compiled with scale {rec.scale:g}; compile with "
+                             f"shortcut_alpha={saved.alpha:g} or use lorafx.load_adapter(model, directory)")
+        out += [(rec.lora_A, saved.lora_A), (rec.lora_B, saved.lora_B)]
+    return out
+
+
+def _copy_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
+    """Copy ``weights`` (site -> (A, B)) into ``cm``'s adapters and ``shortcuts`` (site ->
+    SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
+    ``config`` is given, must match; nothing is copied otherwise)."""
     records = cm.lora_records()
     missing = sorted(set(records) - set(weights))
     extra = sorted(set(weights) - set(records))
+    if records and not weights and shortcuts:
+        raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
+                         f"but this model has {len(records)} linear adapter(s); load it with "
+                         "lorafx.load_adapter(model, folder), which compiles its shortcut sites alone")
     if missing or extra:
         raise ValueError(f"adapter in {directory} does not fit this model: "
                          f"sites without weights {missing[:10]}, weights without a site {extra[:10]}")
@@ -366,6 +548,7 @@ def _copy_weights(cm, directory: str, weights, config=None) -> None:
                              f"{_expected_scale(config, site):g} (from r, lora_alpha, rank/alpha_pattern, "
                              f"use_rslora) but this model was compiled with scale {rec.scale:g}; compile with "
                              "the adapter's settings or use lorafx.load_adapter(model, directory)")
+    copies = _shortcut_copies(cm, directory, shortcuts or {})
     was_merged = cm.merged
     cm.unmerge()
     with torch.no_grad():
@@ -373,6 +556,8 @@ def _copy_weights(cm, directory: str, weights, config=None) -> None:
             A, B = weights[site]
             get_attr(cm, rec.lora_A).copy_(A)
             get_attr(cm, rec.lora_B).copy_(B)
+        for path, value in copies:
+            get_attr(cm, path).copy_(value)
     if was_merged:
         cm.merge()
 
@@ -395,12 +580,23 @@ def compile_settings(config: dict) -> dict:
     )
 
 
+def shortcut_settings(shortcuts: Dict[str, SavedShortcut]) -> dict:
+    """The ``lorafx.compile`` options that rebuild exactly the saved shortcut sites ({} for none)."""
+    if not shortcuts:
+        return {}
+    # (InsertShortcuts gives every site one alpha; the scales are checked when the weights are copied)
+    return dict(shortcuts=True, shortcut_pattern={site: s.r for site, s in shortcuts.items()},
+                shortcut_alpha=_most_common(s.alpha for s in shortcuts.values()))
+
+
 def read_adapter(directory: str, trust_pickle: bool = False):
-    """``(config, weights)`` of the adapter in ``directory``, both files read and checked."""
+    """``(config, weights)`` of the adapter in ``directory``, every file read and checked
+    (``read_adapter_files`` also gives its shortcut adapters)."""
     return _read_adapter(directory, trust_pickle)
 
 
-def copy_adapter_weights(cm, directory: str, weights, config=None) -> None:
-    """Copy ``weights`` (from ``read_adapter``) into ``cm``'s adapters; with ``config``,
-    first check that it gives every site the scale ``cm`` was compiled with."""
-    _copy_weights(cm, directory, weights, config)
+def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
+    """Copy ``weights`` (from ``read_adapter``) and ``shortcuts`` (``AdapterFiles.shortcuts``;
+    None: no shortcut adapters) into ``cm``'s adapters; with ``config``, first check that it
+    gives every site the scale ``cm`` was compiled with."""
+    _copy_weights(cm, directory, weights, config, shortcuts)

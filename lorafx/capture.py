@@ -37,7 +37,7 @@ from torch.export import Dim
 from .meta import META_KEY, GraphRecord, OriginRecord, graph_record, set_record
 
 __all__ = ["capture", "CaptureError", "bind_inputs", "is_hf_model", "signature_key", "mode_dependent",
-           "check_input_ranks"]
+           "check_input_ranks", "is_causal_lm"]
 
 # torch.export is not thread-safe on one model (it swaps the module's parameters for fake
 # tensors while tracing): every capture in this process holds this lock.
@@ -326,9 +326,16 @@ def capture(
         signature=signature_key(args, kwargs), inputs=tuple(sorted(kwargs)), nargs=len(args),
         input_ranks={k: v.dim() for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
         dims=_name_symbols(gm) if dynamic else {}, output_modules=tuple(_output_modules(model)),
-        captured_training=training)
+        captured_training=training, causal_lm=is_causal_lm(model))
     _record_origins(gm)
     return gm
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal language model (it takes ``labels`` equal to
+    its ``input_ids`` and shifts them itself)."""
+    name = type(model).__name__
+    return is_hf_model(model) and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel"))
 
 
 def _output_modules(model: torch.nn.Module) -> list:

@@ -188,6 +188,10 @@ def cmd_compile(args, out=None) -> int:
 
     # Validate everything cheap before the (slow) load and capture.
     options = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout}
+    if args.rank_budget is not None:
+        options.update(rank_budget=args.rank_budget, proxy=args.proxy, allocation=args.allocation)
+    if args.shortcuts:
+        options["shortcuts"] = True
     modules = parse_target_modules(args.target_modules)
     if modules is not None:
         options["target_modules"] = modules
@@ -198,7 +202,7 @@ def cmd_compile(args, out=None) -> int:
     try:  # against the declarations, then by building every pass of the pipeline
         lorafx.default_passes(target, fold_a=args.fold_a, **options)
     except (ValueError, TypeError) as e:
-        raise CLIError(re.sub(r"^(lorafx\.default_passes|InsertLoRA): ", "", _one_line(e))) from None
+        raise CLIError(re.sub(r"^(lorafx\.default_passes|InsertLoRA|AllocateRanks): ", "", _one_line(e))) from None
     try:
         resolve_model(args.model)
     except ValueError as e:
@@ -237,8 +241,10 @@ def cmd_compile(args, out=None) -> int:
     print(file=out)
     print(f"model    {args.model} ({type(model).__name__}, {n_params:,} parameters)", file=out)
     print(f"target   {target.name}", file=out)
+    budget = (f" rank_budget={args.rank_budget} proxy={args.proxy} allocation={args.allocation}"
+              if args.rank_budget is not None else "")
     print(f"options  r={args.r} alpha={args.alpha:g} target_modules={modules_text} "
-          f"dropout={args.dropout:g} seed={args.seed}", file=out)
+          f"dropout={args.dropout:g} seed={args.seed}{budget}" + (" shortcuts" if args.shortcuts else ""), file=out)
     print(file=out)
     print(str(report), file=out)
     print(f"adapters {_adapter_summary(cm)}", file=out)
@@ -256,7 +262,9 @@ def cmd_compile(args, out=None) -> int:
             try:
                 lorafx.draw(cm.graph_module, files["graph.svg"],
                             title=f"{args.model} on {target.name}: {len(cm.graph_module.graph.nodes)} nodes, "
-                                  f"{report.adapter_sites} LoRA adapters (r={args.r})")
+                                  f"{report.adapter_sites} LoRA adapters "
+                                  + (f"(rank_budget={args.rank_budget}, proxy={args.proxy}; bar width = rank)"
+                                     if args.rank_budget is not None else f"(r={args.r})"))
             except ImportError as e:
                 raise CLIError(f"{_one_line(e)} (or pass --no-draw)") from None
     files["report.json"] = os.path.join(args.out, "report.json")
@@ -266,7 +274,10 @@ def cmd_compile(args, out=None) -> int:
         "model_class": type(model).__name__,
         "target": target.name,
         "options": {"r": args.r, "alpha": args.alpha, "target_modules": shown_modules,
-                    "dropout": args.dropout, "seed": args.seed},
+                    "dropout": args.dropout, "seed": args.seed,
+                    **({"rank_budget": args.rank_budget, "proxy": args.proxy, "allocation": args.allocation}
+                       if args.rank_budget is not None else {}),
+                    **({"shortcuts": True} if args.shortcuts else {})},
         "example_inputs": {k: list(v.shape) for k, v in example_kwargs.items()},
         **json.loads(report.to_json()),
         "files": {k: os.path.relpath(v, args.out) for k, v in files.items()},
@@ -287,6 +298,21 @@ def cmd_compile(args, out=None) -> int:
 # -- parser -----------------------------------------------------------------------------
 
 
+def _budget(text: str):
+    """--rank-budget: an int (parameters) or a float (a multiple of uniform r=8)."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of parameters (24576) or a multiple of uniform "
+                                             f"r=8 (1.5), got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -305,6 +331,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lorafx import __version__
     from lorafx.models import DEFAULT_MODEL
+    from lorafx.passes import AllocateRanks
+    from lorafx.passes.allocate_ranks import ALLOCATIONS
+    from lorafx.passes.score_sites import PROXIES
 
     parser = _Parser(prog="lorafx", description="lorafx: a torch.fx compiler for LoRA fine-tuning.")
     parser.add_argument("--version", action="version", version=f"lorafx {__version__}")
@@ -326,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dropout", type=float, default=0.0, help="adapter dropout probability (default 0)")
     c.add_argument("--fold-a", action="store_true",
                    help="fold A into the frozen weight's buffer: one GEMM for x W^T and x A^T (FoldLoRAIntoBase)")
+    c.add_argument("--rank-budget", type=_budget, default=None,
+                   help="allocate ranks from a zero-cost proxy under this many trainable parameters (an int), or "
+                        "a multiple of uniform r=8 on the allowed linears (a float, e.g. 1.0) (AllocateRanks)")
+    c.add_argument("--proxy", default=AllocateRanks.proxy, choices=PROXIES,
+                   help=f"the proxy --rank-budget scores sites with (default {AllocateRanks.proxy})")
+    c.add_argument("--allocation", default=AllocateRanks.allocation, choices=ALLOCATIONS,
+                   help="graded: ranks in proportion to the scores; topk: the best sites at rank --r "
+                        f"(default {AllocateRanks.allocation})")
+    c.add_argument("--shortcuts", action="store_true",
+                   help="add LoRA-adapted shortcut connections on the residual adds (InsertShortcuts)")
     c.add_argument("--no-draw", action="store_true", help="do not write graph.svg")
     c.add_argument("--seed", type=int, default=0, help="seed for built-in model weights and adapter init (default 0)")
     c.set_defaults(func=cmd_compile)

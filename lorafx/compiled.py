@@ -35,10 +35,10 @@ from . import eager
 from .adapter_io import load_adapter_weights, save_adapter
 from .capture import bind_inputs, capture, check_input_ranks, mode_dependent, signature_key
 from .context import CompileContext
-from .dialect import canonicalize, kind_of
+from .dialect import ShortcutRecord, canonicalize, kind_of
 from .graph_utils import owner_and_name
 from .meta import LoraRecord, get_record, graph_record
-from .pipeline import PassReport, Pipeline, lint_graph
+from .pipeline import PassReport, Pipeline, lint_graph, provided
 from .printing import format_graph
 
 __all__ = ["CompiledModel", "CompileReport", "own_base"]
@@ -199,11 +199,50 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(gm, "_buffers", primary._buffers)
         _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
-        if self._merged:
+        if self._merged and "lora" in provided(gm):
             MergeLoRA()(gm)
         set_training_mode(gm, self.training)
         self._variants[key] = gm
         return gm
+
+    def _rebuild_graphs(self) -> None:
+        """Capture the primary call signature again, run the pipeline on it with the current
+        decisions (e.g. a changed rank allocation, ``lorafx.ReallocateRanks``) and make it the
+        primary graph; the other signatures are dropped and captured again on first use.
+
+        Every tensor of the new graph module whose path, shape and dtype the old one also has
+        is the old object (parameters, their flags and ``.grad``, buffers); a group of tensors
+        sharing storage (a folded [W; A] and its views) is kept only as a whole.  The rest
+        (adapters whose rank changed, new ones) are the new graph module's.  Refused while
+        merged."""
+        import time
+        if self._merged:
+            raise RuntimeError("cannot rebuild the graphs of a merged model: call cm.unmerge() first")
+        old, ctx = self.graph_module, self._context
+        training = graph_record(old).captured_training if self._mode_dependent else None
+        with self._capture_lock:
+            start = time.perf_counter()
+            gm = capture(self._source, ctx.example_args, ctx.example_kwargs, dynamic=self.dynamic,
+                         training=training)
+            seconds = time.perf_counter() - start
+            own_base(gm, self._source)
+            _keep_tensors(gm, old, before_passes=True)  # passes derive from the current base (a folded W)
+            nodes = len(gm.graph.nodes)
+            result = self._pipeline(gm, ctx.for_capture(ctx.example_args, ctx.example_kwargs,
+                                                        training=self.training))
+            gm = result.graph_module
+            _keep_tensors(gm, old)
+            _privatize_mutated_buffers(gm, self._source)
+            lint_graph(gm)
+            rec = graph_record(gm)
+            set_training_mode(gm, rec.captured_training if self._mode_dependent else self.training)
+            object.__setattr__(self, "_modules", gm._modules)
+            object.__setattr__(self, "_parameters", gm._parameters)
+            object.__setattr__(self, "_buffers", gm._buffers)
+            self.__dict__["graph_module"] = gm
+            self.__dict__["_variants"] = {self._key(rec.signature, rec.captured_training): gm}
+            self.__dict__["_compiled"] = {}
+            self.__dict__["_report"] = CompileReport.from_pipeline(result.info["reports"], seconds, nodes, gm)
 
     def train(self, mode: bool = True) -> "CompiledModel":
         """Switch dropout (and adapter dropout) on or off in every captured graph; a model
@@ -234,6 +273,16 @@ class CompiledModel(torch.nn.Module):
                     out.setdefault(rec.site, rec)
         return out
 
+    def shortcut_records(self) -> Dict[str, ShortcutRecord]:
+        """{site: ShortcutRecord} for every shortcut adapter (``shortcuts=True``), in graph order;
+        they are not in ``lora_records()``: they adapt no linear layer."""
+        out = {}
+        for node in self.graph_module.graph.nodes:
+            rec = get_record(node, ShortcutRecord) if kind_of(node) is not None else None
+            if rec is not None:
+                out.setdefault(rec.site, rec)
+        return out
+
     def trainable_parameters(self) -> Dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
@@ -249,14 +298,16 @@ class CompiledModel(torch.nn.Module):
         return self._merged
 
     def merge(self) -> "CompiledModel":
-        """Fold every adapter into its frozen weight (W + scale·BA, in float32 or wider)."""
+        """Fold every adapter into its frozen weight (W + scale·BA, in float32 or wider).
+        Shortcut adapters (``shortcuts=True``) have no weight to fold into: they keep running."""
         import copy
         from lorafx.passes import MergeLoRA
         if not self._merged:
             # unmerge() restores these graphs exactly, with every later pass's choices
             self.__dict__["_unmerged_graphs"] = {k: copy.deepcopy(gm.graph) for k, gm in self._variants.items()}
             for gm in self._variants.values():
-                MergeLoRA()(gm)
+                if "lora" in provided(gm):  # (a model with shortcut adapters only has nothing to fold)
+                    MergeLoRA()(gm)
             self.__dict__["_merged"] = True
         return self
 
@@ -280,9 +331,12 @@ class CompiledModel(torch.nn.Module):
 
     def merge_and_unload(self) -> torch.fx.GraphModule:
         """A new plain GraphModule with merged weights and no lorafx ops or adapters,
-        in eval mode.  This model is left as it is; unadapted tensors are shared."""
+        in eval mode.  Shortcut adapters (``shortcuts=True``), which no weight can hold,
+        become plain aten ops (y + s·(h Aᵀ) Bᵀ) with A and B as frozen parameters under
+        ``lorafx_shortcuts``.  This model is left as it is; unadapted tensors are shared."""
         import copy
         from lorafx.passes import MergeLoRA, set_training_mode
+        from lorafx.passes.merge_lora import lower_unmergeable
         was_merged = self._merged
         self.unmerge()
         try:
@@ -292,7 +346,10 @@ class CompiledModel(torch.nn.Module):
             canonicalize(graph)  # one lora_linear per adapter, W read by name (before GraphModule picks attributes)
             gm = torch.fx.GraphModule(src, graph, class_name=type(src).__name__)
             gm.meta.update(copy.deepcopy(src.meta))
-            MergeLoRA(unload=True)(gm)
+            if "lora" in provided(gm):
+                MergeLoRA(unload=True)(gm)  # also lowers the shortcut adapters to aten ops
+            elif lower_unmergeable(gm):  # shortcut adapters only
+                gm.graph.eliminate_dead_code()
             set_training_mode(gm, False)
             gm.graph.lint()
             gm.recompile()
@@ -305,8 +362,18 @@ class CompiledModel(torch.nn.Module):
     def merged_state_dict(self) -> Dict[str, torch.Tensor]:
         """The source model's state dict (the same keys, tied ones included) with this
         model's base weights and the adapters merged in float32: it loads into the source
-        architecture with ``load_state_dict(..., strict=True)``."""
-        from lorafx.passes.merge_lora import merged_weights
+        architecture with ``load_state_dict(..., strict=True)``.  Refused for a model with
+        shortcut adapters (``shortcuts=True``): the source architecture has no place for them."""
+        from lorafx.passes.merge_lora import merged_weights, unmergeable_nodes
+        kept = unmergeable_nodes(self.graph_module.graph)
+        if kept:
+            sites = [getattr(get_record(n, ShortcutRecord), "site", n.name) for n in kept]
+            raise ValueError(
+                f"this model has {len(kept)} shortcut adapter(s) ({', '.join(sites[:3])}"
+                f"{', ...' if len(sites) > 3 else ''}; shortcuts=True), which add low-rank maps between points of "
+                "the residual stream: the source architecture has no place for them, so no state dict of it can "
+                "hold them. Use cm.merge_and_unload() for a plain module that keeps them (as frozen aten ops), or "
+                "cm.save_adapter(folder) to save the adapters (lorafx.load_adapter(model, folder) restores them)")
         was_merged = self._merged
         self.unmerge()
         try:
@@ -329,12 +396,14 @@ class CompiledModel(torch.nn.Module):
     # -- adapters ---------------------------------------------------------------------
     def save_adapter(self, directory: str, *, overwrite: bool = True) -> None:
         """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors),
+        and the shortcut adapters, which PEFT cannot express, to lorafx_shortcuts.safetensors,
         atomically; ``overwrite=False`` refuses to replace an adapter already there."""
         save_adapter(self, directory, overwrite=overwrite)
 
     def load_adapter(self, directory: str, *, trust_pickle: bool = False) -> "CompiledModel":
-        """Load adapter weights (saved by lorafx or PEFT) into this model's adapters;
-        ``trust_pickle=True`` lets a ``.bin`` file run the pickle code it holds."""
+        """Load adapter weights (saved by lorafx or PEFT) into this model's adapters, the
+        shortcut adapters too (the saved sites must be this model's); ``trust_pickle=True``
+        lets a ``.bin`` file run the pickle code it holds."""
         load_adapter_weights(self, directory, trust_pickle=trust_pickle)
         return self
 
@@ -408,6 +477,40 @@ class CompiledModel(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"target={self.target!r}, backend={self.backend!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
                 f"signatures={len(self._variants)}")
+
+
+def _keep_tensors(gm: torch.nn.Module, old: torch.nn.Module, before_passes: bool = False) -> None:
+    """Bind ``old``'s parameter or buffer at each of ``gm``'s tensor paths where it has the
+    same kind, shape and dtype, for whole groups of ``gm``'s tensors sharing storage only
+    (``CompiledModel._rebuild_graphs``).  ``before_passes``: parameters are bound as frozen
+    Parameters sharing the old storage, so no pass can touch the old objects."""
+    groups: Dict[Any, list] = {}  # storage -> [(table, name, path, tensor)]
+    for prefix, module in gm.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    key = id(t) if t.device.type == "meta" else (t.device, t.untyped_storage().data_ptr())
+                    groups.setdefault(key, []).append((table, name, f"{prefix}.{name}" if prefix else name, t))
+    frozen: Dict[int, torch.nn.Parameter] = {}
+    for group in groups.values():
+        olds = [_tensor_at(old, path) for _, _, path, _ in group]
+        if not all(o is not None and isinstance(o, torch.nn.Parameter) == isinstance(t, torch.nn.Parameter)
+                   and o.shape == t.shape and o.dtype == t.dtype for (_, _, _, t), o in zip(group, olds)):
+            continue
+        for (table, name, _, _), o in zip(group, olds):
+            if before_passes and isinstance(o, torch.nn.Parameter):
+                o = frozen.setdefault(id(o), torch.nn.Parameter(o.detach(), requires_grad=False))
+            table[name] = o
+
+
+def _tensor_at(root: torch.nn.Module, path: str) -> Optional[torch.Tensor]:
+    """The parameter or buffer of ``root`` at ``path``, or None."""
+    *parents, name = path.split(".")
+    for part in parents:
+        root = root._modules.get(part)
+        if root is None:
+            return None
+    return root._parameters.get(name) if name in root._parameters else root._buffers.get(name)
 
 
 def _tensors(module: torch.nn.Module):

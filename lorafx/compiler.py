@@ -24,7 +24,7 @@ from .options import Option, check_options, check_seed
 from .pipeline import Instrument, Pass, Pipeline
 
 __all__ = ["compile", "default_passes", "declarations", "load_adapter", "default_example_inputs",
-           "COMPILE_KEYWORDS"]
+           "without_linear_adapters", "COMPILE_KEYWORDS"]
 
 # compile()'s own keywords (the rest are the options passes and targets declare)
 COMPILE_KEYWORDS = ("target", "example_inputs", "example_kwargs", "calibration", "seed", "passes", "dynamic",
@@ -223,17 +223,38 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
                  **options):
     """Compile ``model`` with the adapter configuration in ``directory`` and load its weights.
 
-    Both files are read and checked before compiling.  ``model`` may also be a
-    CompiledModel, whose adapters then receive the weights.  ``trust_pickle=True``
-    lets a ``.bin`` file run the pickle code it holds.
+    Every file is read and checked before compiling.  An adapter with shortcut adapters
+    (``lorafx_shortcuts.safetensors``, written for a model compiled with ``shortcuts=True``)
+    compiles with exactly its saved sites (``shortcuts=True, shortcut_pattern=...,
+    shortcut_alpha=...``) and loads them too; one with shortcut adapters only compiles
+    without linear adapters.  ``model`` may also be a CompiledModel, whose adapters then
+    receive the weights.  ``trust_pickle=True`` lets a ``.bin`` file run the pickle code
+    it holds.
     """
     if isinstance(model, CompiledModel):
         model.load_adapter(directory, trust_pickle=trust_pickle)
         return model
-    config, weights = adapter_io.read_adapter(directory, trust_pickle)  # fail before the (slow) compile
-    settings = {**adapter_io.compile_settings(config), **options}
-    cm = compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
+    files = adapter_io.read_adapter_files(directory, trust_pickle)  # fail before the (slow) compile
+    shortcut = adapter_io.shortcut_settings(files.shortcuts)
+    if files.weights:
+        settings = {**adapter_io.compile_settings(files.config), **shortcut, **options}
+        cm = compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
+    else:  # shortcut adapters only: the default pipeline without InsertLoRA and the passes that need it
+        mine = {k: v for k, v in options.items() if k in COMPILE_KEYWORDS}
+        target = mine.pop("target", "cpu")
+        passes = without_linear_adapters(default_passes(target, backend=mine.get("backend", "eager"),
+                                                        **{**shortcut, **{k: v for k, v in options.items()
+                                                                          if k not in COMPILE_KEYWORDS}}))
+        cm = compile(model, target=target, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                     passes=passes, **mine)
     # Options that change the scales were chosen on purpose: check the scales only otherwise.
     scales_chosen = any(k in options for k in adapter_io.SCALE_OPTIONS)
-    adapter_io.copy_adapter_weights(cm, directory, weights, None if scales_chosen else config)
+    adapter_io.copy_adapter_weights(cm, directory, files.weights, None if scales_chosen else files.config,
+                                    files.shortcuts)
     return cm
+
+
+def without_linear_adapters(passes: Sequence[Pass]) -> List[Pass]:
+    """``passes`` without the one inserting linear adapters (it provides ``"lora"``) and the
+    ones that need them: a pipeline for a model with shortcut adapters only."""
+    return [p for p in passes if "lora" not in p.provides and "lora" not in p.requires]

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from .dialect import kind_of
-from .meta import LoraRecord, OriginRecord, describe, get_record
+from .meta import LoraRecord, OriginRecord, describe, get_record, graph_record
 from .pipeline import Instrument
 from .printing import format_graph, format_node
 from .printing import node_shape as _shape
@@ -78,6 +78,13 @@ def _adapters(n: torch.fx.Node) -> List[LoraRecord]:
     return [r for r in recs if r is not None]
 
 
+def _rank(n: torch.fx.Node) -> int:
+    """The total rank of the adapters a node computes (any record with an ``r``: LoRA,
+    shortcut); 0 for other nodes."""
+    return sum(int(getattr(rec, "r", 0) or 0) for rec in n.meta.get("lorafx", {}).values()) or \
+        sum(r.r for r in _adapters(n))
+
+
 def _is_lora(n: torch.fx.Node) -> bool:
     return kind_of(n) is not None or get_record(n, LoraRecord) is not None
 
@@ -103,7 +110,7 @@ def _is_plumbing(n: torch.fx.Node) -> bool:
     return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
-def _draw_label(n: torch.fx.Node) -> str:
+def _draw_label(n: torch.fx.Node, scores: Optional[dict] = None) -> str:
     recs = _adapters(n)
     kind = kind_of(n)
     note = kind.describe(n) if kind is not None else ""
@@ -113,7 +120,8 @@ def _draw_label(n: torch.fx.Node) -> str:
         text = "output"
     elif len(recs) == 1:
         rec = recs[0]
-        text = (f"{n.name}  LoRA r={rec.r} alpha={rec.alpha:g} {rec.in_features}->{rec.out_features}"
+        score = f" score={scores[rec.site]:.3g}" if scores and rec.site in scores else ""
+        text = (f"{n.name}  LoRA r={rec.r}{score} alpha={rec.alpha:g} {rec.in_features}->{rec.out_features}"
                 + (" merged" if rec.merged else "") + (f" ({note})" if note else ""))
     elif kind is not None:
         sites = ", ".join(r.site.rsplit(".", 1)[-1] for r in recs)
@@ -176,7 +184,8 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
 
     One node per row in execution order, with its name, op and shape; edges run
     down lanes (like ``git log --graph``).  LoRA adapters are red, dropout green,
-    inputs/outputs teal; numbered blocks (``model.layers.N``) are shaded bands.
+    inputs/outputs teal; numbered blocks (``model.layers.N``) are shaded bands.  An
+    adapter's rank sets its dot's size and the length of the red bar before its label.
     ``simplify`` hides shape arithmetic, guards and metadata asserts.  Needs
     matplotlib (``pip install 'lorafx[draw]'``), not graphviz.
     """
@@ -197,12 +206,15 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
     inputs = {n: list(dict.fromkeys(p for p in n.all_input_nodes if p in index)) for n in nodes}
     lane = dict(zip(nodes, _lanes(nodes, inputs)))
     lanes = max(lane.values(), default=0) + 1
-    labels = [_draw_label(n) for n in nodes]
+    scores = graph_record(gm).scores  # AllocateRanks' proxy scores, if it ran
+    labels = [_draw_label(n, scores) for n in nodes]
     adapters = len({rec.site for n in nodes for rec in _adapters(n)})
 
     row_in, lane_in, char_in = 0.16, 0.2, 0.066  # inches per row / lane / label character (7 pt mono, hinted)
     header = 3  # rows above the graph for the title and legend
-    text_x = lanes + 0.6  # labels start right of the lanes (data units: 1 = one lane)
+    ranks = [_rank(n) if _is_lora(n) else 0 for n in nodes]
+    bar_room = 0.1 * min(max(ranks, default=0), 32)  # room for the rank bars (0.1 lane per rank unit)
+    text_x = lanes + 0.6 + bar_room  # labels start right of the lanes (data units: 1 = one lane)
     legend = (("LoRA adapter", "lora"), ("dropout", "dropout"), ("input/output", "placeholder"),
               ("op", "call_function"), ("submodule", "call_module"))
     if title is None:
@@ -247,8 +259,12 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
     xs = [lane[n] for n in nodes]
     ys = [-index[n] for n in nodes]
     colours = [_colour(n) for n in nodes]
-    sizes = [22 if _is_lora(n) else 10 for n in nodes]
+    sizes = [min(14 + 3 * r, 160) if _is_lora(n) else 10 for n, r in zip(nodes, ranks)]
     ax.scatter(xs, ys, s=sizes, c=colours, zorder=3, linewidths=0)
+    # an adapter's width by rank: a bar just left of its label, 0.1 lane per rank unit (capped at 32)
+    bars = [[(text_x - 0.2 - 0.1 * min(r, 32), -index[n]), (text_x - 0.2, -index[n])]
+            for n, r in zip(nodes, ranks) if r]
+    ax.add_collection(LineCollection(bars, colors=_COLOURS["lora"], linewidths=3.0, zorder=3))
     guides = [[(lane[n], -index[n]), (text_x - 0.2, -index[n])] for n in nodes]
     ax.add_collection(LineCollection(guides, colors=colours, linewidths=0.3, linestyles=":", alpha=0.5, zorder=2))
     for n, text, c in zip(nodes, labels, colours):

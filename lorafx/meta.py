@@ -145,9 +145,14 @@ class GraphRecord:
     dims: Dict[str, str] = field(default_factory=dict)  # dynamic symbol -> "batch" | "seq"
     output_modules: Tuple[str, ...] = ()  # the model's output layer(s), left alone by "all-linear"
     captured_training: bool = True  # the mode the graph was exported in
+    causal_lm: bool = False  # a transformers causal LM: its labels are its input ids (shifted in the loss)
     training: Optional[bool] = None  # the mode SetTrainingMode last set (None: as captured)
     provided: FrozenSet[str] = frozenset({CAPTURED})  # properties the passes run so far provided
     cost: Any = field(default=None, metadata={"graph_property": "cost"})  # the graph's total CostRecord
+    # {site: rank} chosen by AllocateRanks for every candidate site (0: no adapter); InsertLoRA and
+    # InsertShortcuts take their sites and ranks from it when it is set
+    allocation: Optional[Dict[str, int]] = None
+    scores: Optional[Dict[str, float]] = None  # {site: proxy score} behind that allocation
 
     def forget(self, properties) -> None:
         """Clear the fields that describe any of ``properties``; drop them from ``provided``."""

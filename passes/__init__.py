@@ -1,6 +1,8 @@
 """lorafx passes: one file per pass, in the order lorafx.compile runs them."""
 from .inline_subgraphs import InlineGradModeRegions
+from .allocate_ranks import AllocateRanks
 from .insert_lora import InsertLoRA, freeze_base
+from .insert_shortcuts import InsertShortcuts
 from .select_schedule import SelectSchedule
 from .causal_mask import CausalMaskToIsCausal
 from .recompute_inputs import RecomputeInputs
@@ -16,12 +18,12 @@ from .merge_lora import MergeLoRA, UnmergeLoRA
 # adapters whose input is cheap to rebuild, FoldLoRAIntoBase then the ones it left,
 # FuseSiblings groups the rest; AnnotateCost runs after every rewrite so that its records
 # describe the final graph.
-DEFAULT_PASSES = (InlineGradModeRegions, InsertLoRA, SelectSchedule, CausalMaskToIsCausal, RecomputeInputs,
+DEFAULT_PASSES = (InlineGradModeRegions, AllocateRanks, InsertLoRA, InsertShortcuts, SelectSchedule, CausalMaskToIsCausal, RecomputeInputs,
                   FoldLoRAIntoBase, FuseSiblings)
 FINAL_PASSES = (AnnotateCost, SetTrainingMode)
 
 __all__ = [
-    "InlineGradModeRegions", "InsertLoRA", "SelectSchedule", "CausalMaskToIsCausal", "RecomputeInputs",
+    "InlineGradModeRegions", "AllocateRanks", "InsertLoRA", "InsertShortcuts", "SelectSchedule", "CausalMaskToIsCausal", "RecomputeInputs",
     "FuseSiblings", "FoldLoRAIntoBase", "AnnotateCost", "SetTrainingMode", "MergeLoRA", "UnmergeLoRA", "freeze_base",
     "set_training_mode", "DEFAULT_PASSES", "FINAL_PASSES",
 ]

@@ -41,7 +41,7 @@ from lorafx.meta import LoraRecord, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
-__all__ = ["InsertLoRA", "freeze_base"]
+__all__ = ["InsertLoRA", "freeze_base", "select_linear_sites"]
 
 ALL_LINEAR = "all-linear"
 INITS = ("kaiming", "gaussian")
@@ -129,28 +129,8 @@ class InsertLoRA(Pass):
         O.check_seed("seed", self.seed, where)
         O.check_bool("freeze", self.freeze, where)
 
-    # -- matching -----------------------------------------------------------------
-    def _selected(self, gm: torch.fx.GraphModule, sites):
-        outputs = set(graph_record(gm).output_modules)
-        chosen = []
-        for s in sites:
-            if self.target_modules == ALL_LINEAR:
-                ok = s.module not in outputs
-            else:
-                ok = module_matches(s.module, self.target_modules)
-            if ok and not module_matches(s.module, self.exclude_modules):
-                chosen.append(s)
-        if not chosen:
-            names = unique(s.module for s in sites)
-            shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
-            raise ValueError(
-                f"InsertLoRA: target_modules={self.target_modules!r} matched no linear layer. "
-                f"Linear modules in this model: {shown or 'none'}"
-            )
-        return chosen
-
-    def site_config(self, site: LinearSite) -> Tuple[int, float]:
-        r = pattern_value(site.module, self.rank_pattern, self.r)
+    def site_config(self, site: LinearSite, allocation: Optional[Dict[str, int]] = None) -> Tuple[int, float]:
+        r = allocation[site.module] if allocation is not None else pattern_value(site.module, self.rank_pattern, self.r)
         alpha = float(pattern_value(site.module, self.alpha_pattern, self.alpha))
         limit = min(site.in_features, site.out_features)
         if r > limit:
@@ -174,9 +154,12 @@ class InsertLoRA(Pass):
         return torch.nn.Parameter(A), torch.nn.Parameter(B)
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        sites = self._selected(gm, find_linear_sites(gm))
+        sites = select_linear_sites(gm, find_linear_sites(gm), self.target_modules, self.exclude_modules)
+        allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
+        if allocation is not None:
+            sites = [s for s in sites if allocation.get(s.module, 0) > 0]
         _refuse_shared_weights(gm, sites)
-        configs = [self.site_config(s) for s in sites]  # validate all before touching the graph
+        configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
         seed = self.seed if self.seed is not None else ctx.decide("seed", ctx.draw_seed)  # replayed per capture
         gen = torch.Generator().manual_seed(seed)
         if self.freeze:
@@ -206,6 +189,26 @@ class InsertLoRA(Pass):
             "rank_pattern": {s.module: c[0] for s, c in zip(sites, configs)},
         }
         return PassResult(gm, True, info)
+
+
+def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules,
+                        where: str = "InsertLoRA") -> list:
+    """The linear sites ``target_modules`` selects ("all-linear": every linear but the model's
+    output layer) and ``exclude_modules`` does not exclude; raises if none is selected."""
+    outputs = set(graph_record(gm).output_modules)
+    chosen = []
+    for s in sites:
+        ok = s.module not in outputs if target_modules == ALL_LINEAR else module_matches(s.module, target_modules)
+        if ok and not module_matches(s.module, exclude_modules):
+            chosen.append(s)
+    if not chosen:
+        names = unique(s.module for s in sites)
+        shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+        raise ValueError(
+            f"{where}: target_modules={target_modules!r} matched no linear layer. "
+            f"Linear modules in this model: {shown or 'none'}"
+        )
+    return chosen
 
 
 def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:

@@ -10,6 +10,10 @@ bit for bit (the caller's model is never written to); UnmergeLoRA asks the kind 
 node was merged from (its ``MergedFrom`` record) to rebuild it.  ``unload=True`` also
 deletes the adapters' tensors and the kept weights (merge_and_unload).
 
+Kinds that cannot be folded into a weight (``mergeable = False``: the shortcut
+connections of ``lora_shortcut``) are left running by MergeLoRA; ``unload=True`` turns
+them into plain aten ops with their A and B kept as frozen tensors (``lower_unmergeable``).
+
 Preserves: outputs (merged equals unmerged up to float rounding; dropout is
 the identity in eval).
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 import torch.fx
@@ -37,9 +41,37 @@ from lorafx.pipeline import Pass, PassResult
 
 from .fold_lora import FOLDED_SUFFIX
 
-__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", "kept_unmerged_weight"]
+__all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", "kept_unmerged_weight",
+           "mergeable", "unmergeable_nodes", "lower_unmergeable"]
 
 _KEPT = "_lorafx_unmerged"
+
+
+def mergeable(kind) -> bool:
+    """Whether an op kind's adapters fold into a frozen weight (``OpKind.mergeable``)."""
+    return kind.mergeable
+
+
+def unmergeable_nodes(graph: torch.fx.Graph) -> List[torch.fx.Node]:
+    """The adapter nodes whose kind cannot be merged into a weight (shortcut connections)."""
+    return [n for n in graph.nodes if kind_of(n) is not None and not mergeable(kind_of(n))]
+
+
+def lower_unmergeable(gm: torch.fx.GraphModule) -> int:
+    """Rewrite every unmergeable adapter node into plain aten ops (its kind's ``lower``) and
+    freeze its tensors (new frozen Parameters in ``gm``'s own modules, sharing storage).
+    Returns how many nodes it rewrote; the caller recompiles."""
+    count = 0
+    for node in unmergeable_nodes(gm.graph):
+        kind = kind_of(node)
+        for path in kind.adapter_tensors(node):
+            owner, name = owner_and_name(gm, path)
+            tensor = owner._parameters.get(name)
+            if tensor is not None and tensor.requires_grad:
+                owner._parameters[name] = torch.nn.Parameter(tensor.detach(), requires_grad=False)
+        kind.lower(gm.graph, node)
+        count += 1
+    return count
 
 
 def merged_weights(gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
@@ -91,6 +123,8 @@ class MergeLoRA(Pass):
         unloaded = set()
         for node in canonicalize(gm.graph):  # one single-adapter node per adapter
             kind, rec = kind_of(node), get_record(node, LoraRecord)
+            if not mergeable(kind):
+                continue  # no weight to fold it into: it keeps running (lowered below when unloading)
             if self.rebind_weights:
                 _merge_site_weight(gm, rec, lambda: kind.merged_weight(gm, node))
             v = kind.view(node)
@@ -105,6 +139,7 @@ class MergeLoRA(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             count += 1
+        lowered = lower_unmergeable(gm) if self.unload else 0
         gm.graph.eliminate_dead_code()
         if self.unload:
             for path, weight in unloaded:
@@ -114,7 +149,10 @@ class MergeLoRA(Pass):
                 for suffix in (_KEPT, FOLDED_SUFFIX):  # the kept weight; FoldLoRAIntoBase's [W; A] buffer
                     if hasattr(owner, name + suffix):
                         delattr(owner, name + suffix)
-        return PassResult(gm, count > 0, {"merged_sites": count})
+        info = {"merged_sites": count}
+        if lowered:
+            info["lowered_nodes"] = lowered  # unmergeable adapters (shortcuts) as aten ops
+        return PassResult(gm, count + lowered > 0, info)
 
 
 @dataclass(frozen=True)

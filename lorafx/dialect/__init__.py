@@ -8,7 +8,9 @@ One module per kind, each registering itself on import:
 * ``recompute``  ``lora_linear_recompute``, which rebuilds its input in backward from a
   ``recipe`` (the recipe language is in ``recipe``);
 * ``siblings``   ``lora_linear_siblings``, the adapters that read one input, as one op;
-* ``folded``     ``lora_linear_folded``, with A stored under W in one buffer.
+* ``folded``     ``lora_linear_folded``, with A stored under W in one buffer;
+* ``shortcut``   ``lora_shortcut``, a LoRA-adapted shortcut connection (HeteroLoRA):
+  y + s·(h Aᵀ) Bᵀ between two points of the residual stream, with its ``ShortcutRecord``.
 
 ``registry`` holds the ``OpKind`` protocol, ``register_kind`` / ``kind_of`` / ``kinds``,
 and the named argument views (``args_of``, ``set_args``, ``write``, ``create``).  A new
@@ -22,9 +24,10 @@ from .linear import LINEAR, lora_linear_reference, schedule_counts
 from .recompute import RECOMPUTE
 from .siblings import SIBLINGS
 from .folded import FOLDED
+from .shortcut import SHORTCUT, ShortcutRecord
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
     "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "set_args",
-    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "lora_linear_reference", "schedule_counts",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "lora_linear_reference", "schedule_counts",
 ]

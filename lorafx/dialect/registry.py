@@ -251,6 +251,7 @@ class OpKind:
     ops: Tuple[OpOverload, ...] = ()
     helper_ops: Tuple[OpOverload, ...] = ()
     scheduled: bool = False  # SelectSchedule chooses its nodes' rules (from ``schedule_family``)
+    mergeable: bool = True  # MergeLoRA folds its adapters into a frozen weight (else they keep running)
 
     # arguments -------------------------------------------------------------------------
     def view(self, node: torch.fx.Node) -> ArgView:
@@ -335,6 +336,11 @@ class OpKind:
         (UnmergeLoRA sets it before ``linear``, and moves the users over); returns it.
         ``train``: the graph's training mode (for dropout masks)."""
         raise NotImplementedError(f"op kind {self.name!r} cannot rebuild a merged adapter")
+
+    def lower(self, graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+        """For a kind that is not ``mergeable``: replace the node by plain aten ops computing
+        the same output (``merge_and_unload``); returns the node that replaces it."""
+        raise NotImplementedError(f"op kind {self.name!r} is mergeable; it has no lowering to aten ops")
 
     # training mode ------------------------------------------------------------------------------
     def set_training(self, node: torch.fx.Node, train: bool) -> bool:

@@ -31,7 +31,8 @@ import torch
 from .tasks import Example, Task, get_task
 
 __all__ = ["METHODS", "CHECKPOINT", "checkpoint_folder", "load_pretrained", "make_model", "finetune",
-           "evaluate", "generate", "score_choices", "run", "table", "encode", "collate", "seeded", "FINETUNE_DEFAULTS"]
+           "evaluate", "generate", "score_choices", "run", "table", "encode", "collate", "seeded", "FINETUNE_DEFAULTS",
+           "calibration_batches"]
 
 METHODS = ("zero-shot", "lora", "peft")
 CHECKPOINT = "lorafx-tiny"
@@ -255,6 +256,22 @@ def finetune(model, task: Union[str, Task], tokenizer, *, steps: int = FINETUNE_
         bar.close()
     model.eval()
     return {"losses": losses, "seconds": time.perf_counter() - start, "steps": steps}
+
+
+def calibration_batches(task: Union[str, Task], tokenizer, *, batches: int = 4,
+                        batch_size: int = FINETUNE_DEFAULTS["batch_size"], seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """``batches`` training batches of ``task`` as ``{"input_ids", "labels"}`` dicts, for
+    ``lorafx.compile(..., calibration=...)`` (drawn with their own seed, so they are not the
+    first fine-tuning batches)."""
+    task = _task(task)
+    examples = task.examples("train", batches * batch_size, seed=seed + 7919)
+    encoded = [encode(tokenizer, ex) for ex in examples]
+    out = []
+    for b in range(batches):
+        chunk = encoded[b * batch_size:(b + 1) * batch_size]
+        ids, lab = collate([c[0] for c in chunk], [c[1] for c in chunk], tokenizer.pad_token_id)
+        out.append({"input_ids": ids, "labels": lab})
+    return out
 
 
 # -- the table -----------------------------------------------------------------------------
