@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.lorafx-installed
 
-.PHONY: install demo test test-all bench eval eval-minilm pretrain-tiny clean
+.PHONY: install demo test test-all bench eval eval-minilm heterolora pretrain-tiny clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: install
 eval: install
 	OMP_NUM_THREADS=1 $(BIN)/python tools/eval_table.py --out eval_out $(EVAL_ARGS)
 
+## heterolora: rank allocation by zero-cost proxies and shortcut adapters vs uniform ranks (README table;
+## about an hour on 2 cores); JSON + PNG in heterolora_out/
+heterolora: install
+	$(BIN)/python tools/heterolora_table.py --out heterolora_out $(HETEROLORA_ARGS)
+
 ## eval-minilm: the all-MiniLM-L6-v2 sentence-classification table (optional extra lorafx[minilm])
 eval-minilm: install
 	OMP_NUM_THREADS=1 $(BIN)/python tools/eval_table.py --suite minilm --out eval_out $(EVAL_ARGS)
@@ -48,4 +53,4 @@ pretrain-tiny: install
 	OMP_NUM_THREADS=1 $(BIN)/python tools/pretrain_tiny.py --out pretrain_out/lorafx-tiny
 
 clean:
-	rm -rf $(VENV) demo_out eval_out pretrain_out .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) demo_out eval_out heterolora_out pretrain_out .pytest_cache .hypothesis *.egg-info

@@ -168,7 +168,8 @@ def _batches(ctx: CompileContext, limit: int):
 # -- probes ---------------------------------------------------------------------------------------
 
 def _add_shortcut_probes(sg: torch.fx.GraphModule, sites: Sequence[Candidate], like: torch.Tensor) -> Dict[str, str]:
-    """Add ``dst + linear(src, Z)`` with a zero d × d parameter Z for every shortcut site;
+    """Add ``dst + reshape_as(linear(src, Z), dst)`` with a zero d × d parameter Z for every
+    shortcut site (src may have other leading dims than dst: OPT's FFN runs on token rows);
     returns {site name: Z's attribute path}."""
     nodes = {n.name: n for n in sg.graph.nodes}
     probes = {}
@@ -182,8 +183,10 @@ def _add_shortcut_probes(sg: torch.fx.GraphModule, sites: Sequence[Candidate], l
         with sg.graph.inserting_after(z):
             lin = sg.graph.call_function(aten.linear.default, (src, z))
         with sg.graph.inserting_after(lin):
-            out = sg.graph.call_function(aten.add.Tensor, (dst, lin))
-        dst.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+            shaped = sg.graph.call_function(aten.reshape_as.default, (lin, dst))
+        with sg.graph.inserting_after(shaped):
+            out = sg.graph.call_function(aten.add.Tensor, (dst, shaped))
+        dst.replace_all_uses_with(out, delete_user_cb=lambda user: user not in (out, shaped))
         probes[site.name] = path
     sg.recompile()
     return probes

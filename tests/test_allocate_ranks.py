@@ -153,14 +153,17 @@ def test_scoring_changes_nothing_in_the_users_model(tiny_model):
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_every_model_family(tiny_model, family):
+    """Scoring linears and shortcut sites, allocation and the identity at init, on every family."""
     model = copy.deepcopy(tiny_model(family)).eval()  # eval: GPT-2's dropout off
     inputs = {"input_ids": ids(2, 8)}
     if family == "bert":
         inputs["labels"] = torch.tensor([0, 2])  # a classifier's loss needs its labels
     proxy = "synflow" if family == "minilm" else "snip"  # a bare encoder has no loss
-    cm = lorafx.compile(model, example_kwargs=inputs, rank_budget=1.0, proxy=proxy, seed=0)
+    cm = lorafx.compile(model, example_kwargs=inputs, rank_budget=1.0, proxy=proxy, shortcuts=True, seed=0)
     info = _allocation_info(cm)
     assert 0 < info["used"] <= info["budget"] and info["adapted"] > 0
+    shortcut_scores = [v for k, v in info["scores"].items() if k.startswith("shortcuts.")]
+    assert len(shortcut_scores) >= 7 and all(v > 0 for v in shortcut_scores)  # probed through the graph
     assert all(v >= 0 for v in info["scores"].values()) and any(v > 0 for v in info["scores"].values())
     with torch.no_grad():
         out = cm(**inputs)
@@ -294,3 +297,44 @@ def test_cli_compile_with_a_rank_budget(tmp_path):
     assert info["used"] <= info["budget"]
     assert main(["compile", "--model", "tiny-llama", "--out", str(tmp_path / "p"), "--no-draw",
                  "--rank-budget", "-3"]) == 2
+
+
+# -- the reproduction tool --------------------------------------------------------------------------------------
+
+def _table_tool():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "heterolora_table.py")
+    spec = importlib.util.spec_from_file_location("heterolora_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_table_methods_map_to_compile_options():
+    tool = _table_tool()
+    assert tool.method_options("uniform", 100) == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+    assert tool.method_options("snip-topk", 100) == {"rank_budget": 100, "proxy": "snip", "allocation": "topk"}
+    assert tool.method_options("random+shortcuts", 100) == {"rank_budget": 100, "proxy": "random",
+                                                             "allocation": "graded", "shortcuts": True}
+    rows = [{"method": m, "task": t, "seed": s, "accuracy": acc, "trainable": 10, "train_seconds": 10.0,
+             "allocate_seconds": 0.5} for m, t, s, acc in
+            [("a", "x", 0, 10.0), ("a", "y", 0, 20.0), ("a", "x", 1, 30.0), ("a", "y", 1, 40.0)]]
+    out = tool.summarise(rows, ["a"], ["x", "y"], [0, 1])["a"]
+    assert out["per_seed"] == [15.0, 35.0] and out["mean"] == 25.0
+    assert out["std"] == pytest.approx(14.1421356) and out["tasks"]["x"]["mean"] == 20.0
+    assert out["allocate_share_median"] == 0.05
+
+
+@pytest.mark.slow
+def test_table_tool_runs_end_to_end(tmp_path):
+    import subprocess, sys
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "heterolora_table.py")
+    run = subprocess.run([sys.executable, tool, "--methods", "uniform,snip+shortcuts", "--tasks", "add", "--seeds",
+                          "0", "--steps", "3", "--n-test", "8", "--jobs", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(tmp_path / "heterolora.json") as f:
+        data = json.load(f)
+    assert set(data["summary"]) == {"uniform", "snip+shortcuts"}
+    assert data["summary"]["snip+shortcuts"]["trainable"] <= data["config"]["budget"]
+    assert "snip+shortcuts" in run.stdout

@@ -12,14 +12,17 @@ The proxy methods may spend it on any linear (``rank_budget=<that many parameter
 * ``random``, ``random-topk``: seeded random scores (the baseline of the paper);
 * ``<proxy>`` and ``<proxy>-topk`` for grad_norm, snip, fisher and synflow: graded ranks
   (``allocation="graded"``) or the paper's on/off rule (``allocation="topk"``, r=8);
-* ``<proxy>+shortcuts``: graded, with the shortcut sites competing for the same budget;
+* ``<proxy>+shortcuts``: graded, with the shortcut sites competing for the same budget
+  (grad_norm, snip, and the random and constant controls);
 * ``uniform-all``: r=8 on every linear, a larger budget (reported for scale, not compared).
 
 The proxies score on 4 training batches of the task (``harness.calibration_batches``).
 Prints mean ± sample std over seeds (of each seed's mean over tasks) per method, the
 per-task means, and the proxy time as a share of the fine-tuning time; writes
 ``<out>/heterolora.json`` and ``<out>/heterolora.png``.  Each cell runs in its own
-process slot with one thread, so the numbers do not depend on ``--jobs``.
+process slot with one thread, so the numbers do not depend on ``--jobs``; ``--resume``
+reuses the cells an earlier run with the same recipe left in ``<out>/heterolora.json``
+(a cell is deterministic, so this gives the same table as running it again).
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def all_methods():
     names = ["uniform", "constant", "random", "random-topk"]
     for p in PROXY_NAMES:
         names += [p, f"{p}-topk"]
-    names += ["grad_norm+shortcuts", "snip+shortcuts", "uniform-all"]
+    names += ["grad_norm+shortcuts", "snip+shortcuts", "random+shortcuts", "constant+shortcuts", "uniform-all"]
     return names
 
 
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=256)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     ap.add_argument("--out", default="heterolora_out")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the cells of <out>/heterolora.json that were run with the same recipe")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
@@ -203,29 +208,42 @@ def main(argv=None) -> int:
     budget = sum(p.numel() for p in harness.make_model(base, "lora", **REFERENCE).parameters() if p.requires_grad)
     budget_all = sum(p.numel() for p in harness.make_model(base, "lora", r=8).parameters() if p.requires_grad)
     cells = [(m, t, s) for s in seeds for t in tasks for m in methods]
-    print(f"{len(cells)} fine-tuning runs ({len(methods)} methods x {len(tasks)} tasks x {len(seeds)} seeds), "
+    recipe = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_test": args.n_test,
+              "budget": budget, "torch": torch.__version__}
+    done = {}
+    saved = os.path.join(args.out, "heterolora.json")
+    if args.resume and os.path.exists(saved):
+        with open(saved) as f:
+            old = json.load(f)
+        if all(old["config"].get(k) == v for k, v in recipe.items()):
+            done = {(r["method"], r["task"], r["seed"]): r for r in old["rows"]}
+        else:
+            print(f"--resume: {saved} was run with another recipe; running every cell")
+    rows = [done[c] for c in cells if c in done]
+    todo = [c for c in cells if c not in done]
+    if rows:
+        print(f"--resume: {len(rows)} cells reused from {saved}")
+    print(f"{len(todo)} fine-tuning runs ({len(methods)} methods x {len(tasks)} tasks x {len(seeds)} seeds), "
           f"{args.steps} steps each, {args.jobs} processes; budget {budget:,} parameters")
     start = time.perf_counter()
-    rows = []
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_worker_init) as pool:
         futures = {pool.submit(run_cell, m, t, s, budget, args.steps, args.batch_size, args.lr, args.n_test):
-                   (m, t, s) for m, t, s in cells}
+                   (m, t, s) for m, t, s in todo}
         for i, fut in enumerate(cf.as_completed(futures), 1):
             row = fut.result()
             rows.append(row)
-            print(f"[{i}/{len(cells)}] {row['method']:<20} {row['task']:<12} seed {row['seed']}  "
+            print(f"[{i}/{len(todo)}] {row['method']:<20} {row['task']:<12} seed {row['seed']}  "
                   f"{row['accuracy']:5.1f}%  train {row['train_seconds']:.0f}s  "
                   f"allocate {row['allocate_seconds']:.2f}s", flush=True)
     seconds = time.perf_counter() - start
     summary = summarise(rows, methods, tasks, seeds)
     print()
     print(format_table(summary, methods, tasks, budget, budget_all))
-    print(f"\n{len(cells)} runs in {seconds / 60:.1f} min")
+    print(f"\n{len(todo)} runs in {seconds / 60:.1f} min" + (f" ({len(cells) - len(todo)} reused)" if done else ""))
     os.makedirs(args.out, exist_ok=True)
-    config = {"tasks": tasks, "seeds": seeds, "methods": methods, "steps": args.steps, "batch_size": args.batch_size,
-              "lr": args.lr, "n_test": args.n_test, "alpha": 16, "budget": budget, "budget_all_linear_r8": budget_all,
-              "torch": torch.__version__, "jobs": args.jobs}
+    config = {"tasks": tasks, "seeds": seeds, "methods": methods, **recipe, "alpha": 16,
+              "budget_all_linear_r8": budget_all, "jobs": args.jobs}
     with open(os.path.join(args.out, "heterolora.json"), "w") as f:
         json.dump({"config": config, "summary": summary, "rows": sorted(rows, key=lambda r: (r["method"], r["task"],
                                                                                             r["seed"])),
