@@ -14,16 +14,17 @@ from .merge_lora import MergeLoRA, UnmergeLoRA
 
 # The default pipeline of lorafx.compile, in order; each pass is built from the compile
 # options it declares (Pass.from_options: None leaves it out), the target's passes
-# (Target.passes) go between DEFAULT_PASSES and FINAL_PASSES.  RecomputeInputs takes the
-# adapters whose input is cheap to rebuild, FoldLoRAIntoBase then the ones it left,
-# FuseSiblings groups the rest; AnnotateCost runs after every rewrite so that its records
-# describe the final graph.
-DEFAULT_PASSES = (InlineGradModeRegions, AllocateRanks, InsertLoRA, InsertShortcuts, SelectSchedule, CausalMaskToIsCausal, RecomputeInputs,
-                  FoldLoRAIntoBase, FuseSiblings)
+# (Target.passes) go between DEFAULT_PASSES and FINAL_PASSES.  AllocateRanks (with
+# rank_budget) decides the ranks InsertLoRA and InsertShortcuts (with shortcuts=True) use.
+# RecomputeInputs takes the adapters whose input is cheap to rebuild, FoldLoRAIntoBase then
+# the ones it left, FuseSiblings groups the rest; AnnotateCost runs after every rewrite so
+# that its records describe the final graph.
+DEFAULT_PASSES = (InlineGradModeRegions, AllocateRanks, InsertLoRA, InsertShortcuts, SelectSchedule,
+                  CausalMaskToIsCausal, RecomputeInputs, FoldLoRAIntoBase, FuseSiblings)
 FINAL_PASSES = (AnnotateCost, SetTrainingMode)
 
 __all__ = [
-    "InlineGradModeRegions", "AllocateRanks", "InsertLoRA", "InsertShortcuts", "SelectSchedule", "CausalMaskToIsCausal", "RecomputeInputs",
-    "FuseSiblings", "FoldLoRAIntoBase", "AnnotateCost", "SetTrainingMode", "MergeLoRA", "UnmergeLoRA", "freeze_base",
+    "InlineGradModeRegions", "AllocateRanks", "InsertLoRA", "InsertShortcuts", "SelectSchedule",
+    "CausalMaskToIsCausal", "RecomputeInputs", "FuseSiblings", "FoldLoRAIntoBase", "AnnotateCost", "SetTrainingMode", "MergeLoRA", "UnmergeLoRA", "freeze_base",
     "set_training_mode", "DEFAULT_PASSES", "FINAL_PASSES",
 ]

@@ -21,7 +21,9 @@ Options follow PEFT's LoraConfig: ``target_modules`` (list or regex, or
 "all-linear" for every linear but the output layer), ``exclude_modules``,
 ``rank_pattern``/``alpha_pattern`` (regex -> value), ``use_rslora`` (scale =
 alpha / sqrt(r), Kalajdzievski 2023), ``dropout`` and ``init`` ("kaiming": A
-kaiming-uniform, "gaussian": A ~ N(0, 1/r); B = 0 in both).
+kaiming-uniform, "gaussian": A ~ N(0, 1/r); B = 0 in both).  After AllocateRanks
+(``rank_budget=...``) it adapts exactly the sites the graph record's ``allocation`` gives
+a rank, at that rank.
 """
 from __future__ import annotations
 
