@@ -245,6 +245,10 @@ def score_sites(gm: torch.fx.GraphModule, ctx: CompileContext, sites: Sequence[C
         gen = torch.Generator().manual_seed(seed)
         draws = torch.rand(len(sites), generator=gen, dtype=torch.float64)
         return {s.name: float(v) for s, v in zip(sites, draws)}
+    meta = next((s.weight for s in sites if s.kind == "linear" and get_attr(gm, s.weight).is_meta), None)
+    if meta is not None:
+        raise ValueError(f"proxy={proxy!r} runs the model, but its weights are on the meta device ({meta}): "
+                         "plan without weights with proxy='random' or 'constant', or load the weights first")
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         if proxy == "synflow":

@@ -338,3 +338,17 @@ def test_table_tool_runs_end_to_end(tmp_path):
     assert set(data["summary"]) == {"uniform", "snip+shortcuts"}
     assert data["summary"]["snip+shortcuts"]["trainable"] <= data["config"]["budget"]
     assert "snip+shortcuts" in run.stdout
+
+
+def test_planning_without_weights_takes_a_weight_free_proxy():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
+    inputs = {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta")}
+    cm = lorafx.compile(model, example_kwargs=inputs, rank_budget=1.0, proxy="constant", shortcuts=True, seed=0)
+    info = _allocation_info(cm)
+    assert 0 < info["used"] <= info["budget"]
+    assert all(p.is_meta for p in cm.parameters())
+    with pytest.raises(ValueError, match="meta device.*proxy='random' or 'constant'"):
+        lorafx.compile(model, example_kwargs=inputs, rank_budget=1.0, proxy="snip", seed=0)
