@@ -1,3 +1,4 @@
+import logging
 import os
 import warnings
 
@@ -104,3 +105,72 @@ def folder_snapshot(directory):
             with open(os.path.join(root, f), "rb") as fh:
                 out[os.path.relpath(os.path.join(root, f), directory)] = fh.read()
     return out
+
+
+# -- adapter files: fault injection, folder restore, logged warnings (tests of save_adapter) -----------
+def _fs_steps():
+    """(module, attribute) of every filesystem step save_adapter may take."""
+    import builtins, json, shutil, tempfile
+    import safetensors.torch
+    from lorafx import adapter_io
+    return [(os, "replace"), (os, "link"), (os, "makedirs"), (os, "fsync"), (os, "remove"),
+            (tempfile, "mkdtemp"), (shutil, "copy2"), (json, "dump"), (safetensors.torch, "save_file"),
+            (adapter_io, "open")], builtins.open, adapter_io
+
+
+class Faults:
+    """Wrap every filesystem step of save_adapter so that the ``fail_at``-th call of any of them
+    raises OSError (and, with ``links=False``, every os.link does, as on a filesystem without
+    hard links)."""
+
+    def __init__(self, fail_at, links=True):
+        self.fail_at, self.links, self.calls = fail_at, links, []
+
+    def install(self, m):
+        steps, builtin_open, adapter_io = _fs_steps()
+        for module, attr in steps:
+            fn = builtin_open if module is adapter_io else getattr(module, attr)
+            m.setattr(module, attr, self._wrap(f"{module.__name__}.{attr}", fn), raising=False)
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            if name == "os.link" and not self.links:
+                raise OSError("no hard links here")
+            self.calls.append(name)
+            if len(self.calls) - 1 == self.fail_at:
+                raise OSError(f"injected fault in {name}")
+            return fn(*args, **kwargs)
+        return wrapper
+
+    @property
+    def fired(self):
+        return len(self.calls) > self.fail_at
+
+
+def restore(directory, snap):
+    """Put back a folder as ``folder_snapshot`` saw it."""
+    import shutil
+    shutil.rmtree(directory)
+    os.makedirs(directory)
+    for name, data in snap.items():
+        if data is None:
+            os.makedirs(os.path.join(directory, name), exist_ok=True)
+        else:
+            with open(os.path.join(directory, name), "wb") as fh:
+                fh.write(data)
+
+
+class Warnings(logging.Handler):
+    """The records logged to the "lorafx" logger while in use."""
+
+    def __enter__(self):
+        self.records = []
+        logging.getLogger("lorafx").addHandler(self)
+        return self.records
+
+    def __exit__(self, *exc):
+        logging.getLogger("lorafx").removeHandler(self)
+
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            self.records.append(record)

@@ -9,14 +9,11 @@
 * PEFT .bin pickles: refused with weights_only=True unless trust_pickle=True;
 * loading copies nothing unless the whole adapter fits.
 """
-import builtins
 import hashlib
 import itertools
 import json
-import logging
 import os
 import shutil
-import tempfile
 
 import pytest
 import safetensors.torch
@@ -26,7 +23,7 @@ import lorafx
 import lorafx.compiler
 from lorafx import adapter_io
 from lorafx.adapter_io import CONFIG_NAME, WEIGHTS_NAME
-from conftest import folder_snapshot
+from conftest import Faults, Warnings, folder_snapshot, restore
 
 X_IN = (torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),)
 BIN_NAME = "adapter_model.bin"
@@ -61,17 +58,6 @@ def assert_adapters(cm, want):
         assert torch.equal(got[name], want[name]), name
 
 
-def restore(directory, snap):
-    shutil.rmtree(directory)
-    os.makedirs(directory)
-    for name, data in snap.items():
-        if data is None:
-            os.makedirs(os.path.join(directory, name), exist_ok=True)
-        else:
-            with open(os.path.join(directory, name), "wb") as fh:
-                fh.write(data)
-
-
 @pytest.fixture
 def no_compile(monkeypatch):
     """lorafx.load_adapter must refuse a bad adapter without compiling."""
@@ -82,39 +68,6 @@ def no_compile(monkeypatch):
 
 
 # -- 1. atomic save -----------------------------------------------------------------------
-# (module, attribute) of every filesystem step save_adapter may take
-FS_STEPS = [(os, "replace"), (os, "link"), (os, "makedirs"), (os, "fsync"), (os, "remove"),
-            (tempfile, "mkdtemp"), (shutil, "copy2"), (json, "dump"), (safetensors.torch, "save_file"),
-            (adapter_io, "open")]
-
-
-class Faults:
-    """Wrap functions so that the ``fail_at``-th call of any of them raises OSError
-    (and, with ``links=False``, every os.link does, as on a filesystem without hard links)."""
-
-    def __init__(self, fail_at, links=True):
-        self.fail_at, self.links, self.calls = fail_at, links, []
-
-    def install(self, m):
-        for module, attr in FS_STEPS:
-            fn = builtins.open if module is adapter_io else getattr(module, attr)
-            m.setattr(module, attr, self._wrap(f"{module.__name__}.{attr}", fn), raising=False)
-
-    def _wrap(self, name, fn):
-        def wrapper(*args, **kwargs):
-            if name == "os.link" and not self.links:
-                raise OSError("no hard links here")
-            self.calls.append(name)
-            if len(self.calls) - 1 == self.fail_at:
-                raise OSError(f"injected fault in {name}")
-            return fn(*args, **kwargs)
-        return wrapper
-
-    @property
-    def fired(self):
-        return len(self.calls) > self.fail_at
-
-
 @pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
 def test_a_failure_at_any_step_leaves_the_previous_adapter(model, tmp_path, monkeypatch, links):
     cm, probe = compiled(model), compiled(model)
@@ -203,22 +156,6 @@ def test_config_and_weights_from_different_saves_are_refused(model, tmp_path, no
 
 
 # -- 2. overwrite -------------------------------------------------------------------------
-class Warnings(logging.Handler):
-    """The records logged to the "lorafx" logger while in use."""
-
-    def __enter__(self):
-        self.records = []
-        logging.getLogger("lorafx").addHandler(self)
-        return self.records
-
-    def __exit__(self, *exc):
-        logging.getLogger("lorafx").removeHandler(self)
-
-    def emit(self, record):
-        if record.levelno >= logging.WARNING:
-            self.records.append(record)
-
-
 def test_overwrite(model, tmp_path):
     cm, probe = compiled(model), compiled(model)
     folder = tmp_path / "adapter"

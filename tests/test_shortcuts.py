@@ -11,14 +11,11 @@ InsertShortcuts pass and the shortcut adapter files.
   lowers them to aten ops, merged_state_dict refuses them;
 * save / load (lorafx and PEFT), atomic saves with a third file, bad options.
 """
-import builtins
 import copy
 import itertools
 import json
-import logging
 import os
 import shutil
-import tempfile
 
 import pytest
 import safetensors.torch
@@ -28,7 +25,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.flop_counter import FlopCounterMode
 
 import lorafx
-from lorafx import adapter_io, eager
+from lorafx import eager
 from lorafx.adapter_io import CONFIG_NAME, SHORTCUTS_NAME, WEIGHTS_NAME
 from lorafx.compiler import without_linear_adapters
 from lorafx.dialect import SHORTCUT, ShortcutRecord, kind_of, lint
@@ -41,7 +38,7 @@ from lorafx.passes.insert_shortcuts import ShortcutSite, find_shortcut_sites
 from lorafx.testing import (MLP, AttentionBlock, ResidualBlock, assert_equivalent, attention_models,
                             residual_models)
 
-from conftest import HF_FAMILIES, folder_snapshot, ids
+from conftest import HF_FAMILIES, Faults, Warnings, folder_snapshot, ids, restore
 
 OP = torch.ops.lorafx.lora_shortcut
 F64 = torch.float64
@@ -384,22 +381,6 @@ def test_a_model_with_shortcuts_only_merges_and_unloads():
 
 
 # -- saving and loading -----------------------------------------------------------------------------
-class Warnings(logging.Handler):
-    """The records logged to the "lorafx" logger while in use."""
-
-    def __enter__(self):
-        self.records = []
-        logging.getLogger("lorafx").addHandler(self)
-        return self.records
-
-    def __exit__(self, *exc):
-        logging.getLogger("lorafx").removeHandler(self)
-
-    def emit(self, record):
-        if record.levelno >= logging.WARNING:
-            self.records.append(record)
-
-
 def test_save_and_load_round_trip(llama, tmp_path):
     model, cm, x = llama
     randomize(cm)
@@ -500,43 +481,6 @@ def test_shortcuts_only_save_and_load(tmp_path):
 
 
 # -- atomic saves ----------------------------------------------------------------------------------
-FS_STEPS = [(os, "replace"), (os, "link"), (os, "makedirs"), (os, "fsync"), (os, "remove"),
-            (tempfile, "mkdtemp"), (shutil, "copy2"), (json, "dump"), (safetensors.torch, "save_file"),
-            (adapter_io, "open")]
-
-
-class Faults:
-    """The ``fail_at``-th call of any filesystem step raises OSError."""
-
-    def __init__(self, fail_at):
-        self.fail_at, self.calls = fail_at, []
-
-    def install(self, m):
-        for module, attr in FS_STEPS:
-            fn = builtins.open if module is adapter_io else getattr(module, attr)
-            m.setattr(module, attr, self._wrap(f"{module.__name__}.{attr}", fn), raising=False)
-
-    def _wrap(self, name, fn):
-        def wrapper(*args, **kwargs):
-            self.calls.append(name)
-            if len(self.calls) - 1 == self.fail_at:
-                raise OSError(f"injected fault in {name}")
-            return fn(*args, **kwargs)
-        return wrapper
-
-    @property
-    def fired(self):
-        return len(self.calls) > self.fail_at
-
-
-def restore(directory, snap):
-    shutil.rmtree(directory)
-    os.makedirs(directory)
-    for name, data in snap.items():
-        with open(os.path.join(directory, name), "wb") as fh:
-            fh.write(data)
-
-
 def params(cm):
     return {n: p.detach().clone() for n, p in cm.trainable_parameters().items()}
 
