@@ -24,6 +24,7 @@ import copy
 import inspect
 import json
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -38,7 +39,7 @@ from .context import CompileContext
 from .dialect import ShortcutRecord, canonicalize, kind_of
 from .graph_utils import owner_and_name
 from .meta import LoraRecord, get_record, graph_record
-from .pipeline import PassReport, Pipeline, lint_graph, provided
+from .pipeline import PassReport, Pipeline, lint_graph
 from .printing import format_graph
 
 __all__ = ["CompiledModel", "CompileReport", "own_base"]
@@ -199,7 +200,7 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(gm, "_buffers", primary._buffers)
         _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
-        if self._merged and "lora" in provided(gm):
+        if self._merged:
             MergeLoRA()(gm)
         set_training_mode(gm, self.training)
         self._variants[key] = gm
@@ -215,7 +216,6 @@ class CompiledModel(torch.nn.Module):
         sharing storage (a folded [W; A] and its views) is kept only as a whole.  The rest
         (adapters whose rank changed, new ones) are the new graph module's.  Refused while
         merged."""
-        import time
         if self._merged:
             raise RuntimeError("cannot rebuild the graphs of a merged model: call cm.unmerge() first")
         old, ctx = self.graph_module, self._context
@@ -306,8 +306,7 @@ class CompiledModel(torch.nn.Module):
             # unmerge() restores these graphs exactly, with every later pass's choices
             self.__dict__["_unmerged_graphs"] = {k: copy.deepcopy(gm.graph) for k, gm in self._variants.items()}
             for gm in self._variants.values():
-                if "lora" in provided(gm):  # (a model with shortcut adapters only has nothing to fold)
-                    MergeLoRA()(gm)
+                MergeLoRA()(gm)
             self.__dict__["_merged"] = True
         return self
 
@@ -336,7 +335,6 @@ class CompiledModel(torch.nn.Module):
         ``lorafx_shortcuts``.  This model is left as it is; unadapted tensors are shared."""
         import copy
         from lorafx.passes import MergeLoRA, set_training_mode
-        from lorafx.passes.merge_lora import lower_unmergeable
         was_merged = self._merged
         self.unmerge()
         try:
@@ -346,10 +344,7 @@ class CompiledModel(torch.nn.Module):
             canonicalize(graph)  # one lora_linear per adapter, W read by name (before GraphModule picks attributes)
             gm = torch.fx.GraphModule(src, graph, class_name=type(src).__name__)
             gm.meta.update(copy.deepcopy(src.meta))
-            if "lora" in provided(gm):
-                MergeLoRA(unload=True)(gm)  # also lowers the shortcut adapters to aten ops
-            elif lower_unmergeable(gm):  # shortcut adapters only
-                gm.graph.eliminate_dead_code()
+            MergeLoRA(unload=True)(gm)  # also lowers the shortcut adapters to aten ops
             set_training_mode(gm, False)
             gm.graph.lint()
             gm.recompile()

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from lorafx.hw_targets import Target, get_target, target_class
-from lorafx.passes import DEFAULT_PASSES, FINAL_PASSES
+from lorafx.passes import DEFAULT_PASSES, FINAL_PASSES, InsertLoRA
 
 from . import adapter_io
 from .capture import bind_inputs, capture, is_hf_model
@@ -255,6 +255,6 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
 
 
 def without_linear_adapters(passes: Sequence[Pass]) -> List[Pass]:
-    """``passes`` without the one inserting linear adapters (it provides ``"lora"``) and the
-    ones that need them: a pipeline for a model with shortcut adapters only."""
-    return [p for p in passes if "lora" not in p.provides and "lora" not in p.requires]
+    """``passes`` without InsertLoRA: a pipeline for a model with shortcut adapters only
+    (InsertShortcuts then provides the ``"lora"`` the later passes require)."""
+    return [p for p in passes if not isinstance(p, InsertLoRA)]

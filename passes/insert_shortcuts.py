@@ -1,7 +1,8 @@
 """InsertShortcuts: LoRA-adapted shortcut connections (HeteroLoRA, arXiv 2406.14956).
 
 Requires: a captured graph (runs after InsertLoRA in the default pipeline; it also runs
-without it).  Provides: ``"shortcuts"``.  Invalidates: ``"cost"``.
+without it).  Provides: ``"shortcuts"`` and ``"lora"`` (the graph holds adapter ops, so the
+passes that work on them, MergeLoRA included, apply).  Invalidates: ``"cost"``.
 Preserves: outputs and gradients w.r.t. the inputs exactly while B = 0 (the init);
 afterwards only the adapters (lora_A, lora_B of every adapter) are trainable.
 
@@ -246,7 +247,7 @@ class InsertShortcuts(Pass):
     freeze: bool = True  # freeze the base first when no adapter pass ran before (InsertLoRA does it otherwise)
 
     requires = frozenset({CAPTURED})
-    provides = frozenset({"shortcuts"})
+    provides = frozenset({"shortcuts", "lora"})
     invalidates = frozenset({"cost"})
     options = (
         Option("shortcuts", bool, False, "add LoRA-adapted shortcut connections between points of the residual "

@@ -168,7 +168,8 @@ def plot(summary, methods, path, title) -> bool:
     ax.barh(range(len(methods)), means, xerr=stds, color=colours, capsize=2)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
     ax.invert_yaxis()
-    ax.axvline(summary["uniform"]["mean"], color="#444444", lw=0.8, ls="--") if "uniform" in summary else None
+    if "uniform" in summary:
+        ax.axvline(summary["uniform"]["mean"], color="#444444", lw=0.8, ls="--")
     ax.set_xlabel("mean held-out accuracy (%), ± sample std over seeds")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
