@@ -300,7 +300,6 @@ class CompiledModel(torch.nn.Module):
     def merge(self) -> "CompiledModel":
         """Fold every adapter into its frozen weight (W + scale·BA, in float32 or wider).
         Shortcut adapters (``shortcuts=True``) have no weight to fold into: they keep running."""
-        import copy
         from lorafx.passes import MergeLoRA
         if not self._merged:
             # unmerge() restores these graphs exactly, with every later pass's choices
@@ -333,7 +332,6 @@ class CompiledModel(torch.nn.Module):
         in eval mode.  Shortcut adapters (``shortcuts=True``), which no weight can hold,
         become plain aten ops (y + s·(h Aᵀ) Bᵀ) with A and B as frozen parameters under
         ``lorafx_shortcuts``.  This model is left as it is; unadapted tensors are shared."""
-        import copy
         from lorafx.passes import MergeLoRA, set_training_mode
         was_merged = self._merged
         self.unmerge()
