@@ -15,10 +15,11 @@ from .inspect import DiffGraphs, DumpGraphs, PrintGraphs, TimePasses, diff_graph
 from .meta import DropoutRecord, GraphRecord, LoraRecord, OriginRecord, get_record, graph_record, set_record
 from .options import Option
 from .pipeline import Instrument, Pass, PassError, PassResult, Pipeline, PipelineOrderError, lint_graph
+from .pruning import prune
 from .reallocate import ReallocateRanks
 
 __all__ = [
-    "compile", "default_passes", "capture", "CompiledModel", "CompileReport", "CaptureError", "load_adapter", "save_adapter",
+    "compile", "prune", "default_passes", "capture", "CompiledModel", "CompileReport", "CaptureError", "load_adapter", "save_adapter",
     "Pass", "PassResult", "Pipeline", "PassError", "PipelineOrderError", "Instrument", "lint_graph",
     "format_graph", "diff_graphs", "to_networkx", "draw", "PrintGraphs", "DiffGraphs", "TimePasses",
     "DumpGraphs", "LoraRecord", "OriginRecord", "DropoutRecord", "get_record", "set_record",

@@ -130,6 +130,21 @@ class ScheduleRecord:
 RECORD_TYPES = (OriginRecord, LoraRecord, DropoutRecord, CostRecord, ScheduleRecord)
 
 
+@dataclass(frozen=True)
+class SparsityInfo:
+    """One pruned weight: its module, how it was pruned, and its zero count."""
+
+    module: str
+    pattern: str  # "unstructured" | "N:M" | "keep"
+    method: str  # "wanda" | "magnitude" | "keep"
+    zeros: int
+    numel: int
+
+    @property
+    def share(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
 @dataclass
 class GraphRecord:
     """What lorafx knows about a whole graph: one per GraphModule, ``gm.meta["lorafx"]``.
@@ -153,6 +168,9 @@ class GraphRecord:
     # InsertShortcuts take their sites and ranks from it when it is set
     allocation: Optional[Dict[str, int]] = None
     scores: Optional[Dict[str, float]] = None  # {site: proxy score} behind that allocation
+    # {weight path: SparsityInfo} of the weights PruneWeights pruned (or kept sparse); ApplySparsity makes
+    # their adapters sparse LoRA ops
+    sparsity: Optional[Dict[str, "SparsityInfo"]] = None
 
     def forget(self, properties) -> None:
         """Clear the fields that describe any of ``properties``; drop them from ``provided``."""

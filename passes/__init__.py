@@ -1,8 +1,10 @@
 """lorafx passes: one file per pass, in the order lorafx.compile runs them."""
 from .inline_subgraphs import InlineGradModeRegions
+from .prune_weights import PruneWeights
 from .allocate_ranks import AllocateRanks
 from .insert_lora import InsertLoRA, freeze_base
 from .insert_shortcuts import InsertShortcuts
+from .apply_sparsity import ApplySparsity
 from .select_schedule import SelectSchedule
 from .causal_mask import CausalMaskToIsCausal
 from .recompute_inputs import RecomputeInputs
@@ -14,17 +16,19 @@ from .merge_lora import MergeLoRA, UnmergeLoRA
 
 # The default pipeline of lorafx.compile, in order; each pass is built from the compile
 # options it declares (Pass.from_options: None leaves it out), the target's passes
-# (Target.passes) go between DEFAULT_PASSES and FINAL_PASSES.  AllocateRanks (with
+# (Target.passes) go between DEFAULT_PASSES and FINAL_PASSES.  PruneWeights (with sparsity=)
+# prunes first, so that ranks are scored on the pruned model; ApplySparsity makes the adapters
+# on pruned weights sparse before any pass picks schedules or rewrites lora_linear.  AllocateRanks (with
 # rank_budget) decides the ranks InsertLoRA and InsertShortcuts (with shortcuts=True) use.
 # RecomputeInputs takes the adapters whose input is cheap to rebuild, FoldLoRAIntoBase then
 # the ones it left, FuseSiblings groups the rest; AnnotateCost runs after every rewrite so
 # that its records describe the final graph.
-DEFAULT_PASSES = (InlineGradModeRegions, AllocateRanks, InsertLoRA, InsertShortcuts, SelectSchedule,
-                  CausalMaskToIsCausal, RecomputeInputs, FoldLoRAIntoBase, FuseSiblings)
+DEFAULT_PASSES = (InlineGradModeRegions, PruneWeights, AllocateRanks, InsertLoRA, InsertShortcuts, ApplySparsity,
+                  SelectSchedule, CausalMaskToIsCausal, RecomputeInputs, FoldLoRAIntoBase, FuseSiblings)
 FINAL_PASSES = (AnnotateCost, SetTrainingMode)
 
 __all__ = [
-    "InlineGradModeRegions", "AllocateRanks", "InsertLoRA", "InsertShortcuts", "SelectSchedule",
+    "InlineGradModeRegions", "PruneWeights", "AllocateRanks", "ApplySparsity", "InsertLoRA", "InsertShortcuts", "SelectSchedule",
     "CausalMaskToIsCausal", "RecomputeInputs", "FuseSiblings", "FoldLoRAIntoBase", "AnnotateCost", "SetTrainingMode", "MergeLoRA", "UnmergeLoRA", "freeze_base",
     "set_training_mode", "DEFAULT_PASSES", "FINAL_PASSES",
 ]

@@ -21,7 +21,11 @@ Options follow PEFT's LoraConfig: ``target_modules`` (list or regex, or
 "all-linear" for every linear but the output layer), ``exclude_modules``,
 ``rank_pattern``/``alpha_pattern`` (regex -> value), ``use_rslora`` (scale =
 alpha / sqrt(r), Kalajdzievski 2023), ``dropout`` and ``init`` ("kaiming": A
-kaiming-uniform, "gaussian": A ~ N(0, 1/r); B = 0 in both).  After AllocateRanks
+kaiming-uniform, "gaussian": A ~ N(0, 1/r); B = 0 in both; "lors": LoRS's
+initialisation, arXiv 2501.08582 -- the dense weight gradient ∂L/∂W is averaged over up
+to ``LORS_BATCHES`` calibration batches, and A's rows are its top-r right singular
+vectors, so the first step moves B along the gradient's top-r directions, s·G Aᵀ = s·U_r Σ_r;
+B = 0 keeps the identity at init).  After AllocateRanks
 (``rank_budget=...``) it adapts exactly the sites the graph record's ``allocation`` gives
 a rank, at that rank.
 """
@@ -46,7 +50,8 @@ from lorafx.pipeline import CAPTURED, Pass, PassResult
 __all__ = ["InsertLoRA", "freeze_base", "select_linear_sites"]
 
 ALL_LINEAR = "all-linear"
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "lors")
+LORS_BATCHES = 16  # calibration batches init="lors" averages the weight gradient over
 _ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora), so 0 means "
               "they never change the model and nan or inf makes every output nan")
 
@@ -96,7 +101,8 @@ class InsertLoRA(Pass):
         Option("use_rslora", bool, False, "scale = alpha / sqrt(r) (rsLoRA, arXiv 2312.03732)"),
         Option("dropout", float, 0.0, "adapter dropout probability, on in train(), off in eval(); saved as a "
                "boolean mask, never a copy of x", check=O.check_probability),
-        Option("init", str, "kaiming", "'kaiming' or 'gaussian' init of A; B starts at 0",
+        Option("init", str, "kaiming", "'kaiming' or 'gaussian' init of A, or 'lors' (A = the top-r right singular "
+               "vectors of the mean weight gradient on calibration= batches); B starts at 0",
                check=lambda name, value, where: O.check_choice(name, value, INITS, where)),
     )
 
@@ -143,12 +149,14 @@ class InsertLoRA(Pass):
         return r, alpha
 
     # -- rewriting ----------------------------------------------------------------
-    def _make_adapters(self, weight: torch.Tensor, site: LinearSite, r: int, gen):
+    def _make_adapters(self, weight: torch.Tensor, site: LinearSite, r: int, gen, lors=None):
         dtype, device = weight.dtype, weight.device
         A = torch.empty(r, site.in_features, dtype=dtype, device=device)
         B = torch.zeros(site.out_features, r, dtype=dtype, device=device)
         if device.type != "meta":
-            if self.init == "kaiming":  # nn.Linear's default init: kaiming_uniform(a=sqrt(5))
+            if lors is not None:
+                A.copy_(lors[site.module][:r])
+            elif self.init == "kaiming":  # nn.Linear's default init: kaiming_uniform(a=sqrt(5))
                 bound = 1.0 / math.sqrt(site.in_features)
                 A.copy_(torch.rand(A.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
             else:
@@ -164,13 +172,15 @@ class InsertLoRA(Pass):
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
         seed = self.seed if self.seed is not None else ctx.decide("seed", ctx.draw_seed)  # replayed per capture
         gen = torch.Generator().manual_seed(seed)
+        lors = ctx.decide("lors_init", lambda: lors_directions(gm, ctx, sites, configs, seed)) \
+            if self.init == "lors" else None
         if self.freeze:
             freeze_base(gm)
         made: Dict[str, Tuple[str, str]] = {}
         for site, (r, alpha) in zip(sites, configs):
             a_path, b_path = f"{site.module}.lora_A", f"{site.module}.lora_B"
             if site.module not in made:  # a module called twice shares its adapter
-                A, B = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen)
+                A, B = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen, lors)
                 set_parameter(gm, a_path, A)
                 set_parameter(gm, b_path, B)
                 made[site.module] = (a_path, b_path)
@@ -191,6 +201,37 @@ class InsertLoRA(Pass):
             "rank_pattern": {s.module: c[0] for s, c in zip(sites, configs)},
         }
         return PassResult(gm, True, info)
+
+
+def lors_directions(gm: torch.fx.GraphModule, ctx: CompileContext, sites, configs, seed: int) -> Dict[str, torch.Tensor]:
+    """{module: the top-r right singular vectors (r, in) of its mean weight gradient} for
+    init="lors" (float32; a randomised SVD, seeded, for matrices over 2048 on their short side)."""
+    from .score_sites import Candidate, mean_weight_gradients
+    if ctx.calibration is None:
+        raise ValueError("init='lors' initialises A from the weight gradient on calibration data: pass "
+                         "calibration=[batch, ...] (batches of the model's inputs, with labels or a causal LM's "
+                         "input_ids), or use init='kaiming'")
+    if any(get_attr(gm, s.weight.target).is_meta for s in sites):
+        raise ValueError("init='lors' needs the weights' values (they are on the meta device); load them first, "
+                         "or use init='kaiming'")
+    ranks = {}
+    for site, (r, _) in zip(sites, configs):
+        ranks[site.module] = max(r, ranks.get(site.module, 0))
+    unique_sites = list({s.module: s for s in sites}.values())
+    candidates = [Candidate(s.module, "linear", s.in_features, s.out_features, weight=s.weight.target,
+                            transposed=s.weight_transposed) for s in unique_sites]
+    grads = mean_weight_gradients(gm, ctx, candidates, seed=seed, max_batches=LORS_BATCHES)
+    out = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module, G in grads.items():
+            r = ranks[module]
+            if min(G.shape) > 2048:
+                _, _, V = torch.svd_lowrank(G, q=min(r + 10, min(G.shape)), niter=4)
+                out[module] = V[:, :r].t().contiguous().float()
+            else:
+                out[module] = torch.linalg.svd(G, full_matrices=False).Vh[:r].contiguous().float()
+    return out
 
 
 def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules,

@@ -135,6 +135,8 @@ class MergeLoRA(Pass):
             if not self.unload:
                 set_record(new, LoraRecord(**{**rec.__dict__, "merged": True}))
                 set_record(new, MergedFrom(kind.name))
+                for record in kind.kept_records(node):
+                    set_record(new, record)
             unloaded.update((path, rec.weight) for path in kind.adapter_tensors(node))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)

@@ -56,7 +56,7 @@ from lorafx.context import CompileContext
 from lorafx.graph_utils import get_attr, owner_and_name
 from lorafx.meta import graph_record
 
-__all__ = ["PROXIES", "GRADIENT_PROXIES", "Candidate", "score_sites", "loss_of"]
+__all__ = ["PROXIES", "GRADIENT_PROXIES", "Candidate", "score_sites", "loss_of", "mean_weight_gradients"]
 
 GRADIENT_PROXIES = ("grad_norm", "snip", "fisher")
 PROXIES = GRADIENT_PROXIES + ("synflow", "random", "constant")
@@ -256,12 +256,13 @@ def score_sites(gm: torch.fx.GraphModule, ctx: CompileContext, sites: Sequence[C
         return _gradient_scores(gm, ctx, sites, proxy, max_batches, score_loss)
 
 
-def _gradient_scores(gm, ctx, sites, proxy, max_batches, score_loss) -> Dict[str, float]:
+def _virtual_gradients(gm, ctx, sites, max_batches, score_loss):
+    """Yields ``(sg, {key: G_b})`` for each calibration batch: the private graph copy and the
+    virtual gradient of every site (by ``_key``) on that batch."""
     sg = _private_copy(gm)
     like = next((p for p in gm.parameters() if p.is_floating_point()), torch.zeros(()))
     leaves = _leaves(sg, sites, _add_shortcut_probes(sg, sites, like))
     keys = list(leaves)
-    totals = {s.name: 0.0 for s in sites}
     count = 0
     causal = graph_record(gm).causal_lm
     for i, args, kwargs in _batches(ctx, max_batches):
@@ -271,15 +272,45 @@ def _gradient_scores(gm, ctx, sites, proxy, max_batches, score_loss) -> Dict[str
         if not torch.isfinite(loss):
             raise ValueError(f"the loss of calibration batch {i} is {float(loss)}: scores would be meaningless; "
                              "check the batch (labels in range, no empty answer)")
-        grads = dict(zip(keys, torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)))
+        yield sg, dict(zip(keys, torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)))
+        count += 1
+    if count == 0:
+        raise ValueError("calibration= yielded no batch: give at least one batch, or leave calibration out "
+                         "to score on the example inputs")
+
+
+def _gradient_scores(gm, ctx, sites, proxy, max_batches, score_loss) -> Dict[str, float]:
+    totals = {s.name: 0.0 for s in sites}
+    count = 0
+    for sg, grads in _virtual_gradients(gm, ctx, sites, max_batches, score_loss):
         for site in sites:
             G = grads[_key(site)]
             if G is not None:
                 totals[site.name] += _proxy_value(proxy, _frozen_map(site, sg), G, site.transposed)
         count += 1
-    if count == 0:
-        raise ValueError("calibration= yielded no batch: give at least one batch, or leave calibration out "
-                         "to score on the example inputs")
+    return {name: total / count for name, total in totals.items()}
+
+
+def mean_weight_gradients(gm: torch.fx.GraphModule, ctx: CompileContext, sites: Sequence[Candidate], *,
+                          seed: int = 0, max_batches: int = 8,
+                          score_loss: Optional[Callable[[Any, Dict[str, Any]], torch.Tensor]] = None
+                          ) -> Dict[str, torch.Tensor]:
+    """{site name: the mean over calibration batches of ∂L/∂W} for linear candidates, in
+    (out, in) layout and float64 -- the dense weight gradient of LoRS's initialisation.
+    Runs like the proxies: on a private copy, leaving nothing behind."""
+    if any(s.kind != "linear" for s in sites):
+        raise ValueError("mean_weight_gradients takes linear sites only")
+    totals: Dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        for _, grads in _virtual_gradients(gm, ctx, sites, max_batches, score_loss):
+            for site in sites:
+                G = grads[_key(site)]
+                G = torch.zeros(site.out_features, site.in_features, dtype=torch.float64) if G is None else \
+                    (G.t() if site.transposed else G).detach().to(torch.float64)
+                totals[site.name] = totals[site.name] + G if site.name in totals else G
+            count += 1
     return {name: total / count for name, total in totals.items()}
 
 

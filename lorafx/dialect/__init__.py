@@ -9,6 +9,8 @@ One module per kind, each registering itself on import:
   ``recipe`` (the recipe language is in ``recipe``);
 * ``siblings``   ``lora_linear_siblings``, the adapters that read one input, as one op;
 * ``folded``     ``lora_linear_folded``, with A stored under W in one buffer;
+* ``sparse``     ``lora_linear_sparse``, a LoRA linear on a pruned weight that keeps its
+  zero pattern (LoRS), with its ``SparseRecord``;
 * ``shortcut``   ``lora_shortcut``, a LoRA-adapted shortcut connection (HeteroLoRA):
   y + s·(h Aᵀ) Bᵀ between two points of the residual stream, with its ``ShortcutRecord``.
 
@@ -25,9 +27,10 @@ from .recompute import RECOMPUTE
 from .siblings import SIBLINGS
 from .folded import FOLDED
 from .shortcut import SHORTCUT, ShortcutRecord
+from .sparse import SPARSE, SparseRecord
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
     "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "set_args",
-    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "lora_linear_reference", "schedule_counts",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "lora_linear_reference", "schedule_counts",
 ]

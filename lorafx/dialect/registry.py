@@ -320,6 +320,11 @@ class OpKind:
         kind merges them (``lora_linear``, or this kind's own); returns those nodes."""
         return [node]
 
+    def kept_records(self, node: torch.fx.Node) -> list:
+        """Records MergeLoRA keeps on the merged linear, for ``unmerge`` to read back (the
+        LoraRecord and MergedFrom are kept for every kind)."""
+        return []
+
     def merged_weight(self, root: torch.nn.Module, node: torch.fx.Node) -> torch.Tensor:
         """W + scale·B·A for a canonical node, in the stored layout and dtype, computed in
         float32 or wider."""
