@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.lorafx-installed
 
-.PHONY: install demo test test-all bench eval eval-minilm heterolora pretrain-tiny clean
+.PHONY: install demo test test-all bench eval eval-minilm heterolora sparse-table pretrain-tiny clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ eval: install
 ## about an hour on 2 cores); JSON + PNG in heterolora_out/
 heterolora: install
 	$(BIN)/python tools/heterolora_table.py --out heterolora_out $(HETEROLORA_ARGS)
+
+## sparse-table: 50%-sparse lorafx-tiny (Wanda): lorafx sparse LoRA vs an SQFT-style baseline, dense LoRA and the pruned zero-shot model (README table); JSON + PNG in sparse_out/
+sparse-table: install
+	$(BIN)/python tools/sparse_table.py --out sparse_out $(SPARSE_ARGS)
 
 ## eval-minilm: the all-MiniLM-L6-v2 sentence-classification table (optional extra lorafx[minilm])
 eval-minilm: install

@@ -19,6 +19,13 @@ file; ``lorafx.load_adapter`` compiles with the sites it lists and loads both pa
 model whose only adapters are shortcuts writes the config (``target_modules: []``) and
 this file, and no PEFT weights.
 
+Sparse adapters (``sparsity=...``, LoRS) were trained on a pruned base and merge as
+W + (s·B A) ⊙ 1[W ≠ 0]: PEFT's own merge (W + s·B A) would fill the pruned zeros.  Their
+sites, with pattern, method and gradient mode, go in the weights file's metadata
+(``lorafx_sparsity``, JSON, which PEFT ignores), ``save_adapter`` warns how a PEFT user
+reapplies the mask, and ``lorafx.load_adapter`` compiles those sites with
+``sparsity="keep"`` (the base passed in must be the pruned one).
+
 ``save_adapter`` never leaves a half-written adapter: every file is staged, then moved
 in (a file a save no longer writes, such as an old shortcuts file, is moved out last);
 any error puts the previous files back.  The metadata of each weights file records the
@@ -46,7 +53,7 @@ from ._version import __version__
 from .graph_utils import get_attr, pattern_value
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
-           "compile_settings", "shortcut_settings", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "compile_settings", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
            "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,6 +66,10 @@ STAGING_PREFIX = ".lorafx-save-"  # the hidden folder a save stages its files in
 PAIRING_KEY = "lorafx_config_sha256"
 SAVE_ID_KEY = "lorafx_save_id"  # safetensors metadata key: the same random id in every weights file of one save
 SHORTCUTS_KEY = "lorafx_shortcuts"  # metadata key of the shortcuts file: {site: {r, alpha, scale, link}} as JSON
+SPARSITY_KEY = "lorafx_sparsity"  # metadata key of the weights file: {site: {pattern, method, grad}} as JSON
+PEFT_MASK_HINT = ("merge each of these sites as W + (s·B @ A) * (W != 0) on the pruned base (not PEFT's "
+                  "merge_and_unload, which fills the zeros), e.g. for a PeftModel: delta = layer.get_delta_weight("
+                  "'default'); layer.base_layer.weight.data += delta * (layer.base_layer.weight != 0)")
 logger = logging.getLogger("lorafx")
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
@@ -199,10 +210,12 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
         raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it")
     tensor = lambda path: get_attr(cm, path).detach().contiguous().cpu()
     files: Dict[str, Tuple[dict, dict]] = {}  # file name -> (tensors, extra metadata)
+    sparse = sparse_sites(cm)
     if records:
         config = _peft_config(cm, records)
+        extra = {SPARSITY_KEY: json.dumps({"sites": sparse, "merge": PEFT_MASK_HINT})} if sparse else {}
         files[WEIGHTS_NAME] = ({f"{PREFIX}{site}.lora_{ab}.weight": tensor(path) for site, rec in records.items()
-                                for ab, path in (("A", rec.lora_A), ("B", rec.lora_B))}, {})
+                                for ab, path in (("A", rec.lora_A), ("B", rec.lora_B))}, extra)
     else:
         config = _shortcuts_only_config(cm, shortcuts)
     if shortcuts:
@@ -223,8 +236,32 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
         logger.warning("lorafx: this model has shortcut adapters only (%d sites, shortcuts=True), which PEFT cannot "
                        "express: wrote %s and %s to %s (no %s, so PEFT cannot load it); lorafx.load_adapter(model, "
                        "folder) restores them", len(shortcuts), CONFIG_NAME, SHORTCUTS_NAME, directory, WEIGHTS_NAME)
+    if sparse:
+        logger.warning("lorafx: %d of these adapters were trained on pruned weights (sparsity=...) and keep their "
+                       "zeros only when merged with the mask: %s. lorafx.load_adapter(pruned_model, folder) does this "
+                       "itself", len(sparse), PEFT_MASK_HINT)
     if replacing:
         logger.warning("lorafx: replaced the adapter in %s", directory)
+
+
+def sparse_sites(cm) -> Dict[str, dict]:
+    """{site: {pattern, method, grad}} of ``cm``'s sparse adapters (merged ones too)."""
+    from .dialect import SparseRecord
+    from .meta import LoraRecord, get_record
+    out = {}
+    for node in cm.graph_module.graph.nodes:
+        sparse, rec = get_record(node, SparseRecord), get_record(node, LoraRecord)
+        if sparse is not None and rec is not None:
+            out[rec.site] = {"pattern": sparse.pattern, "method": sparse.method, "grad": sparse.grad}
+    return out
+
+
+def sparsity_settings(files: "AdapterFiles") -> dict:
+    """The ``lorafx.compile`` options that make the saved sparse sites sparse again ({} for none)."""
+    if not files.sparse:
+        return {}
+    grads = Counter(v.get("grad", "surrogate") for v in files.sparse.values())
+    return dict(sparsity="keep", sparsity_modules=sorted(files.sparse), sparse_grad=grads.most_common(1)[0][0])
 
 
 def _write_atomically(directory: str, config: dict, files: Dict[str, Tuple[dict, dict]], stale=()) -> None:
@@ -409,6 +446,7 @@ class AdapterFiles:
     config: dict
     weights: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
     shortcuts: Dict[str, SavedShortcut]
+    sparse: Dict[str, dict] = None  # {site: {pattern, method, grad}} of the sparse adapters (LoRS)
 
 
 def _read_shortcuts(directory: str) -> Tuple[Dict[str, SavedShortcut], dict]:
@@ -469,7 +507,16 @@ def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFil
     if len(metas) > 1 and (None in ids or len(ids) > 1):
         raise ValueError(f"the PEFT weights and {SHORTCUTS_NAME} in {directory} come from different saves (an "
                          "interrupted save, or a file copied in from another adapter?); save the adapter again")
-    return AdapterFiles(config, weights, shortcuts)
+    sparse = {}
+    raw_sparse = next((m[SPARSITY_KEY] for m in metas.values() if m and SPARSITY_KEY in m), None)
+    if raw_sparse is not None:
+        try:
+            sparse = json.loads(raw_sparse)["sites"]
+            assert isinstance(sparse, dict) and all(isinstance(v, dict) for v in sparse.values())
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"the {SPARSITY_KEY!r} metadata of the weights in {directory} is not valid JSON "
+                             "{'sites': {site: {...}}}; save the adapter again") from None
+    return AdapterFiles(config, weights, shortcuts, sparse)
 
 
 def _read_adapter(directory: str, trust_pickle: bool = False):

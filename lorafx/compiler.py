@@ -229,7 +229,8 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
     shortcut_alpha=...``) and loads them too; one with shortcut adapters only compiles
     without linear adapters.  ``model`` may also be a CompiledModel, whose adapters then
     receive the weights.  ``trust_pickle=True`` lets a ``.bin`` file run the pickle code
-    it holds.
+    it holds.  An adapter trained on pruned weights (``sparsity=...``) compiles its sites
+    with ``sparsity="keep"``: pass the pruned model.
     """
     if isinstance(model, CompiledModel):
         model.load_adapter(directory, trust_pickle=trust_pickle)
@@ -237,7 +238,8 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
     files = adapter_io.read_adapter_files(directory, trust_pickle)  # fail before the (slow) compile
     shortcut = adapter_io.shortcut_settings(files.shortcuts)
     if files.weights:
-        settings = {**adapter_io.compile_settings(files.config), **shortcut, **options}
+        settings = {**adapter_io.compile_settings(files.config), **shortcut, **adapter_io.sparsity_settings(files),
+                    **options}
         cm = compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
     else:  # shortcut adapters only: the default pipeline without InsertLoRA and the passes that need it
         mine = {k: v for k, v in options.items() if k in COMPILE_KEYWORDS}
