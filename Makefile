@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.lorafx-installed
 
-.PHONY: install demo test test-all bench eval eval-minilm heterolora sparse-table pretrain-tiny clean
+.PHONY: install demo test test-all bench bench-sparse eval eval-minilm heterolora sparse-table pretrain-tiny clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test-all: install
 ## bench: frozen floor vs PEFT vs lorafx training step (LLaMA-shaped, r=8)
 bench: install
 	$(BIN)/python tools/bench_train_step.py
+
+## bench-sparse: sparse LoRA (LoRS) vs an SQFT-style baseline and dense PEFT LoRA, 50% unstructured and 2:4
+bench-sparse: install
+	$(BIN)/python tools/bench_sparse.py --json bench_sparse.json
 
 ## eval: the baseline table on the shipped lorafx-tiny (zero-shot vs lorafx LoRA r=8, per task + mean), one thread;
 ## JSON + PNG in eval_out/.  Add methods with: make eval EVAL_ARGS=--methods=zero-shot,lora,peft

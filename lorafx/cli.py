@@ -192,6 +192,9 @@ def cmd_compile(args, out=None) -> int:
         options.update(rank_budget=args.rank_budget, proxy=args.proxy, allocation=args.allocation)
     if args.shortcuts:
         options["shortcuts"] = True
+    if args.sparsity is not None:
+        options.update(sparsity=args.sparsity, sparsity_method=args.sparsity_method,
+                       sparsity_pattern=args.sparsity_pattern, sparse_grad=args.sparse_grad)
     modules = parse_target_modules(args.target_modules)
     if modules is not None:
         options["target_modules"] = modules
@@ -202,7 +205,7 @@ def cmd_compile(args, out=None) -> int:
     try:  # against the declarations, then by building every pass of the pipeline
         lorafx.default_passes(target, fold_a=args.fold_a, **options)
     except (ValueError, TypeError) as e:
-        raise CLIError(re.sub(r"^(lorafx\.default_passes|InsertLoRA|AllocateRanks): ", "", _one_line(e))) from None
+        raise CLIError(re.sub(r"^(lorafx\.default_passes|lorafx\.compile|InsertLoRA|AllocateRanks|PruneWeights): ", "", _one_line(e))) from None
     try:
         resolve_model(args.model)
     except ValueError as e:
@@ -229,7 +232,10 @@ def cmd_compile(args, out=None) -> int:
     with _Status(f"capturing {type(model).__name__} with torch.export (input_ids {shape})") as status:
         try:
             # the per-pass bar only on a terminal: piped, tqdm's carriage returns garble logs
+            # Wanda scores weights on data: the CLI has the example batch only
+            calibration = [example_kwargs] if options.get("sparsity_method") == "wanda" else None
             cm = lorafx.compile(model, target=target.name, example_kwargs=example_kwargs, progress=status.tty,
+                                calibration=calibration,
                                 instruments=[_stop_at_pipeline(status), lorafx.DumpGraphs(passes_dir)],
                                 fold_a=args.fold_a, seed=args.seed, **options)
         except (lorafx.CaptureError, lorafx.PassError, ValueError, TypeError, NotImplementedError) as e:
@@ -243,8 +249,11 @@ def cmd_compile(args, out=None) -> int:
     print(f"target   {target.name}", file=out)
     budget = (f" rank_budget={args.rank_budget} proxy={args.proxy} allocation={args.allocation}"
               if args.rank_budget is not None else "")
+    sparse = (f" sparsity={args.sparsity} sparsity_method={args.sparsity_method} sparsity_pattern="
+              f"{args.sparsity_pattern} sparse_grad={args.sparse_grad}" if args.sparsity is not None else "")
     print(f"options  r={args.r} alpha={args.alpha:g} target_modules={modules_text} "
-          f"dropout={args.dropout:g} seed={args.seed}{budget}" + (" shortcuts" if args.shortcuts else ""), file=out)
+          f"dropout={args.dropout:g} seed={args.seed}{budget}" + (" shortcuts" if args.shortcuts else "") + sparse,
+          file=out)
     print(file=out)
     print(str(report), file=out)
     print(f"adapters {_adapter_summary(cm)}", file=out)
@@ -313,6 +322,19 @@ def _budget(text: str):
     return value
 
 
+def _sparsity(text: str):
+    """--sparsity: a fraction in [0, 1) or 'keep'."""
+    if text == "keep":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) (0.5) or 'keep', got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -365,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {AllocateRanks.allocation})")
     c.add_argument("--shortcuts", action="store_true",
                    help="add LoRA-adapted shortcut connections on the residual adds (InsertShortcuts)")
+    c.add_argument("--sparsity", type=_sparsity, default=None,
+                   help="prune the frozen linears to this share of zeros (0.5), or 'keep' the zeros a pruned model "
+                        "has; their adapters become sparse LoRA ops that keep the zeros (LoRS)")
+    c.add_argument("--sparsity-method", default="magnitude", choices=("magnitude", "wanda"),
+                   help="how --sparsity scores weights (default magnitude; wanda scores on the example batch)")
+    c.add_argument("--sparsity-pattern", default="unstructured",
+                   help="unstructured (default) or N:M, e.g. 2:4 (then --sparsity 0.5)")
+    c.add_argument("--sparse-grad", default="surrogate", choices=("surrogate", "exact"),
+                   help="adapter gradient on pruned weights (default surrogate, LoRS's straight-through form)")
     c.add_argument("--no-draw", action="store_true", help="do not write graph.svg")
     c.add_argument("--seed", type=int, default=0, help="seed for built-in model weights and adapter init (default 0)")
     c.set_defaults(func=cmd_compile)

@@ -145,7 +145,7 @@ def _input_norms(gm: torch.fx.GraphModule, ctx: CompileContext, sites) -> Dict[t
 
 @dataclass(frozen=True)
 class PruneWeights(Pass):
-    sparsity: Union[float, str] = 0.5
+    sparsity: Union[float, str, None] = None
     method: str = "wanda"
     pattern: str = "unstructured"
     modules: Union[str, Tuple[str, ...]] = ALL_LINEAR

@@ -262,6 +262,8 @@ class SelectSchedule(Pass):
             else:  # the FLOP formulas (also for a kind whose schedules cannot be timed)
                 rule, crit = self._flops_rule(kind, family), "flops"
             modified |= kind.set_rule(gm.graph, node, S.Rule.parse(rule))
+            running = kind.rule(node)  # what the node runs (a kind may fit a fixed rule to its schedules)
+            rule = str(running) if running is not None else rule
             rec = get_record(node, LoraRecord)
             choices[rec.site if rec is not None else node.name] = rule
             set_record(node, ScheduleRecord(rule, crit))

@@ -451,3 +451,33 @@ def test_n_m_pattern_that_does_not_divide_the_inputs_names_the_layer():
                        sparsity_method="magnitude")
     with pytest.raises(ValueError, match="needs a sparsity in"):
         lorafx.prune(Odd(), "keep", example_kwargs={"x": x})
+
+
+def test_cli_prunes_and_reports(llama, tmp_path, capsys):
+    from lorafx.cli import main
+    model, _ = llama
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    rc = main(["compile", "--model", str(tmp_path / "hf"), "--out", str(out), "--sparsity", "0.5",
+               "--sparsity-pattern", "2:4", "--sparse-grad", "exact", "--target-modules", "q_proj,v_proj",
+               "--no-draw"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "sparsity=0.5 sparsity_method=magnitude sparsity_pattern=2:4 sparse_grad=exact" in captured.out
+    assert "14 weights, 50.0% zeros (magnitude, 2:4)" in captured.out
+    assert (out / "graph.txt").read_text().count("sparse(2:4 50%, magnitude, exact grad)") == 4
+    for argv, match in ((["--sparsity", "1.5"], "must be in [0, 1)"),
+                        (["--sparsity", "0.6", "--sparsity-pattern", "2:4"], "prunes exactly 0.5")):
+        assert main(["compile", "--model", str(tmp_path / "hf"), "--out", str(out), *argv]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_a_fixed_schedule_is_fitted_to_the_sparse_schedules(llama):
+    model, kw = llama
+    for grad, want in (("surrogate", "f2b5"), ("exact", "f2b4")):
+        cm = lorafx.compile(model, example_kwargs=kw, sparsity=0.5, sparsity_method="magnitude", sparse_grad=grad,
+                            schedule="f1b1", target_modules=["q_proj"])
+        nodes = lora_nodes(cm.graph_module.graph)
+        assert {SPARSE.view(n).schedule for n in nodes} == {want}
+        select = next(r for r in cm.report().passes if r.name == "SelectSchedule")
+        assert set(select.info["choices"].values()) == {want}
