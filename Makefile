@@ -61,4 +61,4 @@ pretrain-tiny: install
 	OMP_NUM_THREADS=1 $(BIN)/python tools/pretrain_tiny.py --out pretrain_out/lorafx-tiny
 
 clean:
-	rm -rf $(VENV) demo_out eval_out heterolora_out pretrain_out .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) demo_out eval_out heterolora_out sparse_out bench_sparse.json pretrain_out .pytest_cache .hypothesis *.egg-info

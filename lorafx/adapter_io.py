@@ -260,7 +260,7 @@ def sparsity_settings(files: "AdapterFiles") -> dict:
     """The ``lorafx.compile`` options that make the saved sparse sites sparse again ({} for none)."""
     if not files.sparse:
         return {}
-    grads = Counter(v.get("grad", "surrogate") for v in files.sparse.values())
+    grads = Counter(v.get("grad", "exact") for v in files.sparse.values())
     return dict(sparsity="keep", sparsity_modules=sorted(files.sparse), sparse_grad=grads.most_common(1)[0][0])
 
 

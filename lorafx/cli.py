@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --sparsity scores weights (default magnitude; wanda scores on the example batch)")
     c.add_argument("--sparsity-pattern", default="unstructured",
                    help="unstructured (default) or N:M, e.g. 2:4 (then --sparsity 0.5)")
-    c.add_argument("--sparse-grad", default="surrogate", choices=("surrogate", "exact"),
-                   help="adapter gradient on pruned weights (default surrogate, LoRS's straight-through form)")
+    c.add_argument("--sparse-grad", default="exact", choices=("exact", "surrogate"),
+                   help="adapter gradient on pruned weights (default exact; surrogate: LoRS's straight-through form)")
     c.add_argument("--no-draw", action="store_true", help="do not write graph.svg")
     c.add_argument("--seed", type=int, default=0, help="seed for built-in model weights and adapter init (default 0)")
     c.set_defaults(func=cmd_compile)

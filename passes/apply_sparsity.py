@@ -18,8 +18,8 @@ Before::
 After::
 
     %q_lora = call_function[target=lorafx.lora_linear_sparse.default](
-        args=(%x, %w, None, %A, %B, 2.0, None, 0.0, 'f2b5', 'surrogate'))
-                                          # meta: sparse(unstructured 50%, wanda, surrogate grad)
+        args=(%x, %w, None, %A, %B, 2.0, None, 0.0, 'f2b4', 'exact'))
+                                          # meta: sparse(unstructured 50%, wanda, exact grad)
 """
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ __all__ = ["ApplySparsity"]
 
 @dataclass(frozen=True)
 class ApplySparsity(Pass):
-    grad: str = "surrogate"
+    grad: str = "exact"
 
     requires = frozenset({"lora", "sparsity"})
     provides = frozenset({"lora"})
     invalidates = frozenset({"cost", "schedule"})
     options = (
-        Option("sparse_grad", str, "surrogate", "adapter gradient on a pruned weight: 'surrogate' (LoRS's "
-               "straight-through form, rank-r products only) or 'exact' (the masked gradient; forms dyᵀx per step)",
+        Option("sparse_grad", str, "exact", "adapter gradient on a pruned weight: 'exact' (the masked gradient; "
+               "forms dyᵀx per step) or 'surrogate' (LoRS's straight-through form, rank-r products only, faster)",
                field="grad", check=lambda name, value, where: O.check_choice(name, value, GRAD_MODES, where)),
     )
 

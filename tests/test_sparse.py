@@ -307,7 +307,7 @@ def test_pruning_inside_compile_never_writes_the_model(llama):
     assert kinds == {"lora_linear_sparse"}
     line = next(l for l in str(cm.report()).splitlines() if l.startswith("PruneWeights"))
     assert "14 weights, 50.0% zeros (magnitude, unstructured)" in line
-    assert "sparse(unstructured 50%, magnitude, surrogate grad)" in cm.graph_report()
+    assert "sparse(unstructured 50%, magnitude, exact grad)" in cm.graph_report()
 
 
 def test_new_call_signature_binds_the_same_pruned_weights(llama):

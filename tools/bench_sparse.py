@@ -2,7 +2,7 @@
 """Time one sparse-LoRA training step: lorafx (LoRS) vs an SQFT-style baseline vs dense PEFT, in one process.
 
     python tools/bench_sparse.py [--preset default|launch] [--rank 8] [--layers 4] [--hidden 512]
-        [--intermediate 1376] [--heads 8] [--vocab 8000] [--batch 4] [--seq 256] [--steps 20] [--warmup 3]
+        [--intermediate 1376] [--heads 8] [--vocab 8000] [--batch 4] [--seq 256] [--steps 10] [--warmup 3]
         [--repeats 3] [--patterns unstructured,2:4] [--threads T] [--json out.json] [--no-check] [--no-progress]
 
 The LLaMA-shaped model of ``tools/bench_train_step.py`` (random init, fixed seed, float32,
@@ -55,8 +55,12 @@ peak minus its pattern's floor peak.  Acceptance targets (printed PASS/MISS, nev
 lorafx peak-over-floor / sqft's <= 0.6 (both grad modes); surrogate / sqft step time
 <= 0.85; surrogate / peft <= 1.1; exact / sqft <= 1.0.
 
-The defaults (default preset, 20 timed rounds x 3 repeats of 10 modes) take about 10
-minutes on this project's 2-core machine.
+Run time: one round is a step of each of the 10 modes, ~6.6 s on this project's 2-core
+machine when nothing else runs on it.  The default ``--steps`` is 10, not bench_train_step's
+60: the whole default run should take about 7 minutes on a quiet machine (3-4 minutes of pruning,
+compiling, check and memory measurement, then ~66 s per run; estimated), but it took 12 minutes with
+other jobs sharing the machine, and 44 minutes at ``--steps 20`` under heavy sharing (steps
+2-5x slower).  Use ``--steps 20`` or more on a quiet machine for tighter ratios.
 """
 from __future__ import annotations
 
@@ -327,7 +331,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="\n\n".join([parts[0]] + parts[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bts.add_model_args(p)
-    p.add_argument("--steps", type=int, default=20, help="timed rounds per run (one step of every mode per round)")
+    p.add_argument("--steps", type=int, default=10, help="timed rounds per run (one step of every mode per round)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds before the first run")
     p.add_argument("--repeats", type=int, default=3, help="timing runs (fresh rounds each); ratios: median and range")
     p.add_argument("--patterns", default="unstructured,2:4", help="comma-separated sparsity patterns (50%% each)")

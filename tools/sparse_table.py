@@ -17,8 +17,10 @@ every linear but the output layer.  Methods (rows):
 * ``lorafx-surrogate``, ``lorafx-exact``: ``lorafx.compile(pruned, sparsity="keep",
   sparse_grad=...)``, y = x((W + s·B A) ⊙ M)ᵀ with LoRS's straight-through adapter
   gradient or the exact masked one;
-* ``lorafx-exact+lors``: the exact mode with ``init="lors"`` (A from the top singular
-  directions of the weight gradient on the calibration batches).
+* ``lorafx-surrogate+lors``, ``lorafx-exact+lors``: with ``init="lors"`` (A from the top
+  singular directions of the weight gradient on the calibration batches);
+* ``dense-lora+lors``: ``init="lors"`` on the dense model, which separates the init's gain
+  from the sparsity's cost.
 
 Every adapter is r=8, alpha=16, fine-tuned with the recipe of ``tools/heterolora_table.py``
 (150 steps, batch 32, lr 3e-3).  After fine-tuning, each pruned method is merged (lorafx:
@@ -60,9 +62,11 @@ import torch.nn.functional as F  # noqa: E402
 
 # the four tasks with the lowest LoRA r=8 accuracy in the README's baseline table (as tools/heterolora_table.py)
 DEFAULT_TASKS = ("add_words", "lookup", "logic_words", "add")
-METHODS = ("dense-lora", "pruned-zero-shot", "sqft", "lorafx-surrogate", "lorafx-exact", "lorafx-exact+lors")
+METHODS = ("dense-lora", "dense-lora+lors", "pruned-zero-shot", "sqft", "lorafx-surrogate", "lorafx-exact",
+           "lorafx-surrogate+lors", "lorafx-exact+lors")
 LORAFX_SPARSE = {"lorafx-surrogate": {"sparse_grad": "surrogate"},
                  "lorafx-exact": {"sparse_grad": "exact"},
+                 "lorafx-surrogate+lors": {"sparse_grad": "surrogate", "init": "lors"},
                  "lorafx-exact+lors": {"sparse_grad": "exact", "init": "lors"}}
 R, ALPHA = 8, 16
 CALIBRATION_BATCHES = 4
@@ -185,6 +189,10 @@ def run_cell(method: str, task: str, seed: int, steps: int, batch_size: int, lr:
     with harness.seeded(seed):
         if method == "dense-lora":
             model = harness.make_model(base, "lora", r=R, alpha=ALPHA, seed=seed)
+        elif method == "dense-lora+lors":  # the same calibration batches the pruned methods get
+            calib = harness.calibration_batches(task, tok, batches=CALIBRATION_BATCHES, batch_size=batch_size,
+                                                seed=seed)
+            model = harness.make_model(base, "lora", r=R, alpha=ALPHA, seed=seed, init="lors", calibration=calib)
         else:
             pruned, calib, paths, prune_seconds = pruned_model(task, seed, batch_size, sparsity, pattern)
             pruned_params = dict(pruned.named_parameters())
@@ -211,7 +219,7 @@ def run_cell(method: str, task: str, seed: int, steps: int, batch_size: int, lr:
                        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
         result = harness.evaluate(model, task, tok, n=n_test)
         row["accuracy"] = result["accuracy"]
-        if method not in ("dense-lora", "pruned-zero-shot"):
+        if method not in ("dense-lora", "dense-lora+lors", "pruned-zero-shot"):
             batch = calib[0]
             if method == "sqft":
                 merged = {p: model.get_submodule(p[:-len(".weight")]).merged_weight() for p in paths}

@@ -1,16 +1,18 @@
 """The ``lora_linear_sparse`` kind: a LoRA linear on a pruned weight that stays sparse (LoRS).
 
 ``torch.ops.lorafx.lora_linear_sparse(x, weight, bias, lora_A, lora_B, scale, dropout_mask=None,
-dropout_p=0., schedule="f2b5", grad="surrogate")``
+dropout_p=0., schedule="f2b4", grad="exact")``
     y = x ((W + s·B A) ⊙ M)ᵀ + bias, with M = 1[W ≠ 0] (LoRS, arXiv 2501.08582).  With an
     active dropout mask the adapter reads d(x) as in ``lora_linear``:
     y = x Wᵀ + d(x) ((s·B A) ⊙ M)ᵀ + bias (W ⊙ M = W, since W is 0 where M is).
 
 **The mask is recomputed, never stored.**  A pruned weight is 0 exactly where it was
-pruned, so the op rebuilds M from W's zeros (one compare over W, m·n elements) in the
-forward and again in the backward.  It costs no memory at all: no bool or bit-packed
-copy, and no dense masked weight kept between forward and backward.  A weight that was
-already 0 before pruning counts as pruned too (its adapter entry is held at 0), so the
+pruned, so the op rebuilds M from W's zeros (M = |sign(W)|, one pass over W's m·n
+elements, a transient m×n tensor) in the forward and again in the backward.  It costs no
+memory between calls: no bool or bit-packed copy, and no dense masked weight kept between
+forward and backward.  (The mask is applied by multiplying, so an inf or nan in an adapter
+product at a pruned entry would give nan, not 0; such an adapter has diverged anyway.)  A
+weight that was already 0 before pruning counts as pruned too (its adapter entry is held at 0), so the
 zero pattern is exactly what is preserved, and N:M groups stay N:M.
 
 **What autograd saves**: x, W, A, B (and the dropout mask), as for ``lora_linear``.  The
@@ -70,7 +72,7 @@ __all__ = ["lora_linear_sparse", "lora_linear_sparse_backward", "lora_linear_spa
 
 GRAD_MODES = ("exact", "surrogate")
 SPARSE_SCHEDULES = ("f2b5", "f2b4")
-DEFAULT_SPARSE_SCHEDULE = "f2b5"
+DEFAULT_SPARSE_SCHEDULE = "f2b4"  # the exact mode's only schedule (the default mode)
 _EXACT_SCHEDULES = ("f2b4",)
 
 
@@ -113,26 +115,32 @@ def _dropout_on(mask: Optional[Tensor]) -> bool:
     return mask is not None and mask.numel() > 0
 
 
-def _masked_delta(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s: float, pruned: Tensor) -> Tensor:
+def kept(weight: Tensor) -> Tensor:
+    """M = 1[W ≠ 0] as 0./1. in W's dtype (|sign(W)|: one cheap pass; a bool compare plus
+    ``masked_fill_`` is several times slower on CPU)."""
+    return weight.sign().abs_()
+
+
+def _masked_delta(lora_A: Tensor, lora_B: Tensor, s: float, keep: Tensor) -> Tensor:
     """(s·B A) ⊙ M, formed as a new m×n tensor."""
-    return torch.mm(lora_B, lora_A).mul_(s).masked_fill_(pruned, 0)
+    return torch.mm(lora_B, lora_A).mul_(s).mul_(keep)
 
 
-def _masked_merged(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s: float, pruned: Tensor) -> Tensor:
+def _masked_merged(weight: Tensor, lora_A: Tensor, lora_B: Tensor, s: float, keep: Tensor) -> Tensor:
     """(W + s·B A) ⊙ M, formed as a new m×n tensor."""
-    return torch.addmm(weight, lora_B, lora_A, alpha=s).masked_fill_(pruned, 0)
+    return torch.addmm(weight, lora_B, lora_A, alpha=s).mul_(keep)
 
 
 def sparse_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, s: float,
                    mask: Optional[Tensor], p: float) -> Tensor:
     """The forward kernel (every schedule: through the masked merged weight)."""
     x2 = L.flat(x)
-    pruned = weight == 0
+    keep = kept(weight)
     if _dropout_on(mask):
         y = F.linear(x2, weight, bias)
-        y.addmm_(L.dropped(x2, mask, p), _masked_delta(weight, lora_A, lora_B, s, pruned).t())
+        y.addmm_(L.dropped(x2, mask, p), _masked_delta(lora_A, lora_B, s, keep).t())
     else:
-        y = F.linear(x2, _masked_merged(weight, lora_A, lora_B, s, pruned), bias)
+        y = F.linear(x2, _masked_merged(weight, lora_A, lora_B, s, keep), bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -145,21 +153,21 @@ def sparse_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     dropout = _dropout_on(mask)
     sched = rule.resolve(x2.shape[0])
     L.schedule_counts[("bwd", "sparse_" + sched.bwd)] += 1
-    pruned = weight == 0 if (need_x or need_w or grad == "exact") else None
+    keep = kept(weight) if (need_x or need_w or grad == "exact") else None
     dx = dw = db = da = dbb = None
     if need_x:
         if dropout:
             dx = dy2.mm(weight)
-            dx.add_(L.dropped(dy2.mm(_masked_delta(weight, lora_A, lora_B, s, pruned)), mask, p))
+            dx.add_(L.dropped(dy2.mm(_masked_delta(lora_A, lora_B, s, keep)), mask, p))
         else:
-            dx = dy2.mm(_masked_merged(weight, lora_A, lora_B, s, pruned))
+            dx = dy2.mm(_masked_merged(weight, lora_A, lora_B, s, keep))
         dx = dx if x.dim() == 2 else dx.view(x.shape)
     if need_a or need_bb:
         xd = L.dropped(x2, mask, p)
         if sched.bwd == "b4":  # through G (m x n), masked in exact mode
             g = dy2.t().mm(xd)
             if grad == "exact":
-                g.masked_fill_(pruned, 0)
+                g.mul_(keep)
             if need_a:
                 da = lora_B.t().mm(g).mul_(s)
             if need_bb:
@@ -171,7 +179,7 @@ def sparse_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
             if need_bb:
                 dbb = L.xa_t(xd, lora_A).mm(dy2).mul_(s).t().contiguous()  # s dy^T (d(x) A^T)
     if need_w:  # d/dW of (W + s B A) ⊙ M
-        dw = dy2.t().mm(x2).masked_fill_(pruned, 0)
+        dw = dy2.t().mm(x2).mul_(keep)
     if need_b:
         db = dy2.sum(0)
     return dx, dw, db, da, dbb
@@ -198,7 +206,7 @@ def lora_linear_sparse(
     dropout_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     schedule: str = DEFAULT_SPARSE_SCHEDULE,
-    grad: str = "surrogate",
+    grad: str = "exact",
 ) -> Tensor:
     check_sparse_rule(Rule.parse(schedule), grad)
     return sparse_forward(x, weight, bias, lora_A, lora_B, scale, dropout_mask, dropout_p)
@@ -206,7 +214,7 @@ def lora_linear_sparse(
 
 @lora_linear_sparse.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_mask=None, dropout_p=0.0, schedule=DEFAULT_SPARSE_SCHEDULE,
-      grad="surrogate"):
+      grad="exact"):
     L.fake_checks(x, weight, lora_A, lora_B, "lora_linear_sparse")
     check_sparse_rule(Rule.parse(schedule), grad)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -274,11 +282,11 @@ def sparse_steps(schedule, b, n, m, r, *, x_requires_grad: bool = True, w_requir
                  a_requires_grad: bool = True, b_requires_grad: bool = True, bias: bool = False,
                  dropout: bool = False, grad: str = "surrogate", itemsize: int = 4) -> List[Step]:
     """The GEMMs and mask passes of one schedule, in the order the kernels above run them.
-    A mask pass reads W and writes M (1 byte per element); applying it reads and writes m·n."""
+    A mask pass reads W and writes M; applying it reads M and a product and writes it."""
     s = S.parse_schedule(schedule) if isinstance(schedule, str) else schedule
     steps: List[Step] = []
-    mask_pass = lambda phase: steps.append(Step(phase, "M=1[W≠0]", elementwise_bytes=m * n * (itemsize + 1)))
-    apply = lambda phase, what: steps.append(Step(phase, what, elementwise_bytes=m * n * (2 * itemsize + 1)))
+    mask_pass = lambda phase: steps.append(Step(phase, "M=|sign W|", elementwise_bytes=2 * m * n * itemsize))
+    apply = lambda phase, what: steps.append(Step(phase, what, elementwise_bytes=3 * m * n * itemsize))
     # forward
     mask_pass("fwd")
     if dropout:
@@ -361,7 +369,7 @@ def sparse_bytes(schedule, b, n, m, r, **flags) -> Tuple:
 
 @register_flop_formula(torch.ops.lorafx.lora_linear_sparse)
 def _forward_flops(x_shape, w_shape, b_shape, a_shape, bb_shape, scale=1.0, mask_shape=None, p=0.0,
-                   schedule=DEFAULT_SPARSE_SCHEDULE, grad="surrogate", *args, out_shape=None, **kwargs) -> int:
+                   schedule=DEFAULT_SPARSE_SCHEDULE, grad="exact", *args, out_shape=None, **kwargs) -> int:
     if mask_shape is None:
         mask_shape = kwargs.get("dropout_mask")
     dropout = mask_shape is not None and math.prod(mask_shape) > 0
@@ -387,13 +395,12 @@ def merged_sparse_weight(W: Tensor, delta: Tensor) -> Tensor:
     exact cancellation), so no kept entry becomes a zero.  ``delta`` is in W's layout."""
     acc = torch.promote_types(W.dtype, torch.float32)
     kept = W != 0
-    out = (W.detach().to(acc) + delta.to(acc) * kept).to(W.dtype)
+    total = W.detach().to(acc) + delta.to(acc)
+    out = torch.where(kept, total, 0).to(W.dtype)
     lost = kept & (out == 0)
     if bool(lost.any()):
-        tiny = torch.finfo(W.dtype).tiny
-        sign = torch.where((W.detach().to(acc) + delta.to(acc)) < 0, -1.0, 1.0)
-        sign = torch.where((W.detach().to(acc) + delta.to(acc)) == 0, torch.sign(W.detach().to(acc)), sign)
-        out = torch.where(lost, (sign * tiny).to(W.dtype), out)
+        sign = torch.where(total != 0, torch.sign(total), torch.sign(W.detach().to(acc)))
+        out = torch.where(lost, (sign * torch.finfo(W.dtype).tiny).to(W.dtype), out)
     return out
 
 
@@ -420,9 +427,6 @@ class SparseKind(L.AdapterKind):
         if problem is None and get_record(node, SparseRecord) is None:
             problem = f"{self.name} node {node.name} has no SparseRecord in node.meta['lorafx']"
         return problem
-
-    def describe(self, node) -> str:
-        return ""  # the SparseRecord describes itself
 
     def _flags(self, node, q: InputQuery) -> dict:
         v = self.view(node)
@@ -481,8 +485,7 @@ class SparseKind(L.AdapterKind):
 
     def adopt(self, node: torch.fx.Node, record: SparseRecord) -> None:
         """Make the ``lora_linear`` ``node`` a sparse one (``ApplySparsity``)."""
-        set_args(node, OP, schedule=DEFAULT_SPARSE_SCHEDULE if record.grad != "exact" else "f2b4",
-                 grad=record.grad)
+        set_args(node, OP, schedule="f2b5" if record.grad == "surrogate" else "f2b4", grad=record.grad)
         set_record(node, record)
 
 
