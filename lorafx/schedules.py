@@ -53,7 +53,7 @@ import sympy
 __all__ = [
     "FORWARDS", "BACKWARDS", "SCHEDULES", "KEEP_SCHEDULES", "ALL_SCHEDULES", "DEFAULT_SCHEDULE",
     "DEFAULT_KEEP_XA_SCHEDULE", "Schedule", "Rule", "parse_schedule", "parse_rule", "format_rule", "resolve",
-    "effective", "rule_keeps_xa", "piecewise", "cheapest_rule", "lora_steps",
+    "effective", "rule_keeps_xa", "piecewise", "step_totals", "Step", "cheapest_rule", "lora_steps",
     "lora_flops", "lora_bytes", "lora_cost", "crossover", "best_rule", "candidates", "min_lora_overhead",
     "b", "n", "m", "r",
 ]
@@ -325,6 +325,19 @@ def piecewise(rule: "str | Rule", b, fn: Callable[[Schedule], Tuple[Any, ...]]) 
     return tuple(out)
 
 
+def step_totals(rule: "str | Rule", b, steps_of: Callable[[Schedule], List[Step]],
+                measure: Callable[[Step], Any]) -> Tuple[Any, Any]:
+    """``(forward, backward)`` sums of ``measure(step)`` over ``steps_of(schedule)`` for the
+    schedule ``rule`` picks at ``b`` tokens (``piecewise`` in b for a rule with pieces).  The
+    FLOP and byte models of every scheduled kind are built on it."""
+    def fn(s):
+        steps = steps_of(s)
+        fwd = sum((measure(st) for st in steps if st.phase == "fwd"), 0)
+        bwd = sum((measure(st) for st in steps if st.phase == "bwd"), 0)
+        return _simplify(fwd), _simplify(bwd)
+    return piecewise(rule, b, fn)
+
+
 def lora_flops(schedule: str, b, n, m, r, *, x_requires_grad: bool = True, w_requires_grad: bool = False,
                a_requires_grad: bool = True, b_requires_grad: bool = True, bias: bool = False,
                dropout: bool = False) -> Tuple[Any, Any]:
@@ -340,28 +353,20 @@ def lora_flops(schedule: str, b, n, m, r, *, x_requires_grad: bool = True, w_req
     >>> lora_flops("f1b1", b, n, m, r)
     (2*b*m*n + 2*b*m*r + 2*b*n*r, 2*b*m*n + 4*b*m*r + 6*b*n*r)
     """
-    def fn(s):
-        steps = lora_steps(s, b, n, m, r, x_requires_grad=x_requires_grad, w_requires_grad=w_requires_grad,
-                           a_requires_grad=a_requires_grad, b_requires_grad=b_requires_grad, bias=bias,
-                           dropout=dropout)
-        fwd = sum((st.flops for st in steps if st.phase == "fwd"), 0)
-        bwd = sum((st.flops for st in steps if st.phase == "bwd"), 0)
-        return _simplify(fwd), _simplify(bwd)
-    return piecewise(schedule, b, fn)
+    return step_totals(schedule, b, lambda s: lora_steps(
+        s, b, n, m, r, x_requires_grad=x_requires_grad, w_requires_grad=w_requires_grad,
+        a_requires_grad=a_requires_grad, b_requires_grad=b_requires_grad, bias=bias, dropout=dropout),
+        lambda st: st.flops)
 
 
 def lora_bytes(schedule: str, b, n, m, r, *, itemsize: int = 4, x_requires_grad: bool = True,
                w_requires_grad: bool = False, a_requires_grad: bool = True, b_requires_grad: bool = True,
                bias: bool = False, dropout: bool = False) -> Tuple[Any, Any]:
     """``(forward, backward)`` bytes moved by ``schedule`` under the module's traffic model."""
-    def fn(s):
-        steps = lora_steps(s, b, n, m, r, x_requires_grad=x_requires_grad, w_requires_grad=w_requires_grad,
-                           a_requires_grad=a_requires_grad, b_requires_grad=b_requires_grad, bias=bias,
-                           dropout=dropout, itemsize=itemsize)
-        fwd = sum((st.nbytes(itemsize) for st in steps if st.phase == "fwd"), 0)
-        bwd = sum((st.nbytes(itemsize) for st in steps if st.phase == "bwd"), 0)
-        return _simplify(fwd), _simplify(bwd)
-    return piecewise(schedule, b, fn)
+    return step_totals(schedule, b, lambda s: lora_steps(
+        s, b, n, m, r, x_requires_grad=x_requires_grad, w_requires_grad=w_requires_grad,
+        a_requires_grad=a_requires_grad, b_requires_grad=b_requires_grad, bias=bias, dropout=dropout,
+        itemsize=itemsize), lambda st: st.nbytes(itemsize))
 
 
 def _simplify(e):

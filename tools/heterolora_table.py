@@ -83,10 +83,7 @@ _BASE = {}
 def _worker_init():
     torch.set_num_threads(1)
     from lorafx.eval import harness
-    base, tok = harness.load_pretrained()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    _BASE["model"], _BASE["tok"] = base, tok
+    _BASE["model"], _BASE["tok"] = harness.load_frozen()
 
 
 def run_cell(method: str, task: str, seed: int, budget: int, steps: int, batch_size: int, lr: float,
@@ -115,24 +112,14 @@ def run_cell(method: str, task: str, seed: int, budget: int, steps: int, batch_s
 
 # -- aggregation ----------------------------------------------------------------------------------------
 
-def _spread(values):
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def summarise(rows, methods, tasks, seeds):
+    from lorafx.eval import harness
     cell = {(r["method"], r["task"], r["seed"]): r for r in rows}
     out = {}
     for m in methods:
-        per_seed = [statistics.fmean(cell[(m, t, s)]["accuracy"] for t in tasks) for s in seeds]
-        mean, std = _spread(per_seed)
-        tasks_out = {t: dict(zip(("mean", "std"), _spread([cell[(m, t, s)]["accuracy"] for s in seeds])))
-                     for t in tasks}
         shares = [cell[(m, t, s)]["allocate_seconds"] / cell[(m, t, s)]["train_seconds"] for t in tasks for s in seeds]
-        out[m] = {"mean": mean, "std": std, "min": min(per_seed), "max": max(per_seed), "per_seed": per_seed,
-                  "tasks": tasks_out, "trainable": statistics.median(cell[(m, t, s)]["trainable"]
-                                                                     for t in tasks for s in seeds),
+        out[m] = {**harness.seed_summary(cell, m, tasks, seeds),
+                  "trainable": statistics.median(cell[(m, t, s)]["trainable"] for t in tasks for s in seeds),
                   "allocate_share_median": statistics.median(shares), "allocate_share_max": max(shares)}
     return out
 
@@ -152,7 +139,9 @@ def format_table(summary, methods, tasks, budget, budget_all) -> str:
     return "\n".join(lines)
 
 
-def plot(summary, methods, path, title) -> bool:
+def plot(summary, methods, path, title, colours=None, reference="uniform") -> bool:
+    """A horizontal bar per method (mean ± std over seeds, the mean written beside it), a dashed
+    line at ``reference``'s mean; ``colours``: one per method (default: this table's)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -162,14 +151,18 @@ def plot(summary, methods, path, title) -> bool:
         return False
     means = [summary[m]["mean"] for m in methods]
     stds = [summary[m]["std"] for m in methods]
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(methods) + 1.2))
-    colours = ["#888888" if m.startswith("uniform") else "#d62728" if "shortcuts" in m else
-               "#1f77b4" if "topk" not in m else "#9ecae1" for m in methods]
+    fig, ax = plt.subplots(figsize=(7, 0.36 * len(methods) + 1.3))
+    if colours is None:
+        colours = ["#888888" if m.startswith("uniform") else "#d62728" if "shortcuts" in m else
+                   "#1f77b4" if "topk" not in m else "#9ecae1" for m in methods]
     ax.barh(range(len(methods)), means, xerr=stds, color=colours, capsize=2)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
     ax.invert_yaxis()
-    if "uniform" in summary:
-        ax.axvline(summary["uniform"]["mean"], color="#444444", lw=0.8, ls="--")
+    for i in range(len(methods)):
+        ax.text(means[i] + stds[i] + 0.5, i, f"{means[i]:.1f}", va="center", fontsize=7)
+    ax.set_xlim(0, max(m + d for m, d in zip(means, stds)) * 1.1)
+    if reference in summary:
+        ax.axvline(summary[reference]["mean"], color="#444444", lw=0.8, ls="--")
     ax.set_xlabel("mean held-out accuracy (%), ± sample std over seeds")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

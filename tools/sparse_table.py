@@ -128,10 +128,8 @@ _BASE = {}
 def _worker_init():
     torch.set_num_threads(1)
     from lorafx.eval import harness
-    base, tok = harness.load_pretrained()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    _BASE["model"], _BASE["tok"], _BASE["pruned"] = base, tok, {}
+    _BASE["model"], _BASE["tok"] = harness.load_frozen()
+    _BASE["pruned"] = {}
 
 
 def pruned_model(task: str, seed: int, batch_size: int, sparsity: float, pattern: str):
@@ -247,23 +245,13 @@ def run_cell(method: str, task: str, seed: int, steps: int, batch_size: int, lr:
 
 # -- aggregation ----------------------------------------------------------------------------------------
 
-def _spread(values):
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def summarise(rows, methods, tasks, seeds):
+    from lorafx.eval import harness
     cell = {(r["method"], r["task"], r["seed"]): r for r in rows}
     out = {}
     for m in methods:
         cells = [cell[(m, t, s)] for t in tasks for s in seeds]
-        per_seed = [statistics.fmean(cell[(m, t, s)]["accuracy"] for t in tasks) for s in seeds]
-        mean, std = _spread(per_seed)
-        tasks_out = {t: dict(zip(("mean", "std"), _spread([cell[(m, t, s)]["accuracy"] for s in seeds])))
-                     for t in tasks}
-        s = {"mean": mean, "std": std, "min": min(per_seed), "max": max(per_seed), "per_seed": per_seed,
-             "tasks": tasks_out}
+        s = harness.seed_summary(cell, m, tasks, seeds)
         if "train_seconds" in cells[0]:
             s["train_seconds_mean"] = statistics.fmean(c["train_seconds"] for c in cells)
             s["train_seconds_median"] = statistics.median(c["train_seconds"] for c in cells)
@@ -308,33 +296,12 @@ def format_table(summary, methods, tasks) -> str:
     return "\n".join(lines)
 
 
-def plot(summary, methods, tasks, path, title) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'lorafx[draw]')")
-        return False
-    colours = {"dense-lora": "#888888", "pruned-zero-shot": "#cccccc", "sqft": "#ff7f0e"}
-    means = [summary[m]["mean"] for m in methods]
-    stds = [summary[m]["std"] for m in methods]
-    fig, ax = plt.subplots(figsize=(7, 0.38 * len(methods) + 1.3))
-    ax.barh(range(len(methods)), means, xerr=stds, capsize=2,
-            color=[colours.get(m, "#1f77b4" if "lors" not in m else "#08519c") for m in methods])
-    ax.set_yticks(range(len(methods)), methods, fontsize=8)
-    ax.invert_yaxis()
-    for i, m in enumerate(methods):
-        ax.text(means[i] + stds[i] + 0.5, i, f"{means[i]:.1f}", va="center", fontsize=7)
-    ax.set_xlim(0, max(m + d for m, d in zip(means, stds)) * 1.1)
-    if "dense-lora" in summary:
-        ax.axvline(summary["dense-lora"]["mean"], color="#444444", lw=0.8, ls="--")
-    ax.set_xlabel("mean held-out accuracy (%), ± sample std over seeds")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def plot(summary, methods, path, title) -> bool:
+    from heterolora_table import plot as bars  # tools/: the same bar chart
+    colours = {"dense-lora": "#888888", "dense-lora+lors": "#bbbbbb", "pruned-zero-shot": "#cccccc",
+               "sqft": "#ff7f0e"}
+    return bars(summary, methods, path, title, [colours.get(m, "#08519c" if "lors" in m else "#1f77b4")
+                                                for m in methods], reference="dense-lora")
 
 
 def main(argv=None) -> int:
@@ -436,7 +403,7 @@ def main(argv=None) -> int:
                    "rows": sorted(rows, key=lambda r: (r["method"], r["task"], r["seed"])), "seconds": seconds},
                   f, indent=1)
     png = os.path.join(args.out, "sparse.png")
-    if plot(summary, methods, tasks, png, f"lorafx-tiny, {100 * args.sparsity:g}% Wanda ({args.pattern}), "
+    if plot(summary, methods, png, f"lorafx-tiny, {100 * args.sparsity:g}% Wanda ({args.pattern}), "
                                           f"{len(tasks)} tasks, {len(seeds)} seeds, LoRA r={R}"):
         print(f"wrote {png}")
     print(f"wrote {saved}")

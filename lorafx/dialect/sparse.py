@@ -335,15 +335,6 @@ def sparse_steps(schedule, b, n, m, r, *, x_requires_grad: bool = True, w_requir
     return steps
 
 
-def _amounts(schedule, b, n, m, r, measure, **flags):
-    def fn(s):
-        steps = sparse_steps(s, b, n, m, r, **flags)
-        fwd = sum((measure(st) for st in steps if st.phase == "fwd"), 0)
-        bwd = sum((measure(st) for st in steps if st.phase == "bwd"), 0)
-        return S._simplify(fwd), S._simplify(bwd)
-    return S.piecewise(schedule, b, fn)
-
-
 def sparse_flops(schedule, b, n, m, r, **flags) -> Tuple:
     """``(forward, backward)`` FLOPs of ``lora_linear_sparse`` under ``schedule`` (a name or a
     rule): exactly what FlopCounterMode counts (its registered forward formula, the backward's
@@ -356,15 +347,14 @@ def sparse_flops(schedule, b, n, m, r, **flags) -> Tuple:
     >>> sparse_flops("f2b4", b, n, m, r, grad="exact")[1]
     4*b*m*n + 6*m*n*r
     """
-    itemsize = flags.pop("itemsize", 4)
-    return _amounts(schedule, b, n, m, r, lambda st: st.flops if not st.elementwise_bytes else 0,
-                    itemsize=itemsize, **flags)
+    return S.step_totals(schedule, b, lambda s: sparse_steps(s, b, n, m, r, **flags),
+                         lambda st: st.flops if not st.elementwise_bytes else 0)
 
 
 def sparse_bytes(schedule, b, n, m, r, **flags) -> Tuple:
     """``(forward, backward)`` bytes moved, under ``lorafx.schedules``' traffic model."""
-    itemsize = flags.pop("itemsize", 4)
-    return _amounts(schedule, b, n, m, r, lambda st: st.nbytes(itemsize), itemsize=itemsize, **flags)
+    itemsize = flags.get("itemsize", 4)
+    return S.step_totals(schedule, b, lambda s: sparse_steps(s, b, n, m, r, **flags), lambda st: st.nbytes(itemsize))
 
 
 @register_flop_formula(torch.ops.lorafx.lora_linear_sparse)

@@ -32,7 +32,7 @@ from .tasks import Example, Task, get_task
 
 __all__ = ["METHODS", "CHECKPOINT", "checkpoint_folder", "load_pretrained", "make_model", "finetune",
            "evaluate", "generate", "score_choices", "run", "table", "encode", "collate", "seeded", "FINETUNE_DEFAULTS",
-           "calibration_batches"]
+           "calibration_batches", "load_frozen", "spread", "seed_summary"]
 
 METHODS = ("zero-shot", "lora", "peft")
 CHECKPOINT = "lorafx-tiny"
@@ -60,6 +60,14 @@ def load_pretrained(folder: Optional[str] = None):
 
 
 @contextlib.contextmanager
+def load_frozen(folder: Optional[str] = None):
+    """``load_pretrained`` with every parameter frozen (the base the table tools adapt)."""
+    base, tok = load_pretrained(folder)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, tok
+
+
 def seeded(seed: int):
     """Seed torch and ``random`` for the block; the global RNG states are restored after."""
     state = random.getstate()
@@ -334,3 +342,23 @@ def table(tasks: Sequence[str], methods: Sequence[str], *, make: Callable[[str],
             del model
     mean = {m: sum(results[t][m]["accuracy"] for t in tasks) / len(tasks) for m in methods}
     return {"results": results, "mean": mean}
+
+
+def spread(values: Sequence[float]) -> Tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    import statistics
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def seed_summary(cell: Dict[Tuple[str, str, int], Dict[str, Any]], method: str, tasks: Sequence[str],
+                 seeds: Sequence[int]) -> Dict[str, Any]:
+    """A method's accuracy over seeds: mean ± sample std of each seed's mean over ``tasks``,
+    their min/max, the per-seed means and each task's mean ± std over seeds.  ``cell`` maps
+    (method, task, seed) to a row with an ``"accuracy"``."""
+    import statistics
+    per_seed = [statistics.fmean(cell[(method, t, s)]["accuracy"] for t in tasks) for s in seeds]
+    mean, std = spread(per_seed)
+    return {"mean": mean, "std": std, "min": min(per_seed), "max": max(per_seed), "per_seed": per_seed,
+            "tasks": {t: dict(zip(("mean", "std"), spread([cell[(method, t, s)]["accuracy"] for s in seeds])))
+                      for t in tasks}}
