@@ -270,8 +270,8 @@ class PruneWeights(Pass):
         if not keep:
             self._check_pattern(sites, nm)
         meta = next((s.weight.target for s in sites if get_attr(gm, s.weight.target).is_meta), None)
-        if meta is not None and not keep:
-            raise ValueError(f"sparsity={self.sparsity!r} prunes by the weights' values, but they are on the meta "
+        if meta is not None:
+            raise ValueError(f"sparsity={self.sparsity!r} reads the weights' values, but they are on the meta "
                              f"device ({meta}); load the weights first")
         pruned = ctx.decide("pruned", lambda: self._keep(gm, sites) if keep else self._prune(gm, ctx, sites))
         by_path = {s.weight.target: s for s in sites}

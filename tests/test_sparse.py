@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lorafx
 from lorafx.dialect import SPARSE, SparseRecord, kind_of, lora_nodes
-from lorafx.dialect.sparse import (SPARSE_SCHEDULES, lora_linear_sparse_reference, merged_sparse_weight,
-                                   sparse_candidates, sparse_flops)
+from lorafx.dialect.sparse import (lora_linear_sparse_reference, merged_sparse_weight, sparse_candidates,
+                                   sparse_flops)
 from lorafx.meta import get_record, graph_record
 from lorafx.passes.prune_weights import prune_mask
 from lorafx.testing import assert_equivalent, models

@@ -55,12 +55,10 @@ peak minus its pattern's floor peak.  Acceptance targets (printed PASS/MISS, nev
 lorafx peak-over-floor / sqft's <= 0.6 (both grad modes); surrogate / sqft step time
 <= 0.85; surrogate / peft <= 1.1; exact / sqft <= 1.0.
 
-Run time: one round is a step of each of the 10 modes, ~6.6 s on this project's 2-core
-machine when nothing else runs on it.  The default ``--steps`` is 10, not bench_train_step's
-60: the whole default run should take about 7 minutes on a quiet machine (3-4 minutes of pruning,
-compiling, check and memory measurement, then ~66 s per run; estimated), but it took 12 minutes with
-other jobs sharing the machine, and 44 minutes at ``--steps 20`` under heavy sharing (steps
-2-5x slower).  Use ``--steps 20`` or more on a quiet machine for tighter ratios.
+Run time: one round is a step of each of the 10 modes (about 6 s on this project's 2-core
+machine).  The default ``--steps`` is 10, not bench_train_step's 60: the default run took
+230 s on a quiet machine and 12 minutes with other jobs sharing it.  Use ``--steps 20`` or
+more on a quiet machine for tighter ratios.
 """
 from __future__ import annotations
 

@@ -59,12 +59,12 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from lorafx import schedules as S
-from lorafx.graph_utils import get_attr, safe_name
-from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
+from lorafx.graph_utils import get_attr
+from lorafx.meta import LoraRecord, get_record, set_record
 from lorafx.schedules import Rule, Step
 
 from . import linear as L
-from .registry import InputQuery, NodeCost, ScheduleFamily, args_of, create, register_kind, set_args
+from .registry import InputQuery, NodeCost, ScheduleFamily, register_kind, set_args
 
 __all__ = ["lora_linear_sparse", "lora_linear_sparse_backward", "lora_linear_sparse_reference", "sparse_steps",
            "sparse_flops", "sparse_bytes", "sparse_candidates", "merged_sparse_weight", "SparseRecord",
