@@ -59,7 +59,6 @@ def load_pretrained(folder: Optional[str] = None):
     return model.eval(), tok
 
 
-@contextlib.contextmanager
 def load_frozen(folder: Optional[str] = None):
     """``load_pretrained`` with every parameter frozen (the base the table tools adapt)."""
     base, tok = load_pretrained(folder)
@@ -68,6 +67,7 @@ def load_frozen(folder: Optional[str] = None):
     return base, tok
 
 
+@contextlib.contextmanager
 def seeded(seed: int):
     """Seed torch and ``random`` for the block; the global RNG states are restored after."""
     state = random.getstate()
