@@ -50,7 +50,9 @@ from typing import Dict, Tuple
 import torch
 
 from ._version import __version__
+from .dialect import SparseRecord
 from .graph_utils import get_attr, pattern_value
+from .meta import LoraRecord, get_record
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
            "compile_settings", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
@@ -246,8 +248,6 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
 
 def sparse_sites(cm) -> Dict[str, dict]:
     """{site: {pattern, method, grad}} of ``cm``'s sparse adapters (merged ones too)."""
-    from .dialect import SparseRecord
-    from .meta import LoraRecord, get_record
     out = {}
     for node in cm.graph_module.graph.nodes:
         sparse, rec = get_record(node, SparseRecord), get_record(node, LoraRecord)

@@ -87,6 +87,22 @@ def default_example_inputs(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
+def compile_context(model: torch.nn.Module, example_inputs, example_kwargs, **fields
+                    ) -> Tuple[tuple, Optional[Dict[str, Any]], CompileContext]:
+    """``(example_inputs, example_kwargs, context)`` for capturing ``model``: the inputs
+    normalised (a transformers model's default batch when none is given, a lone tensor as a
+    tuple) and a CompileContext bound to them; ``fields`` go to the context."""
+    if example_inputs is None and example_kwargs is None:
+        example_kwargs = default_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs or ())
+    args, kwargs = bind_inputs(model, example_inputs, example_kwargs)
+    ctx = CompileContext(example_args=args, example_kwargs=kwargs, training=model.training,
+                         bind=lambda a, k: bind_inputs(model, a, k), **fields)
+    return example_inputs, example_kwargs, ctx
+
+
 def _check_model(model) -> None:
     """Refuse, with the fix, models lorafx cannot compile as they are."""
     if isinstance(model, CompiledModel):
@@ -190,14 +206,9 @@ def compile(
         _check_passes_and_options(passes, options, target_cls)
     target_options, _ = _split(options, target_cls)
     hw = get_target(target, **target_options)
-    if example_inputs is None and example_kwargs is None:
-        example_kwargs = default_example_inputs(model)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    args, kwargs = bind_inputs(model, example_inputs or (), example_kwargs)
-    ctx = CompileContext(example_args=args, example_kwargs=kwargs, calibration=calibration, seed=seed, target=hw,
-                         backend=backend, training=model.training,
-                         bind=lambda a, k: bind_inputs(model, a, k))
+    example_inputs, example_kwargs, ctx = compile_context(model, example_inputs, example_kwargs,
+                                                          calibration=calibration, seed=seed, target=hw,
+                                                          backend=backend)
     pass_list = list(passes) if passes is not None else _build(options, ctx, hw)  # validated before capture
     instruments = list(instruments)
     if progress:
@@ -205,7 +216,7 @@ def compile(
     pipeline = Pipeline(pass_list, instruments=instruments)
 
     start = time.perf_counter()
-    gm = capture(model, example_inputs or (), example_kwargs, dynamic=dynamic)
+    gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
     capture_seconds = time.perf_counter() - start
     own_base(gm, model)  # before the first pass: no pass can touch the model's parameters
     nodes = len(gm.graph.nodes)

@@ -21,10 +21,9 @@ from lorafx.passes import InlineGradModeRegions, PruneWeights
 from lorafx.passes.insert_lora import ALL_LINEAR
 from lorafx.passes.prune_weights import KEEP
 
-from .capture import bind_inputs, capture
+from .capture import capture
 from .compiled import own_base
-from .compiler import _check_model, default_example_inputs
-from .context import CompileContext
+from .compiler import _check_model, compile_context
 from .graph_utils import get_attr
 from .meta import graph_record
 from .pipeline import Pipeline
@@ -42,14 +41,9 @@ def pruned_weights(model: torch.nn.Module, sparsity: float = 0.5, *, method: str
         raise ValueError(f"lorafx.prune needs a sparsity in [0, 1), got {sparsity!r}; "
                          "('keep' is for lorafx.compile, to fine-tune a model pruned already)")
     prune_pass = PruneWeights(sparsity=sparsity, method=method, pattern=pattern, modules=modules)
-    if example_inputs is None and example_kwargs is None:
-        example_kwargs = default_example_inputs(model)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    args, kwargs = bind_inputs(model, example_inputs or (), example_kwargs)
-    ctx = CompileContext(example_args=args, example_kwargs=kwargs, calibration=calibration, training=model.training,
-                         bind=lambda a, k: bind_inputs(model, a, k))
-    gm = capture(model, example_inputs or (), example_kwargs)
+    example_inputs, example_kwargs, ctx = compile_context(model, example_inputs, example_kwargs,
+                                                          calibration=calibration)
+    gm = capture(model, example_inputs, example_kwargs)
     own_base(gm, model)
     gm = Pipeline([InlineGradModeRegions(), prune_pass])(gm, ctx).graph_module
     return {path: get_attr(gm, path).detach() for path in graph_record(gm).sparsity}

@@ -47,7 +47,9 @@ from lorafx.meta import LoraRecord, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
-__all__ = ["InsertLoRA", "freeze_base", "select_linear_sites"]
+from .score_sites import Candidate, mean_weight_gradients
+
+__all__ = ["InsertLoRA", "freeze_base", "select_linear_sites", "shared_weight_user"]
 
 ALL_LINEAR = "all-linear"
 INITS = ("kaiming", "gaussian", "lors")
@@ -206,7 +208,6 @@ class InsertLoRA(Pass):
 def lors_directions(gm: torch.fx.GraphModule, ctx: CompileContext, sites, configs, seed: int) -> Dict[str, torch.Tensor]:
     """{module: the top-r right singular vectors (r, in) of its mean weight gradient} for
     init="lors" (float32; a randomised SVD, seeded, for matrices over 2048 on their short side)."""
-    from .score_sites import Candidate, mean_weight_gradients
     if ctx.calibration is None:
         raise ValueError("init='lors' initialises A from the weight gradient on calibration data: pass "
                          "calibration=[batch, ...] (batches of the model's inputs, with labels or a causal LM's "
@@ -254,13 +255,15 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
     return chosen
 
 
-def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
-    """Refuse a site whose weight another module also uses (tied weights, such as an
-    lm_head tied to the input embedding): a merged adapter could not be written back
-    into the source model without changing the other module too."""
-    ours = {}
+def shared_weight_user(gm: torch.fx.GraphModule, sites) -> Optional[Tuple[LinearSite, str]]:
+    """``(site, the other user's module or node name)`` for the first site whose weight another
+    module also reads (tied weights, such as an lm_head tied to the input embedding), or None."""
+    ours: Dict[str, set] = {}
     for s in sites:
         ours.setdefault(s.weight.target, set()).add(s.node)
+    first = {}
+    for s in sites:
+        first.setdefault(s.weight.target, s)
     for target, site_nodes in ours.items():
         module = node_module(next(iter(site_nodes)))
         for getter in gm.graph.find_nodes(op="get_attr", target=target):
@@ -268,13 +271,23 @@ def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
                 wrapper_ok = user.op == "call_function" and user.users and set(user.users) <= site_nodes
                 if (user in site_nodes or wrapper_ok) and node_module(user) in (module, ""):
                     continue
-                other = node_module(user) or user.name
-                raise ValueError(
-                    f"InsertLoRA: {module}'s weight ({target}) is also used by {other} (tied weights, e.g. "
-                    "tie_word_embeddings=True): a merged adapter could not be saved into the source model without "
-                    f"changing {other} too. Leave {module} out of target_modules (or add it to exclude_modules), "
-                    "or untie the weights first (config.tie_word_embeddings=False and give "
-                    f"{module} its own copy of the weight)")
+                return first[target], node_module(user) or user.name
+    return None
+
+
+def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
+    """Refuse a site whose weight another module also uses: a merged adapter could not be
+    written back into the source model without changing the other module too."""
+    shared = shared_weight_user(gm, sites)
+    if shared is not None:
+        site, other = shared
+        module, target = site.module, site.weight.target
+        raise ValueError(
+            f"InsertLoRA: {module}'s weight ({target}) is also used by {other} (tied weights, e.g. "
+            "tie_word_embeddings=True): a merged adapter could not be saved into the source model without "
+            f"changing {other} too. Leave {module} out of target_modules (or add it to exclude_modules), "
+            "or untie the weights first (config.tie_word_embeddings=False and give "
+            f"{module} its own copy of the weight)")
 
 
 def replace_with_lora(gm, node, x, weight_node, bias, record: LoraRecord, created_by: str,

@@ -46,13 +46,13 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.graph_utils import find_linear_sites, get_attr, node_module, set_parameter, unique
+from lorafx.graph_utils import find_linear_sites, get_attr, set_parameter, unique
 from lorafx.meta import SparsityInfo, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
-from .insert_lora import ALL_LINEAR, select_linear_sites
-from .score_sites import _batches, _private_copy, _split_labels
+from .insert_lora import ALL_LINEAR, select_linear_sites, shared_weight_user
+from .score_sites import numbered_batches, private_copy, split_labels
 
 __all__ = ["PruneWeights", "prune_mask", "parse_pattern", "check_sparsity", "METHODS", "KEEP"]
 
@@ -122,7 +122,7 @@ class _SquareSum(torch.nn.Module):
 def _input_norms(gm: torch.fx.GraphModule, ctx: CompileContext, sites) -> Dict[torch.fx.Node, torch.Tensor]:
     """{site.x: ‖X_j‖₂ per input feature} over the calibration batches, through a private
     copy of the graph with an observer after each distinct site input."""
-    sg = _private_copy(gm)
+    sg = private_copy(gm)
     nodes = {n.name: n for n in sg.graph.nodes}
     observers: Dict[str, _SquareSum] = {}
     for i, name in enumerate(unique(s.x.name for s in sites)):
@@ -134,8 +134,8 @@ def _input_norms(gm: torch.fx.GraphModule, ctx: CompileContext, sites) -> Dict[t
     sg.recompile()
     count = 0
     with torch.no_grad():
-        for i, args, kwargs in _batches(ctx, 10**9):
-            kwargs, _ = _split_labels(gm, kwargs, i)
+        for i, args, kwargs in numbered_batches(ctx):
+            kwargs, _ = split_labels(gm, kwargs, i)
             sg(*args, **kwargs)
             count += 1
     if count == 0:
@@ -206,17 +206,16 @@ class PruneWeights(Pass):
     # -- the pass ---------------------------------------------------------------------------
     def _sites(self, gm):
         chosen = select_linear_sites(gm, find_linear_sites(gm), self.modules, None, where="PruneWeights")
-        ours = {s.node for s in chosen}
-        sites = list({s.weight.target: s for s in reversed(chosen)}.values())[::-1]  # a module called twice: once
-        for s in sites:
-            for getter in gm.graph.find_nodes(op="get_attr", target=s.weight.target):
-                for user in getter.users:
-                    if user not in ours and not (user.users and set(user.users) <= ours):
-                        raise ValueError(
-                            f"PruneWeights: {s.module}'s weight ({s.weight.target}) is also used by "
-                            f"{node_module(user) or user.name} (tied weights): pruning it would prune that too. "
-                            f"Leave {s.module} out of sparsity_modules, or untie the weights first")
-        return sites
+        shared = shared_weight_user(gm, chosen)
+        if shared is not None:
+            site, other = shared
+            raise ValueError(f"PruneWeights: {site.module}'s weight ({site.weight.target}) is also used by {other} "
+                             f"(tied weights): pruning it would prune that too. Leave {site.module} out of "
+                             "sparsity_modules, or untie the weights first")
+        first = {}  # a module called twice is pruned once
+        for s in chosen:
+            first.setdefault(s.weight.target, s)
+        return list(first.values())
 
     def _check_pattern(self, sites, nm) -> None:
         if nm is None:

@@ -43,9 +43,8 @@ the batch's ``labels`` or, without them, its ``input_ids``.  Any other model nee
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -56,7 +55,8 @@ from lorafx.context import CompileContext
 from lorafx.graph_utils import get_attr, owner_and_name
 from lorafx.meta import graph_record
 
-__all__ = ["PROXIES", "GRADIENT_PROXIES", "Candidate", "score_sites", "loss_of", "mean_weight_gradients"]
+__all__ = ["PROXIES", "GRADIENT_PROXIES", "Candidate", "score_sites", "loss_of", "mean_weight_gradients",
+           "private_copy", "split_labels", "numbered_batches"]
 
 GRADIENT_PROXIES = ("grad_norm", "snip", "fisher")
 PROXIES = GRADIENT_PROXIES + ("synflow", "random", "constant")
@@ -89,7 +89,7 @@ class Candidate:
 
 # -- running the graph on calibration data ------------------------------------------------------
 
-def _private_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def private_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule running a copy of ``gm``'s graph on new module objects that share its
     parameters (read-only here) and clones of its buffers (a graph may write its buffers)."""
     graph = copy.deepcopy(gm.graph)
@@ -100,7 +100,7 @@ def _private_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return sg
 
 
-def _split_labels(gm: torch.fx.GraphModule, kwargs: Dict[str, Any], index: int) -> Tuple[Dict[str, Any], Any]:
+def split_labels(gm: torch.fx.GraphModule, kwargs: Dict[str, Any], index: int) -> Tuple[Dict[str, Any], Any]:
     """(the inputs the graph takes, the labels it does not take), checked against the capture."""
     rec = graph_record(gm)
     taken = set(rec.inputs)
@@ -158,9 +158,10 @@ def loss_of(out: Any, kwargs: Dict[str, Any], labels: Any, causal_lm: bool,
         "(a scalar tensor), or use a proxy that needs no loss (proxy='synflow', 'random' or 'constant')")
 
 
-def _batches(ctx: CompileContext, limit: int):
+def numbered_batches(ctx: CompileContext, limit: Optional[int] = None):
+    """``(index, args, kwargs)`` for the calibration batches (``ctx.batches()``), at most ``limit``."""
     for i, (args, kwargs) in enumerate(ctx.batches()):
-        if i >= limit:
+        if limit is not None and i >= limit:
             return
         yield i, args, kwargs
 
@@ -259,14 +260,14 @@ def score_sites(gm: torch.fx.GraphModule, ctx: CompileContext, sites: Sequence[C
 def _virtual_gradients(gm, ctx, sites, max_batches, score_loss):
     """Yields ``(sg, {key: G_b})`` for each calibration batch: the private graph copy and the
     virtual gradient of every site (by ``_key``) on that batch."""
-    sg = _private_copy(gm)
+    sg = private_copy(gm)
     like = next((p for p in gm.parameters() if p.is_floating_point()), torch.zeros(()))
     leaves = _leaves(sg, sites, _add_shortcut_probes(sg, sites, like))
     keys = list(leaves)
     count = 0
     causal = graph_record(gm).causal_lm
-    for i, args, kwargs in _batches(ctx, max_batches):
-        kwargs, labels = _split_labels(gm, kwargs, i)
+    for i, args, kwargs in numbered_batches(ctx, max_batches):
+        kwargs, labels = split_labels(gm, kwargs, i)
         out = sg(*args, **kwargs)
         loss = loss_of(out, kwargs, labels, causal, score_loss)
         if not torch.isfinite(loss):
@@ -315,15 +316,15 @@ def mean_weight_gradients(gm: torch.fx.GraphModule, ctx: CompileContext, sites: 
 
 
 def _synflow(gm, ctx, sites) -> Dict[str, float]:
-    sg = _private_copy(gm)
+    sg = private_copy(gm)
     for name, p in list(sg.named_parameters()):
         if p.is_floating_point():
             owner, attr = owner_and_name(sg, name)
             owner._parameters[attr] = torch.nn.Parameter(p.detach().abs(), requires_grad=False)
     like = next((p for p in sg.parameters() if p.is_floating_point()), torch.zeros(()))
     leaves = _leaves(sg, sites, _add_shortcut_probes(sg, sites, like))
-    _, args, kwargs = next(_batches(ctx, 1), (0, (), {}))
-    kwargs, _ = _split_labels(gm, kwargs, 0)
+    _, args, kwargs = next(numbered_batches(ctx, 1), (0, (), {}))
+    kwargs, _ = split_labels(gm, kwargs, 0)
     kwargs = {k: (torch.ones_like(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
               for k, v in kwargs.items()}
     args = tuple(torch.ones_like(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

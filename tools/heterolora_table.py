@@ -27,9 +27,7 @@ reuses the cells an earlier run with the same recipe left in ``<out>/heterolora.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -47,8 +45,6 @@ import torch  # noqa: E402
 
 REFERENCE = {"r": 8, "target_modules": ["q_proj", "v_proj"]}
 PROXY_NAMES = ("grad_norm", "snip", "fisher", "synflow")
-# the four tasks with the lowest LoRA r=8 accuracy in the README's baseline table (most headroom)
-DEFAULT_TASKS = ("add_words", "lookup", "logic_words", "add")
 
 
 def method_options(name: str, budget: int) -> dict:
@@ -172,18 +168,10 @@ def plot(summary, methods, path, title, colours=None, reference="uniform") -> bo
 
 
 def main(argv=None) -> int:
+    from lorafx.eval import cells as C
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(all_methods()))
-    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--n-test", type=int, default=256)
-    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    ap.add_argument("--out", default="heterolora_out")
-    ap.add_argument("--resume", action="store_true",
-                    help="reuse the cells of <out>/heterolora.json that were run with the same recipe")
+    C.add_arguments(ap, out="heterolora_out")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
@@ -204,15 +192,8 @@ def main(argv=None) -> int:
     cells = [(m, t, s) for s in seeds for t in tasks for m in methods]
     recipe = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_test": args.n_test,
               "budget": budget, "torch": torch.__version__}
-    done = {}
     saved = os.path.join(args.out, "heterolora.json")
-    if args.resume and os.path.exists(saved):
-        with open(saved) as f:
-            old = json.load(f)
-        if all(old["config"].get(k) == v for k, v in recipe.items()):
-            done = {(r["method"], r["task"], r["seed"]): r for r in old["rows"]}
-        else:
-            print(f"--resume: {saved} was run with another recipe; running every cell")
+    done = C.resumed([saved], recipe) if args.resume else {}
     rows = [done[c] for c in cells if c in done]
     todo = [c for c in cells if c not in done]
     if rows:
@@ -220,16 +201,18 @@ def main(argv=None) -> int:
     print(f"{len(todo)} fine-tuning runs ({len(methods)} methods x {len(tasks)} tasks x {len(seeds)} seeds), "
           f"{args.steps} steps each, {args.jobs} processes; budget {budget:,} parameters")
     start = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_worker_init) as pool:
-        futures = {pool.submit(run_cell, m, t, s, budget, args.steps, args.batch_size, args.lr, args.n_test):
-                   (m, t, s) for m, t, s in todo}
-        for i, fut in enumerate(cf.as_completed(futures), 1):
-            row = fut.result()
-            rows.append(row)
-            print(f"[{i}/{len(todo)}] {row['method']:<20} {row['task']:<12} seed {row['seed']}  "
-                  f"{row['accuracy']:5.1f}%  train {row['train_seconds']:.0f}s  "
-                  f"allocate {row['allocate_seconds']:.2f}s", flush=True)
+
+    def report(i, row):
+        print(f"[{i}/{len(todo)}] {row['method']:<20} {row['task']:<12} seed {row['seed']}  "
+              f"{row['accuracy']:5.1f}%  train {row['train_seconds']:.0f}s  "
+              f"allocate {row['allocate_seconds']:.2f}s", flush=True)
+
+    rows, failed = C.run(todo, run_cell, lambda c: (*c, budget, args.steps, args.batch_size, args.lr, args.n_test),
+                         jobs=args.jobs, initializer=_worker_init, rows=rows, on_row=report)
+    if failed:
+        for m, t, s, err in failed:
+            print(f"  {m} {t} seed {s} failed: {err}")
+        return 1
     seconds = time.perf_counter() - start
     summary = summarise(rows, methods, tasks, seeds)
     print()

@@ -38,12 +38,10 @@ in ``<out>/sparse.partial.json``, written after every cell).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import copy
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -60,8 +58,6 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-# the four tasks with the lowest LoRA r=8 accuracy in the README's baseline table (as tools/heterolora_table.py)
-DEFAULT_TASKS = ("add_words", "lookup", "logic_words", "add")
 METHODS = ("dense-lora", "dense-lora+lors", "pruned-zero-shot", "sqft", "lorafx-surrogate", "lorafx-exact",
            "lorafx-surrogate+lors", "lorafx-exact+lors")
 LORAFX_SPARSE = {"lorafx-surrogate": {"sparse_grad": "surrogate"},
@@ -305,20 +301,12 @@ def plot(summary, methods, path, title) -> bool:
 
 
 def main(argv=None) -> int:
+    from lorafx.eval import cells as C
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="all", help=f"'all' or a comma list of: {', '.join(METHODS)}")
-    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--n-test", type=int, default=256)
     ap.add_argument("--sparsity", type=float, default=0.5, help="share of each pruned weight set to 0 (Wanda)")
     ap.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M' (then --sparsity (M-N)/M)")
-    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    ap.add_argument("--out", default="sparse_out")
-    ap.add_argument("--resume", action="store_true",
-                    help="reuse the cells of <out>/sparse.json that were run with the same recipe")
+    C.add_arguments(ap, out="sparse_out")
     args = ap.parse_args(argv)
     methods = list(METHODS) if args.methods == "all" else [m for m in args.methods.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
@@ -338,17 +326,9 @@ def main(argv=None) -> int:
     recipe = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_test": args.n_test,
               "sparsity": args.sparsity, "pattern": args.pattern, "prune_method": "wanda",
               "calibration_batches": CALIBRATION_BATCHES, "r": R, "alpha": ALPHA, "torch": torch.__version__}
-    done = {}
     saved = os.path.join(args.out, "sparse.json")
     partial = os.path.join(args.out, "sparse.partial.json")  # the cells finished so far (removed on success)
-    for path in (saved, partial) if args.resume else ():
-        if os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
-            if all(old["config"].get(k) == v for k, v in recipe.items()):
-                done.update({(r["method"], r["task"], r["seed"]): r for r in old["rows"]})
-            else:
-                print(f"--resume: {path} was run with another recipe; not reused")
+    done = C.resumed([saved, partial], recipe) if args.resume else {}
     rows = [done[c] for c in cells if c in done]
     todo = [c for c in cells if c not in done]
     if rows:
@@ -357,33 +337,26 @@ def main(argv=None) -> int:
           f"{args.steps} steps each, {args.jobs} processes; {100 * args.sparsity:g}% Wanda ({args.pattern}), "
           f"LoRA r={R} alpha={ALPHA}", flush=True)
     start = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    failed = []
     os.makedirs(args.out, exist_ok=True)
-    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_worker_init) as pool:
-        futures = {pool.submit(run_cell, m, t, s, args.steps, args.batch_size, args.lr, args.n_test, args.sparsity,
-                               args.pattern): (m, t, s) for m, t, s in todo}
-        for i, fut in enumerate(cf.as_completed(futures), 1):
-            m, t, s = futures[fut]
-            try:
-                row = fut.result()
-            except Exception as e:  # report every failing cell, then stop
-                failed.append((m, t, s, f"{type(e).__name__}: {e}"))
-                print(f"[{i}/{len(todo)}] {m:<18} {t:<12} seed {s}  FAILED: {type(e).__name__}: {e}", flush=True)
-                continue
-            rows.append(row)
-            with open(partial, "w") as f:
-                json.dump({"config": recipe, "rows": rows, "failed": failed}, f, indent=1)
-            train = f"train {row['train_seconds']:.0f}s" if "train_seconds" in row else "no training"
-            check = ""
-            if "sparse_after_merge" in row:
-                check = (f"  sparse after merge: {'yes' if row['sparse_after_merge'] else 'NO'} "
-                         f"({row['weights_same_pattern']}/{row['weights_checked']})")
-            print(f"[{i}/{len(todo)}] {m:<18} {t:<12} seed {s}  {row['accuracy']:5.1f}%  {train}{check}", flush=True)
+
+    def report(i, row):
+        train = f"train {row['train_seconds']:.0f}s" if "train_seconds" in row else "no training"
+        check = ""
+        if "sparse_after_merge" in row:
+            check = (f"  sparse after merge: {'yes' if row['sparse_after_merge'] else 'NO'} "
+                     f"({row['weights_same_pattern']}/{row['weights_checked']})")
+        print(f"[{i}/{len(todo)}] {row['method']:<18} {row['task']:<12} seed {row['seed']}  "
+              f"{row['accuracy']:5.1f}%  {train}{check}", flush=True)
+
+    def report_failure(i, cell, error):
+        print(f"[{i}/{len(todo)}] {cell[0]:<18} {cell[1]:<12} seed {cell[2]}  FAILED: {error}", flush=True)
+
+    rows, failed = C.run(todo, run_cell, lambda c: (*c, args.steps, args.batch_size, args.lr, args.n_test,
+                                                    args.sparsity, args.pattern),
+                         jobs=args.jobs, initializer=_worker_init, rows=rows, partial=partial, recipe=recipe,
+                         on_row=report, on_failure=report_failure)
     seconds = time.perf_counter() - start
     if failed:
-        with open(partial, "w") as f:
-            json.dump({"config": recipe, "rows": rows, "failed": failed}, f, indent=1)
         print(f"\n{len(failed)} cell(s) failed; the finished ones are in {partial} (--resume reuses them):")
         for m, t, s, err in failed:
             print(f"  {m} {t} seed {s}: {err}")
