@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.lorafx-installed
 
-.PHONY: install demo test test-all bench bench-sparse eval eval-minilm heterolora sparse-table pretrain-tiny clean
+.PHONY: install demo test test-all bench bench-sparse eval eval-minilm heterolora sparse-table cim-table install-aihwkit pretrain-tiny clean
 
 install: $(STAMP)
 
@@ -51,6 +51,17 @@ heterolora: install
 ## sparse-table: 50%-sparse lorafx-tiny (Wanda): lorafx sparse LoRA vs an SQFT-style baseline, dense LoRA and the pruned zero-shot model (README table); JSON + PNG in sparse_out/
 sparse-table: install
 	$(BIN)/python tools/sparse_table.py --out sparse_out $(SPARSE_ARGS)
+
+## cim-table: lorafx-tiny on noisy RRAM chips (target="cim"): plain LoRA vs HaLoRA's dual objective, spectral
+## penalty and both, 3 training seeds x 5 chips per noise level (README table and plot; 15 min on 2 cores); JSON + PNG in cim_out/
+cim-table: install
+	$(BIN)/python tools/cim_table.py --out cim_out $(CIM_ARGS)
+
+## install-aihwkit: IBM aihwkit 1.1.0 for the test that compares lorafx's PCM and RRAM noise presets with its
+## noise models (skipped without it). --no-deps: its noise models need only torch and numpy, and its declared
+## torchvision dependency does not match torch 2.13 (a mismatched torchvision breaks transformers' imports)
+install-aihwkit: install
+	$(PIP) install -c constraints.txt --no-deps aihwkit==1.1.0
 
 ## eval-minilm: the all-MiniLM-L6-v2 sentence-classification table (optional extra lorafx[minilm])
 eval-minilm: install

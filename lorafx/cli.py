@@ -180,6 +180,19 @@ def cmd_overhead(args, out=None) -> int:
     return EXIT_OK
 
 
+def _hardware_options(args) -> dict:
+    """The cim target's options given on the command line."""
+    out = {}
+    if args.noise is not None:
+        out["noise"] = None if args.noise.lower() == "none" else args.noise
+    for name in ("noise_sigma", "noise_seed", "adc_bits", "dac_bits", "rram_tiles", "sram_kib", "chip"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    if args.halora is not None:
+        out["halora"] = False if args.halora == "off" else {"mode": args.halora}
+    return out
+
+
 def cmd_compile(args, out=None) -> int:
     out = out or sys.stdout
     import lorafx
@@ -198,9 +211,14 @@ def cmd_compile(args, out=None) -> int:
     modules = parse_target_modules(args.target_modules)
     if modules is not None:
         options["target_modules"] = modules
+    hardware = _hardware_options(args)
+    if hardware and args.target != "cim":
+        raise CLIError(f"{', '.join('--' + k.replace('_', '-') for k in hardware)} set(s) the cim target: "
+                       "add --target cim")
+    options.update(hardware)
     try:
-        target = get_target(args.target)
-    except (ValueError, NotImplementedError) as e:
+        target = get_target(args.target, **hardware)
+    except (ValueError, TypeError) as e:
         raise CLIError(_one_line(e)) from None
     try:  # against the declarations, then by building every pass of the pipeline
         lorafx.default_passes(target, fold_a=args.fold_a, **options)
@@ -252,8 +270,8 @@ def cmd_compile(args, out=None) -> int:
     sparse = (f" sparsity={args.sparsity} sparsity_method={args.sparsity_method} sparsity_pattern="
               f"{args.sparsity_pattern} sparse_grad={args.sparse_grad}" if args.sparsity is not None else "")
     print(f"options  r={args.r} alpha={args.alpha:g} target_modules={modules_text} "
-          f"dropout={args.dropout:g} seed={args.seed}{budget}" + (" shortcuts" if args.shortcuts else "") + sparse,
-          file=out)
+          f"dropout={args.dropout:g} seed={args.seed}{budget}" + (" shortcuts" if args.shortcuts else "") + sparse
+          + "".join(f" {k}={v}" for k, v in hardware.items()), file=out)
     print(file=out)
     print(str(report), file=out)
     print(f"adapters {_adapter_summary(cm)}", file=out)
@@ -396,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unstructured (default) or N:M, e.g. 2:4 (then --sparsity 0.5)")
     c.add_argument("--sparse-grad", default="exact", choices=("exact", "surrogate"),
                    help="adapter gradient on pruned weights (default exact; surrogate: LoRS's straight-through form)")
+    cim = c.add_argument_group("compute-in-memory (--target cim)")
+    cim.add_argument("--noise", default=None,
+                     help="RRAM noise model or preset (additive, multiplicative, conductance, pcm, rram_wan2022, "
+                          "...; 'none' for ideal weights; default additive)")
+    cim.add_argument("--noise-sigma", type=float, default=None, help="the noise model's level (additive: σ / max|W|)")
+    cim.add_argument("--noise-seed", type=int, default=None, help="seed of the programmed chip (default 0)")
+    cim.add_argument("--halora", default=None, choices=("dual", "spectral", "both", "off"),
+                     help="HaLoRA training objective (default dual)")
+    cim.add_argument("--adc-bits", type=_positive_int, default=None, help="quantise crossbar outputs (default exact)")
+    cim.add_argument("--dac-bits", type=_positive_int, default=None, help="quantise crossbar inputs (default exact)")
+    cim.add_argument("--rram-tiles", type=_positive_int, default=None, help="the chip's crossbar tiles (default: as needed)")
+    cim.add_argument("--sram-kib", type=float, default=None, help="the chip's SRAM for adapters, KiB (default: no limit)")
+    cim.add_argument("--chip", default=None, help="hardware preset (default 'default')")
     c.add_argument("--no-draw", action="store_true", help="do not write graph.svg")
     c.add_argument("--seed", type=int, default=0, help="seed for built-in model weights and adapter init (default 0)")
     c.set_defaults(func=cmd_compile)

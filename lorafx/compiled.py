@@ -34,11 +34,14 @@ from lorafx.passes import MergeLoRA, freeze_base, set_training_mode
 
 from . import eager
 from .adapter_io import load_adapter_weights, save_adapter
-from .capture import bind_inputs, capture, check_input_ranks, mode_dependent, signature_key
+from .capture import bind_inputs, capture, check_input_ranks, signature_key
+from .capture import mode_dependent as has_batch_norm_modes
 from .context import CompileContext
 from .dialect import ShortcutRecord, canonicalize, kind_of
+from .dialect.cim import lower_to_digital
 from .graph_utils import owner_and_name
 from .meta import LoraRecord, get_record, graph_record
+from .options import check_seed
 from .pipeline import PassReport, Pipeline, lint_graph
 from .printing import format_graph
 
@@ -118,12 +121,14 @@ class CompileReport:
 class CompiledModel(torch.nn.Module):
     def __init__(self, source: torch.nn.Module, graph_module: torch.fx.GraphModule, pipeline: Pipeline,
                  report: CompileReport, *, context: Optional[CompileContext] = None, target: str = "cpu",
-                 dynamic: bool = True, backend: str = "eager", options: Optional[Dict[str, Any]] = None):
+                 dynamic: bool = True, backend: str = "eager", options: Optional[Dict[str, Any]] = None,
+                 mode_dependent: bool = False):
         super().__init__()
         # Share the graph module's attribute tables: parameters keep the model's own names.
         object.__setattr__(self, "_modules", graph_module._modules)
         object.__setattr__(self, "_parameters", graph_module._parameters)
         object.__setattr__(self, "_buffers", graph_module._buffers)
+        object.__setattr__(self, "_non_persistent_buffers_set", graph_module._non_persistent_buffers_set)
         self.__dict__["graph_module"] = graph_module
         self.__dict__["_source"] = source
         self.__dict__["_pipeline"] = pipeline  # replayed on every new call signature
@@ -133,7 +138,9 @@ class CompiledModel(torch.nn.Module):
         self.__dict__["_merged"] = False
         self.__dict__["_compiled"] = {}  # id(graph) -> torch.compile'd graph, for backend != "eager"
         self.__dict__["_capture_lock"] = threading.RLock()
-        self.__dict__["_mode_dependent"] = mode_dependent(source)
+        # train and eval graphs are captured (and lowered) separately: for batch norm, or for a target whose
+        # lowering depends on the mode (cim: ideal weights for training, the programmed chip for inference)
+        self.__dict__["_mode_dependent"] = mode_dependent or has_batch_norm_modes(source)
         self.target = target
         self.backend = backend
         self.dynamic = dynamic
@@ -198,6 +205,7 @@ class CompiledModel(torch.nn.Module):
                                                                    if k not in primary._modules or k == "_guards_fn"}})
         object.__setattr__(gm, "_parameters", primary._parameters)
         object.__setattr__(gm, "_buffers", primary._buffers)
+        object.__setattr__(gm, "_non_persistent_buffers_set", primary._non_persistent_buffers_set)
         _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
         if self._merged:
@@ -239,6 +247,7 @@ class CompiledModel(torch.nn.Module):
             object.__setattr__(self, "_modules", gm._modules)
             object.__setattr__(self, "_parameters", gm._parameters)
             object.__setattr__(self, "_buffers", gm._buffers)
+            object.__setattr__(self, "_non_persistent_buffers_set", gm._non_persistent_buffers_set)
             self.__dict__["graph_module"] = gm
             self.__dict__["_variants"] = {self._key(rec.signature, rec.captured_training): gm}
             self.__dict__["_compiled"] = {}
@@ -253,14 +262,30 @@ class CompiledModel(torch.nn.Module):
                 set_training_mode(gm, mode)
         return self
 
+    # -- hardware ---------------------------------------------------------------------
+    def reprogram(self, seed: int) -> "CompiledModel":
+        """Program a new chip (``target="cim"``): sample the RRAM noise again from ``seed``, for
+        every graph (inference graphs read it; the ideal weights are untouched), e.g. to
+        evaluate the same adapters across chips.  ``seed`` then is the ``noise_seed``."""
+        from lorafx.passes.program_chip import ProgramChip, reprogram
+        check_seed("seed", seed, "reprogram: ")
+        chip = next((p for p in self._pipeline.passes if isinstance(p, ProgramChip) and p.active), None)
+        if chip is None:
+            raise ValueError("cm.reprogram(seed) samples a new noisy chip, but this model has none: compile it with "
+                             "target='cim' and a noise model (noise='additive', noise_sigma > 0)")
+        reprogram(self.graph_module, self._context.decisions, int(seed), chip.sample)
+        self.options["noise_seed"] = int(seed)
+        return self
+
     # -- inspection -------------------------------------------------------------------
     def report(self) -> CompileReport:
         """What each pass did: node counts, time and the pass's info."""
         return self._report
 
-    def graph_report(self) -> str:
-        """The rewritten graph, one node a line, with its lorafx metadata."""
-        return format_graph(self.graph_module)
+    def graph_report(self, *, colour: bool = False) -> str:
+        """The rewritten graph, one node a line, with its lorafx metadata; ``colour``: each line in
+        the colour of the chip part it is placed on (``target="cim"``; ANSI escapes, for a terminal)."""
+        return format_graph(self.graph_module, colour=colour)
 
     def lora_records(self) -> Dict[str, LoraRecord]:
         """{site: LoraRecord} for every adapted linear (the adapters of every LoRA op node,
@@ -299,7 +324,9 @@ class CompiledModel(torch.nn.Module):
 
     def merge(self) -> "CompiledModel":
         """Fold every adapter into its frozen weight (W + scale·BA, in float32 or wider).
-        Shortcut adapters (``shortcuts=True``) have no weight to fold into: they keep running."""
+        Shortcut adapters (``shortcuts=True``) have no weight to fold into: they keep running, and
+        so do the SRAM adapters of ``target="cim"`` (folding them into the crossbars would program a
+        new, differently noisy chip; ``merge_and_unload`` gives the digital merged model)."""
         from lorafx.passes import MergeLoRA
         if not self._merged:
             # unmerge() restores these graphs exactly, with every later pass's choices
@@ -329,9 +356,9 @@ class CompiledModel(torch.nn.Module):
 
     def merge_and_unload(self) -> torch.fx.GraphModule:
         """A new plain GraphModule with merged weights and no lorafx ops or adapters,
-        in eval mode.  Shortcut adapters (``shortcuts=True``), which no weight can hold,
-        become plain aten ops (y + s·(h Aᵀ) Bᵀ) with A and B as frozen parameters under
-        ``lorafx_shortcuts``.  This model is left as it is; unadapted tensors are shared."""
+        in eval mode (for ``target="cim"``: the digital model, on the ideal weights).  Shortcut
+        adapters (``shortcuts=True``), which no weight can hold, become plain aten ops
+        (y + s·(h Aᵀ) Bᵀ) with A and B as frozen parameters under ``lorafx_shortcuts``.  This model is left as it is; unadapted tensors are shared."""
         from lorafx.passes import MergeLoRA, set_training_mode
         was_merged = self._merged
         self.unmerge()
@@ -339,6 +366,7 @@ class CompiledModel(torch.nn.Module):
             src = self.graph_module
             # GraphModule(root, graph) builds a new module tree sharing the referenced tensors.
             graph = copy.deepcopy(src.graph)
+            lower_to_digital(graph)  # target="cim": the digital model, on the ideal weights
             canonicalize(graph)  # one lora_linear per adapter, W read by name (before GraphModule picks attributes)
             gm = torch.fx.GraphModule(src, graph, class_name=type(src).__name__)
             gm.meta.update(copy.deepcopy(src.meta))
@@ -358,7 +386,9 @@ class CompiledModel(torch.nn.Module):
         architecture with ``load_state_dict(..., strict=True)``.  Refused for a model with
         shortcut adapters (``shortcuts=True``): the source architecture has no place for them."""
         from lorafx.passes.merge_lora import merged_weights, unmergeable_nodes
-        kept = unmergeable_nodes(self.graph_module.graph)
+        # adapters that adapt no weight (shortcuts); an SRAM adapter (target="cim") merges into its weight here
+        kept = [n for n in unmergeable_nodes(self.graph_module.graph) if not kind_of(n).adapters(n)
+                and kind_of(n).adapter_tensors(n)]
         if kept:
             sites = [getattr(get_record(n, ShortcutRecord), "site", n.name) for n in kept]
             raise ValueError(
@@ -454,7 +484,7 @@ class CompiledModel(torch.nn.Module):
 
     def __reduce_ex__(self, protocol):
         raise TypeError(
-            f"a lorafx CompiledModel cannot be pickled (torch.save(cm) / pickle.dumps(cm)): its graphs hold "
+            "a lorafx CompiledModel cannot be pickled (torch.save(cm) / pickle.dumps(cm)): its graphs hold "
             "functions torch.export made. Save the adapters with cm.save_adapter(folder) (PEFT format; "
             "lorafx.load_adapter(model, folder) or PEFT loads them), or the merged weights with "
             "torch.save(cm.merged_state_dict(), path), which load into the source architecture")

@@ -62,10 +62,19 @@ def _build(options: Dict[str, Any], ctx: CompileContext, hw: Target) -> List[Pas
     return [p for p in built if p is not None] + list(hw.passes(options)) + [p for p in final if p is not None]
 
 
+def compilable_target(target: Any) -> type:
+    """The Target class of ``target``; refuses a part of a composite target (``rram``, ``sram``, ``host``)."""
+    target_cls = target_class(target)
+    if not target_cls.compilable:
+        raise ValueError(f"target {target_cls.name!r} ({target_cls.description}) is not compiled for on its own; "
+                         f"compile with target='cim', whose {target_cls.name!r} part it is, or target='cpu'")
+    return target_cls
+
+
 def default_passes(target: Any = "cpu", *, backend: str = "eager", **options) -> List[Pass]:
     """The pipeline ``compile`` runs for these options.  Edit the list and give it back as
     ``compile(model, passes=...)``."""
-    target_cls = target_class(target)
+    target_cls = compilable_target(target)
     check_options(options, declarations(target_cls), where="lorafx.default_passes")
     target_options, _ = _split(options, target_cls)
     hw = get_target(target, **target_options)
@@ -196,7 +205,7 @@ def compile(
     _check_model(model)
     check_seed("seed", seed, "lorafx.compile: ")
     seed = None if seed is None else int(seed)
-    target_cls = target_class(target)
+    target_cls = compilable_target(target)
     if backend != "eager":
         known = torch._dynamo.list_backends()
         if backend not in known:
@@ -227,7 +236,7 @@ def compile(
     replay = Pipeline([p for p in pass_list if "training_mode" not in p.provides])
     recorded = {"target": hw.name, **options, **({"seed": seed} if seed is not None else {})}
     return CompiledModel(model, gm, replay, report, context=ctx, target=hw.name, dynamic=dynamic, backend=backend,
-                         options=recorded)
+                         options=recorded, mode_dependent=hw.mode_dependent)
 
 
 def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=None, trust_pickle: bool = False,

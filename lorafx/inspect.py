@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from .dialect import kind_of
-from .meta import LoraRecord, OriginRecord, describe, get_record, graph_record
+from .meta import LoraRecord, OriginRecord, PlacementRecord, describe, get_record, graph_record
 from .pipeline import Instrument
 from .printing import format_graph, format_node
 from .printing import node_shape as _shape
@@ -67,6 +67,8 @@ def to_networkx(gm: torch.fx.GraphModule):
 
 _COLOURS = {"lora": "#d62728", "dropout": "#2ca02c", "placeholder": "#17a2b8", "output": "#17a2b8",
             "get_attr": "#999999", "call_function": "#3b5b92", "call_module": "#8c564b"}
+# a placed graph (target="cim"): each node in the colour of the part it runs on
+_PLACEMENT_COLOURS = {"rram": "#e67e22", "sram": "#d62728", "host": "#3b5b92"}
 _LABEL_CHARS = 96
 
 
@@ -86,10 +88,16 @@ def _rank(n: torch.fx.Node) -> int:
 
 
 def _is_lora(n: torch.fx.Node) -> bool:
-    return kind_of(n) is not None or get_record(n, LoraRecord) is not None
+    """Whether the node computes an adapter (an op kind with trainable tensors, e.g. not
+    ``rram_linear``) or carries a merged one."""
+    kind = kind_of(n)
+    return (kind is not None and bool(kind.adapter_tensors(n))) or get_record(n, LoraRecord) is not None
 
 
 def _colour(n: torch.fx.Node) -> str:
+    placed = get_record(n, PlacementRecord)
+    if placed is not None and placed.target in _PLACEMENT_COLOURS:
+        return _PLACEMENT_COLOURS[placed.target]
     if _is_lora(n):
         return _COLOURS["lora"]
     if "dropout" in _target(n):
@@ -123,7 +131,7 @@ def _draw_label(n: torch.fx.Node, scores: Optional[dict] = None) -> str:
         score = f" score={scores[rec.site]:.3g}" if scores and rec.site in scores else ""
         text = (f"{n.name}  LoRA r={rec.r}{score} alpha={rec.alpha:g} {rec.in_features}->{rec.out_features}"
                 + (" merged" if rec.merged else "") + (f" ({note})" if note else ""))
-    elif kind is not None:
+    elif kind is not None and _is_lora(n):
         sites = ", ".join(r.site.rsplit(".", 1)[-1] for r in recs)
         text = f"{n.name}  LoRA {kind.name}" + (f" [{sites}]" if sites else "") + (f" ({note})" if note else "")
     else:
@@ -131,6 +139,8 @@ def _draw_label(n: torch.fx.Node, scores: Optional[dict] = None) -> str:
         if target.startswith("aten."):
             target = target[5:]
         text = f"{n.name} = {target}" if n.op != "get_attr" else f"{n.name} = {n.target}"
+        if note:
+            text += f" ({note})"
     shape = _shape(n)
     if shape:
         text += f"  {shape}"
@@ -184,8 +194,9 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
 
     One node per row in execution order, with its name, op and shape; edges run
     down lanes (like ``git log --graph``).  LoRA adapters are red, dropout green,
-    inputs/outputs teal; numbered blocks (``model.layers.N``) are shaded bands.  An
-    adapter's rank sets its dot's size and the length of the red bar before its label.
+    inputs/outputs teal; in a graph placed on a chip (``target="cim"``) every node takes the
+    colour of its part instead: RRAM orange, SRAM red, host blue.  Numbered blocks
+    (``model.layers.N``) are shaded bands.  An adapter's rank sets its dot's size and the length of the red bar before its label.
     ``simplify`` hides shape arithmetic, guards and metadata asserts.  Needs
     matplotlib (``pip install 'lorafx[draw]'``), not graphviz.
     """
@@ -215,8 +226,11 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
     ranks = [_rank(n) if _is_lora(n) else 0 for n in nodes]
     bar_room = 0.1 * min(max(ranks, default=0), 32)  # room for the rank bars (0.1 lane per rank unit)
     text_x = lanes + 0.6 + bar_room  # labels start right of the lanes (data units: 1 = one lane)
+    placed = any(get_record(n, PlacementRecord) is not None for n in nodes)
     legend = (("LoRA adapter", "lora"), ("dropout", "dropout"), ("input/output", "placeholder"),
               ("op", "call_function"), ("submodule", "call_module"))
+    if placed:  # coloured by the part each node runs on
+        legend = (("RRAM crossbars", "rram"), ("SRAM (adapters)", "sram"), ("digital host", "host"))
     if title is None:
         title = (f"{type(gm).__name__}: {len(gm.graph.nodes)} nodes, {len(nodes)} drawn"
                  + (f" ({hidden} shape/guard/get_attr nodes hidden)" if hidden else "")
@@ -276,7 +290,7 @@ def draw(gm: torch.fx.GraphModule, path: str, *, include_get_attr: bool = False,
     ax.text(-1.3, header - 0.8, title, fontsize=8, va="center", ha="left", fontweight="bold")
     x = -1.3
     for name, key in legend:
-        ax.scatter([x + 0.3], [header - 2], s=22, c=_COLOURS[key], linewidths=0)
+        ax.scatter([x + 0.3], [header - 2], s=22, c={**_COLOURS, **_PLACEMENT_COLOURS}[key], linewidths=0)
         ax.text(x + 0.8, header - 2, name, fontsize=7, va="center", ha="left")
         x += 0.8 + (len(name) * char_in + 0.5) / lane_in
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -127,7 +127,22 @@ class ScheduleRecord:
         return f"schedule={self.rule}"
 
 
-RECORD_TYPES = (OriginRecord, LoraRecord, DropoutRecord, CostRecord, ScheduleRecord)
+@dataclass(frozen=True)
+class PlacementRecord:
+    """Where a node runs on a composite hardware target (``PartitionToTargets``): ``target``
+    names the part ("rram", "sram" or "host"); ``tiles`` is how many crossbar tiles a weight
+    placed on RRAM occupies (0 elsewhere)."""
+
+    target: str
+    tiles: int = 0
+
+    graph_property: ClassVar[str] = "placement"
+
+    def describe(self) -> str:
+        return f"@{self.target}" + (f" ({self.tiles} tiles)" if self.tiles else "")
+
+
+RECORD_TYPES = (OriginRecord, LoraRecord, DropoutRecord, CostRecord, ScheduleRecord, PlacementRecord)
 
 
 @dataclass(frozen=True)
@@ -171,6 +186,9 @@ class GraphRecord:
     # {weight path: SparsityInfo} of the weights PruneWeights pruned (or kept sparse); ApplySparsity makes
     # their adapters sparse LoRA ops
     sparsity: Optional[Dict[str, "SparsityInfo"]] = None
+    # the partition of a compute-in-memory lowering (PartitionToTargets): per target, its parameters,
+    # tiles and nodes, and the estimated energy and latency per token (see passes/partition_to_targets.py)
+    placement: Any = field(default=None, metadata={"graph_property": "placement"})
 
     def forget(self, properties) -> None:
         """Clear the fields that describe any of ``properties``; drop them from ``provided``."""

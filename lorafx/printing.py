@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .meta import describe
+from .meta import PlacementRecord, describe, get_record
 
-__all__ = ["format_node", "format_graph", "node_target", "node_shape", "short_arg"]
+__all__ = ["format_node", "format_graph", "node_target", "node_shape", "short_arg", "PLACEMENT_ANSI"]
 
 
 def short_arg(a) -> str:
@@ -63,6 +63,19 @@ def format_node(node: torch.fx.Node) -> str:
     return f"{text}  # {meta}" if meta else text
 
 
-def format_graph(gm: torch.fx.GraphModule, *, include_get_attr: bool = False) -> str:
-    lines = [format_node(n) for n in gm.graph.nodes if include_get_attr or n.op != "get_attr"]
+# ANSI colours of the parts a placed graph runs on (PartitionToTargets' PlacementRecord)
+PLACEMENT_ANSI = {"rram": "\033[33m", "sram": "\033[31m", "host": "\033[34m"}
+
+
+def format_graph(gm: torch.fx.GraphModule, *, include_get_attr: bool = False, colour: bool = False) -> str:
+    """The graph one node a line; ``colour``: each line in the colour of the part it is placed on
+    (ANSI escapes: RRAM yellow, SRAM red, host blue), for a terminal."""
+    lines = []
+    for n in gm.graph.nodes:
+        if include_get_attr or n.op != "get_attr":
+            line = format_node(n)
+            placed = get_record(n, PlacementRecord) if colour else None
+            if placed is not None and placed.target in PLACEMENT_ANSI:
+                line = f"{PLACEMENT_ANSI[placed.target]}{line}\033[0m"
+            lines.append(line)
     return "\n".join(lines)

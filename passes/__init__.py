@@ -13,6 +13,9 @@ from .fold_lora import FoldLoRAIntoBase
 from .cost_model import AnnotateCost
 from .set_training_mode import SetTrainingMode, set_training_mode
 from .merge_lora import MergeLoRA, UnmergeLoRA
+from .partition_to_targets import PartitionToTargets
+from .program_chip import ProgramChip
+from .halora import HaLoRA
 
 # The default pipeline of lorafx.compile, in order; each pass is built from the compile
 # options it declares (Pass.from_options: None leaves it out), the target's passes
@@ -22,7 +25,8 @@ from .merge_lora import MergeLoRA, UnmergeLoRA
 # rank_budget) decides the ranks InsertLoRA and InsertShortcuts (with shortcuts=True) use.
 # RecomputeInputs takes the adapters whose input is cheap to rebuild, FoldLoRAIntoBase then
 # the ones it left, FuseSiblings groups the rest; AnnotateCost runs after every rewrite so
-# that its records describe the final graph.
+# that its records describe the final graph.  The cim target's passes (PartitionToTargets,
+# ProgramChip, HaLoRA: lorafx.hw_targets.cim) are not in these lists: the target adds them.
 DEFAULT_PASSES = (InlineGradModeRegions, PruneWeights, AllocateRanks, InsertLoRA, InsertShortcuts, ApplySparsity,
                   SelectSchedule, CausalMaskToIsCausal, RecomputeInputs, FoldLoRAIntoBase, FuseSiblings)
 FINAL_PASSES = (AnnotateCost, SetTrainingMode)
@@ -30,5 +34,5 @@ FINAL_PASSES = (AnnotateCost, SetTrainingMode)
 __all__ = [
     "InlineGradModeRegions", "PruneWeights", "AllocateRanks", "ApplySparsity", "InsertLoRA", "InsertShortcuts", "SelectSchedule",
     "CausalMaskToIsCausal", "RecomputeInputs", "FuseSiblings", "FoldLoRAIntoBase", "AnnotateCost", "SetTrainingMode", "MergeLoRA", "UnmergeLoRA", "freeze_base",
-    "set_training_mode", "DEFAULT_PASSES", "FINAL_PASSES",
+    "set_training_mode", "DEFAULT_PASSES", "FINAL_PASSES", "PartitionToTargets", "ProgramChip", "HaLoRA",
 ]

@@ -83,7 +83,7 @@ from lorafx.pipeline import CAPTURED, Pass, PassResult
 from lorafx.dialect import InputQuery, kind_of, owner_of
 from lorafx.schedules import DEFAULT_SCHEDULE, lora_flops
 
-__all__ = ["AnnotateCost", "BATCH", "SEQ", "COST_FIELDS", "evaluate", "graph_cost", "lora_linear_flops",
+__all__ = ["annotate", "AnnotateCost", "BATCH", "SEQ", "COST_FIELDS", "evaluate", "graph_cost", "lora_linear_flops",
            "cost_summary"]
 
 BATCH = sympy.Symbol("batch", positive=True, integer=True)
@@ -556,8 +556,7 @@ class AnnotateCost(Pass):
         return super().summary(info) + cost_summary(info)
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        ann = _Annotator(gm, self.grad_inputs)
-        records, _ = ann.run_graph(gm)
+        records, ann = _annotate(gm, self.grad_inputs)
         total = _total(records, "graph", expand=True)
         graph_record(gm).cost = total
         info: Dict[str, Any] = {
@@ -577,6 +576,17 @@ class AnnotateCost(Pass):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+def _annotate(gm: torch.fx.GraphModule, grad_inputs=False):
+    ann = _Annotator(gm, grad_inputs)
+    records, _ = ann.run_graph(gm)
+    return records, ann
+
+
+def annotate(gm: torch.fx.GraphModule, grad_inputs=False) -> Dict[str, int]:
+    """Attach every node's CostRecord (as AnnotateCost does, without a pass run); returns the
+    example values of the graph's dims ({"batch": 2, "seq": 16}), for ``evaluate``."""
+    return dict(_annotate(gm, grad_inputs)[1].example)
 
 
 def graph_cost(gm: torch.fx.GraphModule) -> CostRecord:

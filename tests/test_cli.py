@@ -163,9 +163,9 @@ def test_error_unknown_model(tmp_path, capsys):
     assert "no config.json" in _error(["compile", "--model", str(empty), "--out", str(tmp_path / "o")], capsys)
 
 
-def test_error_unknown_or_planned_target(tmp_path, capsys):
-    msg = _error(["compile", "--target", "cim", "--out", str(tmp_path / "o")], capsys)
-    assert "'cim'" in msg and "not built yet" in msg and "cpu" in msg
+def test_error_unknown_or_part_target(tmp_path, capsys):
+    msg = _error(["compile", "--target", "rram", "--out", str(tmp_path / "o")], capsys)
+    assert "'rram'" in msg and "not compiled for on its own" in msg and "target='cim'" in msg
     assert "unknown target 'tpu'" in _error(["compile", "--target", "tpu", "--out", str(tmp_path / "o")], capsys)
     assert not (tmp_path / "o").exists()
 
@@ -217,9 +217,9 @@ def test_overhead_command_prints_the_cost_model_bounds(capsys):
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "lorafx", "compile", "--target", "cim"],
+    proc = subprocess.run([sys.executable, "-m", "lorafx", "compile", "--target", "tpu"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: target 'cim'")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown target 'tpu'")
 
 
 def test_help_and_version(capsys):

@@ -136,8 +136,8 @@ def test_rank_pattern_above_the_limit_is_refused(tiny_model):
 def test_unknown_option_and_target(tiny_model):
     with pytest.raises(TypeError, match="unknown option.*'rank'.*known options"):
         lorafx.compile(_llama(tiny_model), rank=4)
-    with pytest.raises(NotImplementedError, match="'cim'.*not built yet.*'cpu'"):
-        lorafx.compile(_llama(tiny_model), target="cim")
+    with pytest.raises(ValueError, match="'sram'.*not compiled for on its own.*target='cim'"):
+        lorafx.compile(_llama(tiny_model), target="sram")
     with pytest.raises(ValueError, match="unknown target 'tpu'"):
         lorafx.compile(_llama(tiny_model), target="tpu")
     with pytest.raises(ValueError, match="dropout"):

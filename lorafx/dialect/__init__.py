@@ -11,6 +11,8 @@ One module per kind, each registering itself on import:
 * ``folded``     ``lora_linear_folded``, with A stored under W in one buffer;
 * ``sparse``     ``lora_linear_sparse``, a LoRA linear on a pruned weight that keeps its
   zero pattern (LoRS), with its ``SparseRecord``;
+* ``cim``        ``rram_linear`` (a frozen linear on noisy RRAM crossbars, optionally reading a
+  programmed chip) and ``lora_sram`` (its adapter in exact SRAM): the compute-in-memory lowering;
 * ``shortcut``   ``lora_shortcut``, a LoRA-adapted shortcut connection (HeteroLoRA):
   y + s·(h Aᵀ) Bᵀ between two points of the residual stream, with its ``ShortcutRecord``.
 
@@ -28,9 +30,10 @@ from .siblings import SIBLINGS
 from .folded import FOLDED
 from .shortcut import SHORTCUT, ShortcutRecord
 from .sparse import SPARSE, SparseRecord
+from .cim import RRAM, SRAM_ADAPTER
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
     "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "set_args",
-    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "lora_linear_reference", "schedule_counts",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "lora_linear_reference", "schedule_counts",
 ]
