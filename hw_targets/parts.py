@@ -11,7 +11,7 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass, fields
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Tuple
 
 from .base import Target
 
@@ -70,6 +70,3 @@ class Part(Target):
 
     def describe(self) -> str:
         return f"{self.preset}; source: {self.source}"
-
-    def capacity(self) -> Optional[int]:
-        return None
