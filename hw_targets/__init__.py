@@ -1,13 +1,7 @@
-"""Hardware targets lorafx lowers onto.
+"""Hardware targets lorafx lowers onto (``lorafx.compile(model, target=...)``).
 
-A target is a frozen dataclass whose fields are the compile options it declares
-(``options``, like a pass's); ``lorafx.compile(model, target="cpu", **options)``
-builds it with ``get_target(name, **its_options)``.  It says which graph nodes it
-supports (``supports(node)``) and names the passes that lower a LoRA graph onto it
-(``passes(options)``, run after the LoRA rewrites and before ``AnnotateCost``).
-Passes see the target of a compile through ``ctx.target``; they never import it.
-
-* ``base``   the ``Target`` protocol, the registry and ``"cpu"`` (the graph as captured);
+* ``base``   the ``Target`` protocol (a frozen dataclass of the options it declares, its
+  supported nodes and its lowering passes), the registry and ``"cpu"`` (the graph as captured);
 * ``cim``    the hybrid compute-in-memory chip: ``rram`` crossbars (``rram``), exact
   ``sram`` (``sram``) and a digital ``host`` (``host``), each a target of its own that
   declares its supported ops, capacity, precision and cost function;

@@ -1,7 +1,5 @@
 """The target protocol and registry (re-exported by ``lorafx.hw_targets``).
 
-Hardware targets lorafx lowers onto.
-
 A target is a frozen dataclass whose fields are the compile options it declares
 (``options``, like a pass's); ``lorafx.compile(model, target="cpu", **options)``
 builds it with ``get_target(name, **its_options)``.  It says which graph nodes it

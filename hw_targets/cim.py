@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from lorafx import options as O
 from lorafx.options import Option
-from lorafx.passes.halora import MODES, HaLoRA
+from lorafx.passes.halora import MODES, HaLoRA, check_settings
 from lorafx.passes.partition_to_targets import PartitionToTargets
 from lorafx.passes.program_chip import ProgramChip
 
@@ -91,15 +91,7 @@ def halora_settings(value) -> Optional[Dict[str, Any]]:
 def _check_halora(name, value, where) -> None:
     settings = halora_settings(value)
     if settings is not None:
-        HaLoRA(**settings, noise=None if settings["mode"] == "spectral" else _NOISY)  # validates the settings
-
-
-class _Noisy:  # a stand-in noise model for checking HaLoRA's settings before the chip is known
-    def is_noiseless(self) -> bool:
-        return False
-
-
-_NOISY = _Noisy()
+        check_settings(**settings, where=f"{where}halora: ")
 
 
 @dataclass(frozen=True)

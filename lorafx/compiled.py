@@ -126,9 +126,7 @@ class CompiledModel(torch.nn.Module):
         super().__init__()
         # Share the graph module's attribute tables: parameters keep the model's own names.
         object.__setattr__(self, "_modules", graph_module._modules)
-        object.__setattr__(self, "_parameters", graph_module._parameters)
-        object.__setattr__(self, "_buffers", graph_module._buffers)
-        object.__setattr__(self, "_non_persistent_buffers_set", graph_module._non_persistent_buffers_set)
+        _share_tensors(self, graph_module)
         self.__dict__["graph_module"] = graph_module
         self.__dict__["_source"] = source
         self.__dict__["_pipeline"] = pipeline  # replayed on every new call signature
@@ -203,9 +201,7 @@ class CompiledModel(torch.nn.Module):
         own = gm._modules
         object.__setattr__(gm, "_modules", {**primary._modules, **{k: v for k, v in own.items()
                                                                    if k not in primary._modules or k == "_guards_fn"}})
-        object.__setattr__(gm, "_parameters", primary._parameters)
-        object.__setattr__(gm, "_buffers", primary._buffers)
-        object.__setattr__(gm, "_non_persistent_buffers_set", primary._non_persistent_buffers_set)
+        _share_tensors(gm, primary)
         _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
         if self._merged:
@@ -245,9 +241,7 @@ class CompiledModel(torch.nn.Module):
             rec = graph_record(gm)
             set_training_mode(gm, rec.captured_training if self._mode_dependent else self.training)
             object.__setattr__(self, "_modules", gm._modules)
-            object.__setattr__(self, "_parameters", gm._parameters)
-            object.__setattr__(self, "_buffers", gm._buffers)
-            object.__setattr__(self, "_non_persistent_buffers_set", gm._non_persistent_buffers_set)
+            _share_tensors(self, gm)
             self.__dict__["graph_module"] = gm
             self.__dict__["_variants"] = {self._key(rec.signature, rec.captured_training): gm}
             self.__dict__["_compiled"] = {}
@@ -500,6 +494,12 @@ class CompiledModel(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"target={self.target!r}, backend={self.backend!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
                 f"signatures={len(self._variants)}")
+
+
+def _share_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Make ``dst`` read ``src``'s parameter and buffer tables (and which buffers are not persistent)."""
+    for table in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
+        object.__setattr__(dst, table, getattr(src, table))
 
 
 def _keep_tensors(gm: torch.nn.Module, old: torch.nn.Module, before_passes: bool = False) -> None:

@@ -55,19 +55,25 @@ from lorafx.dialect.cim import PROGRAM_OP
 from lorafx.meta import OriginRecord, PlacementRecord, graph_record, set_record
 from lorafx.pipeline import Pass, PassResult
 
-__all__ = ["HaLoRA", "MODES", "loss_output"]
+__all__ = ["HaLoRA", "MODES", "loss_output", "check_settings"]
 
 log = logging.getLogger("lorafx")
 aten = torch.ops.aten
 MODES = ("dual", "spectral", "both")
 
 
+def _outputs(gm: torch.fx.GraphModule):
+    """(the output node, its flattened outputs as a list)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    return out, list(value) if isinstance(value, (tuple, list)) else [value]
+
+
 def loss_output(gm: torch.fx.GraphModule) -> Optional[int]:
     """The index, among the graph's flattened outputs, of its scalar loss: the output field
     named ``loss`` (a transformers ModelOutput or a dict), or a lone scalar output, or the
     first of a tuple when it is a scalar; None when the graph computes no loss."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    leaves = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    _, leaves = _outputs(gm)
     spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
     index: Optional[int] = None
     if spec is not None and not spec.is_leaf() and isinstance(spec.context, (list, tuple)) and "loss" in spec.context:
@@ -85,10 +91,15 @@ def loss_output(gm: torch.fx.GraphModule) -> Optional[int]:
     return index
 
 
-def _check_fraction(name: str, value, where: str, *, open_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < 0 or value > 1 or (open_low and value == 0):
-        raise ValueError(f"{where}{name} must be a number in {'(0' if open_low else '[0'}, 1], got {value!r}")
+def check_settings(mode, noise_weight, mu, where: str = "HaLoRA: ") -> None:
+    """Refuse a bad ``mode``, ``noise_weight`` (λ in (0, 1]) or ``mu`` (≥ 0), naming it."""
+    if mode not in MODES:
+        raise ValueError(f"{where}mode must be one of {list(MODES)}, got {mode!r}")
+    if isinstance(noise_weight, bool) or not isinstance(noise_weight, numbers.Real) \
+            or not math.isfinite(noise_weight) or not 0 < noise_weight <= 1:
+        raise ValueError(f"{where}noise_weight must be a number in (0, 1], got {noise_weight!r}")
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or mu < 0:
+        raise ValueError(f"{where}mu (the spectral penalty's weight) must be a number >= 0, got {mu!r}")
 
 
 @dataclass(frozen=True)
@@ -105,12 +116,7 @@ class HaLoRA(Pass):
     invalidates = frozenset({"cost"})
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"HaLoRA: mode must be one of {list(MODES)}, got {self.mode!r}")
-        _check_fraction("noise_weight", self.noise_weight, "HaLoRA: ", open_low=True)
-        if isinstance(self.mu, bool) or not isinstance(self.mu, numbers.Real) or not math.isfinite(self.mu) \
-                or self.mu < 0:
-            raise ValueError(f"HaLoRA: mu (the spectral penalty's weight) must be a number >= 0, got {self.mu!r}")
+        check_settings(self.mode, self.noise_weight, self.mu)
         if self.mode in ("dual", "both") and (self.noise is None or self.noise.is_noiseless()):
             raise ValueError(f"HaLoRA: mode={self.mode!r} trains against fresh RRAM noise, but the chip has no noise "
                              "(noise=None or noise_sigma=0): give the chip a noise model, or use mode='spectral'")
@@ -138,8 +144,7 @@ class HaLoRA(Pass):
                 "of your own gets it when forward returns the loss (a scalar, or an output field named 'loss').",
                 list(graph_record(gm).inputs))
             return idle("the graph computes no loss (call the model with labels)")
-        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        leaves = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+        out, leaves = _outputs(gm)
         loss = leaves[index]
         copied = 0
         with gm.graph.inserting_before(out):

@@ -47,7 +47,8 @@ import torch
 import torch.fx
 
 from lorafx.context import CompileContext
-from lorafx.dialect import LINEAR, RRAM, SHORTCUT, SRAM_ADAPTER, args_of, canonicalize, kind_of, owner_of
+from lorafx.dialect import (LINEAR, RRAM, SHORTCUT, SRAM_ADAPTER, args_of, canonicalize, kind_of, owner_of,
+                            replace_node)
 from lorafx.dialect.cim import mask_of
 from lorafx.graph_utils import find_linear_sites, get_attr
 from lorafx.meta import CostRecord, LoraRecord, PlacementRecord, get_record, graph_record, set_record
@@ -108,10 +109,9 @@ class PartitionToTargets(Pass):
                 new = SRAM_ADAPTER.build(graph, v.x, base, mask_of(node), rec, created_by=self.name,
                                          name=node.name + "_sram")
             if "val" in node.meta:
-                base.meta["val"] = new.meta["val"] = node.meta["val"]
+                base.meta["val"] = node.meta["val"]
             w.meta["val"] = get_attr(gm, rec.weight)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_node(graph, node, new, base)
             count += 1
         return count
 
@@ -124,10 +124,7 @@ class PartitionToTargets(Pass):
             with graph.inserting_before(node):
                 new = RRAM.build(graph, site.x, site.weight, site.bias, transposed=site.weight_transposed,
                                  site=site.module, created_by=self.name, name=node.name + "_rram")
-            if "val" in node.meta:
-                new.meta["val"] = node.meta["val"]
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_node(graph, node, new)
             count += 1
         return count
 

@@ -268,11 +268,7 @@ def main(argv=None) -> int:
               "torch": torch.__version__}
     saved = os.path.join(args.out, "cim.json")
     partial = os.path.join(args.out, "cim.partial.json")
-    done = C.resumed([saved, partial], recipe) if args.resume else {}
-    rows = [done[c] for c in cells if c in done]
-    todo = [c for c in cells if c not in done]
-    if rows:
-        print(f"--resume: {len(rows)} cells reused from {args.out}")
+    rows, todo = C.pending(cells, [saved, partial], recipe, args.resume)
     print(f"{len(todo)} cells ({len(methods)} methods x {len(tasks)} tasks x {len(seeds)} seeds), {args.steps} "
           f"steps each, {args.chips} chips per setting, {args.jobs} processes; LoRA r={R} alpha={ALPHA}", flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -291,10 +287,7 @@ def main(argv=None) -> int:
                          jobs=args.jobs, initializer=_worker_init, rows=rows, partial=partial, recipe=recipe,
                          on_row=report, on_failure=report_failure)
     seconds = time.perf_counter() - start
-    if failed:
-        print(f"\n{len(failed)} cell(s) failed; the finished ones are in {partial} (--resume reuses them):")
-        for m, t, s, err in failed:
-            print(f"  {m} {t} seed {s}: {err}")
+    if C.report_failures(failed, partial):
         return 1
     _worker_init()
     ratio = weight_ratio()

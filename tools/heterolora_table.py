@@ -193,11 +193,7 @@ def main(argv=None) -> int:
     recipe = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_test": args.n_test,
               "budget": budget, "torch": torch.__version__}
     saved = os.path.join(args.out, "heterolora.json")
-    done = C.resumed([saved], recipe) if args.resume else {}
-    rows = [done[c] for c in cells if c in done]
-    todo = [c for c in cells if c not in done]
-    if rows:
-        print(f"--resume: {len(rows)} cells reused from {saved}")
+    rows, todo = C.pending(cells, [saved], recipe, args.resume)
     print(f"{len(todo)} fine-tuning runs ({len(methods)} methods x {len(tasks)} tasks x {len(seeds)} seeds), "
           f"{args.steps} steps each, {args.jobs} processes; budget {budget:,} parameters")
     start = time.perf_counter()
@@ -209,15 +205,13 @@ def main(argv=None) -> int:
 
     rows, failed = C.run(todo, run_cell, lambda c: (*c, budget, args.steps, args.batch_size, args.lr, args.n_test),
                          jobs=args.jobs, initializer=_worker_init, rows=rows, on_row=report)
-    if failed:
-        for m, t, s, err in failed:
-            print(f"  {m} {t} seed {s} failed: {err}")
+    if C.report_failures(failed):
         return 1
     seconds = time.perf_counter() - start
     summary = summarise(rows, methods, tasks, seeds)
     print()
     print(format_table(summary, methods, tasks, budget, budget_all))
-    print(f"\n{len(todo)} runs in {seconds / 60:.1f} min" + (f" ({len(cells) - len(todo)} reused)" if done else ""))
+    print(f"\n{len(todo)} runs in {seconds / 60:.1f} min" + (f" ({len(cells) - len(todo)} reused)" if len(todo) < len(cells) else ""))
     os.makedirs(args.out, exist_ok=True)
     config = {"tasks": tasks, "seeds": seeds, "methods": methods, **recipe, "alpha": 16,
               "budget_all_linear_r8": budget_all, "jobs": args.jobs}

@@ -328,11 +328,7 @@ def main(argv=None) -> int:
               "calibration_batches": CALIBRATION_BATCHES, "r": R, "alpha": ALPHA, "torch": torch.__version__}
     saved = os.path.join(args.out, "sparse.json")
     partial = os.path.join(args.out, "sparse.partial.json")  # the cells finished so far (removed on success)
-    done = C.resumed([saved, partial], recipe) if args.resume else {}
-    rows = [done[c] for c in cells if c in done]
-    todo = [c for c in cells if c not in done]
-    if rows:
-        print(f"--resume: {len(rows)} cells reused from {args.out}")
+    rows, todo = C.pending(cells, [saved, partial], recipe, args.resume)
     print(f"{len(todo)} cells ({len(methods)} methods x {len(tasks)} tasks x {len(seeds)} seeds), "
           f"{args.steps} steps each, {args.jobs} processes; {100 * args.sparsity:g}% Wanda ({args.pattern}), "
           f"LoRA r={R} alpha={ALPHA}", flush=True)
@@ -356,10 +352,7 @@ def main(argv=None) -> int:
                          jobs=args.jobs, initializer=_worker_init, rows=rows, partial=partial, recipe=recipe,
                          on_row=report, on_failure=report_failure)
     seconds = time.perf_counter() - start
-    if failed:
-        print(f"\n{len(failed)} cell(s) failed; the finished ones are in {partial} (--resume reuses them):")
-        for m, t, s, err in failed:
-            print(f"  {m} {t} seed {s}: {err}")
+    if C.report_failures(failed, partial):
         return 1
     summary, same_masks = summarise(rows, methods, tasks, seeds)
     print()
@@ -369,7 +362,7 @@ def main(argv=None) -> int:
           f"{max((summary[m].get('merged_logits_max_diff', 0.0) for m in methods), default=0.0):.2g}")
     if not same_masks:
         print("WARNING: the pruned methods of a (task, seed) did not all start from the same pruned weights")
-    print(f"\n{len(todo)} cells in {seconds / 60:.1f} min" + (f" ({len(cells) - len(todo)} reused)" if done else ""))
+    print(f"\n{len(todo)} cells in {seconds / 60:.1f} min" + (f" ({len(cells) - len(todo)} reused)" if len(todo) < len(cells) else ""))
     config = {"tasks": tasks, "seeds": seeds, "methods": methods, **recipe, "jobs": args.jobs}
     with open(saved, "w") as f:
         json.dump({"config": config, "summary": summary, "same_pruned_masks": same_masks,

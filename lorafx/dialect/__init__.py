@@ -22,8 +22,8 @@ kind is a module like these: its ``torch.library`` ops, an ``OpKind`` subclass, 
 ``register_kind`` call.
 """
 from .registry import (ArgView, InputQuery, MergedFrom, NodeCost, OpKind, ScheduleFamily, args_of, canonicalize,
-                       create, kind_named, kind_of, kinds, lint, lora_nodes, owner_of, register_kind, set_args,
-                       write)
+                       create, kind_named, kind_of, kinds, lint, lora_nodes, owner_of, register_kind, replace_node,
+                       set_args, write)
 from .linear import LINEAR, lora_linear_reference, schedule_counts
 from .recompute import RECOMPUTE
 from .siblings import SIBLINGS
@@ -34,6 +34,6 @@ from .cim import RRAM, SRAM_ADAPTER
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
-    "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "set_args",
+    "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "replace_node", "set_args",
     "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "lora_linear_reference", "schedule_counts",
 ]

@@ -52,7 +52,7 @@ from torch.utils.flop_counter import register_flop_formula
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
 from .linear import MASK_OP, dropped, dyb_t, flat, xa_t
-from .registry import InputQuery, NodeCost, OpKind, args_of, copy_meta, create, register_kind
+from .registry import InputQuery, NodeCost, OpKind, args_of, create, register_kind, replace_node
 
 __all__ = ["rram_linear", "rram_program", "lora_sram", "quantize_tokens", "set_noise_sampler", "RRAMKind",
            "SRAMAdapterKind", "RRAM", "SRAM_ADAPTER", "RRAM_OP", "PROGRAM_OP", "SRAM_OP", "lower_to_digital"]
@@ -280,11 +280,7 @@ class RRAMKind(OpKind):
         with graph.inserting_before(node):
             w = graph.call_function(aten.t.default, (v.weight,)) if v.transposed else v.weight
             out = graph.call_function(aten.linear.default, (v.x, w, v.bias))
-        copy_meta(node, out)
-        if "val" in node.meta:
-            out.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        replace_node(graph, node, out)
         return out
 
 
@@ -331,11 +327,7 @@ class SRAMAdapterKind(OpKind):
             delta = graph.call_function(aten.linear.default, (xa, v.lora_B))
             scaled = graph.call_function(aten.mul.Tensor, (delta, v.scale))
             out = graph.call_function(aten.add.Tensor, (v.base, scaled))
-        copy_meta(node, xa, delta, scaled, out)
-        if "val" in node.meta:
-            out.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        replace_node(graph, node, out, xa, delta, scaled)
         return out
 
 

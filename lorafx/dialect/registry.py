@@ -35,7 +35,7 @@ from lorafx.schedules import Rule
 __all__ = [
     "ArgView", "args_of", "set_args", "write", "create", "OpKind", "ScheduleFamily", "NodeCost", "InputQuery",
     "MergedFrom", "register_kind", "kind_of", "kind_named", "owner_of", "kinds", "lora_nodes", "canonicalize", "lint",
-    "getitem_index", "getitem_users", "copy_meta",
+    "getitem_index", "getitem_users", "copy_meta", "replace_node",
 ]
 
 OpOverload = torch._ops.OpOverload
@@ -462,6 +462,16 @@ def getitem_index(node: torch.fx.Node) -> Optional[int]:
 def getitem_users(node: torch.fx.Node) -> Dict[int, torch.fx.Node]:
     """{index: getitem node} for the users of a tuple-valued node."""
     return {getitem_index(u): u for u in node.users if getitem_index(u) is not None}
+
+
+def replace_node(graph: torch.fx.Graph, node: torch.fx.Node, out: torch.fx.Node, *made: torch.fx.Node) -> None:
+    """Make ``out`` stand for ``node`` (its users, its ``val``) and erase ``node``; ``made`` are the
+    other nodes built for it, which get its provenance like ``out``."""
+    copy_meta(node, *made, out)
+    if "val" in node.meta:
+        out.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
 
 
 def copy_meta(src: torch.fx.Node, *dst: torch.fx.Node, keys=("nn_module_stack", "stack_trace")) -> None:

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import register_flop_formula
 from lorafx.meta import OriginRecord, get_record, set_record
 
 from .linear import dyb_t, flat, xa_t
-from .registry import InputQuery, NodeCost, OpKind, copy_meta, create, register_kind
+from .registry import InputQuery, NodeCost, OpKind, create, register_kind, replace_node
 
 __all__ = ["lora_shortcut", "lora_shortcut_reference", "ShortcutRecord", "ShortcutKind", "SHORTCUT", "LINKS"]
 
@@ -214,15 +214,11 @@ class ShortcutKind(OpKind):
                 delta = graph.call_function(aten.view_as.default, (delta, v.y))
             scaled = graph.call_function(aten.mul.Tensor, (delta, v.scale))
             out = graph.call_function(aten.add.Tensor, (v.y, scaled))
-        copy_meta(node, xa, delta, scaled, out)
-        if "val" in node.meta:
-            out.meta["val"] = node.meta["val"]
         rec = self.record(node)
         if rec is not None:
             for n in (xa, delta, scaled, out):
                 set_record(n, OriginRecord(rec.site, "Shortcut", created_by="merge_and_unload"))
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        replace_node(graph, node, out, xa, delta, scaled)
         return out
 
 

@@ -20,7 +20,7 @@ import multiprocessing as mp
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["DEFAULT_TASKS", "Cell", "add_arguments", "resumed", "run"]
+__all__ = ["DEFAULT_TASKS", "Cell", "add_arguments", "resumed", "pending", "run", "report_failures"]
 
 # the four tasks with the lowest LoRA r=8 accuracy in the README's baseline table (most headroom)
 DEFAULT_TASKS = ("add_words", "lookup", "logic_words", "add")
@@ -55,6 +55,27 @@ def resumed(paths: Iterable[str], recipe: Dict[str, Any], log: Callable[[str], N
         else:
             log(f"--resume: {path} was run with another recipe; not reused")
     return done
+
+
+def pending(cells: Sequence[Cell], paths: Iterable[str], recipe: Dict[str, Any], resume: bool,
+            log: Callable[[str], None] = print) -> Tuple[List[dict], List[Cell]]:
+    """``(rows, todo)``: with ``resume``, the rows of ``cells`` that earlier runs of ``recipe`` left
+    in ``paths`` (``resumed``), and the cells still to run."""
+    done = resumed(paths, recipe, log) if resume else {}
+    rows = [done[c] for c in cells if c in done]
+    if rows:
+        log(f"--resume: {len(rows)} cells reused")
+    return rows, [c for c in cells if c not in done]
+
+
+def report_failures(failed: Sequence[tuple], partial: Optional[str] = None, log: Callable[[str], None] = print) -> bool:
+    """Log the cells ``run`` reports as failed (and where the finished ones are); returns whether any failed."""
+    if failed:
+        where = f"; the finished ones are in {partial} (--resume reuses them)" if partial else ""
+        log(f"\n{len(failed)} cell(s) failed{where}:")
+        for method, task, seed, error in failed:
+            log(f"  {method} {task} seed {seed}: {error}")
+    return bool(failed)
 
 
 def run(todo: Sequence[Cell], fn: Callable[..., dict], cell_args: Callable[[Cell], tuple], *, jobs: int,
