@@ -48,6 +48,7 @@ import torch
 import torch.fx
 
 from lorafx.context import CompileContext
+from lorafx.dialect import args_of
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
 __all__ = ["CausalMaskToIsCausal", "prove_causal_mask", "mask_expression", "NotProven"]
@@ -363,15 +364,11 @@ def prove_causal_mask(gm: torch.fx.GraphModule, sdpa: torch.fx.Node, _interp: Op
 
 
 def _mask_arg(node):
-    if len(node.args) > 3:
-        return node.args[3]
-    return node.kwargs.get("attn_mask")
+    return args_of(node).attn_mask
 
 
 def _is_causal_arg(node):
-    if len(node.args) > 5:
-        return node.args[5]
-    return node.kwargs.get("is_causal", False)
+    return args_of(node).is_causal
 
 
 @dataclass(frozen=True)
@@ -394,7 +391,7 @@ class CausalMaskToIsCausal(Pass):
             if reason is not None:
                 kept[node.name] = reason
                 continue
-            dropout_p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+            dropout_p = args_of(node).dropout_p
             kwargs = {k: v for k, v in node.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
             node.args = (*node.args[:3], None, dropout_p, True)
             node.kwargs = kwargs
