@@ -91,7 +91,7 @@ def _accuracy_on_chips(trained, noise, sigma, chips, task, n_test, seed):
     return accs
 
 
-def run_cell(method, task, seed, steps, batch_size, lr, n_test, chips, settings):
+def run_cell(method, task, seed, steps, batch_size, lr, n_test, chips, settings, noise_weight=0.5, mu=1e-3):
     from lorafx.eval import harness
     row = {"method": method, "task": task, "seed": seed, "accuracy": {}}
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def run_cell(method, task, seed, steps, batch_size, lr, n_test, chips, settings)
         else:
             mode, label = method[len("halora-"):].split("@", 1)
             noise, sigma = settings[label]
-            model = _compiled(noise, sigma, {"mode": mode}, seed)
+            model = _compiled(noise, sigma, {"mode": mode, "noise_weight": noise_weight, "mu": mu}, seed)
             evaluated = {label: settings[label]}
         fit = harness.finetune(model, task, _BASE["tok"], steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                progress=False)
@@ -242,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sigmas", default="0.1,0.15,0.2", help="additive σ / max|W| of the noise settings")
     ap.add_argument("--preset", default="rram_milo2021", help="a conductance-level noise preset ('' for none)")
     ap.add_argument("--chips", type=int, default=5, help="programmed chips evaluated per noise setting")
+    ap.add_argument("--noise-weight", type=float, default=0.5, help="HaLoRA's λ (the noisy loss's weight)")
+    ap.add_argument("--mu", type=float, default=1e-3, help="HaLoRA's μ (the spectral penalty's weight)")
     ap.add_argument("--replot", action="store_true", help="print the table and redraw the plot of <out>/cim.json")
     C.add_arguments(ap, out="cim_out")
     ap.set_defaults(tasks="add")
@@ -265,7 +267,7 @@ def main(argv=None) -> int:
     cells = [(m, t, s) for s in seeds for t in tasks for m in methods]
     recipe = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "n_test": args.n_test,
               "chips": args.chips, "settings": {k: list(v) for k, v in settings.items()}, "r": R, "alpha": ALPHA,
-              "torch": torch.__version__}
+              "noise_weight": args.noise_weight, "mu": args.mu, "torch": torch.__version__}
     saved = os.path.join(args.out, "cim.json")
     partial = os.path.join(args.out, "cim.partial.json")
     rows, todo = C.pending(cells, [saved, partial], recipe, args.resume)
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
         print(f"[{i}/{len(todo)}] {cell[0]:<28} {cell[1]:<10} seed {cell[2]}  FAILED: {error}", flush=True)
 
     rows, failed = C.run(todo, run_cell, lambda c: (*c, args.steps, args.batch_size, args.lr, args.n_test,
-                                                    args.chips, settings),
+                                                    args.chips, settings, args.noise_weight, args.mu),
                          jobs=args.jobs, initializer=_worker_init, rows=rows, partial=partial, recipe=recipe,
                          on_row=report, on_failure=report_failure)
     seconds = time.perf_counter() - start
