@@ -485,8 +485,8 @@ def params(cm):
     return {n: p.detach().clone() for n, p in cm.trainable_parameters().items()}
 
 
-@pytest.mark.parametrize("old,new", [("both", "both"), ("linear", "both"), ("both", "linear"),
-                                     ("shortcuts", "both")])
+@pytest.mark.parametrize("old,new", [("both", "both"), pytest.param("linear", "both", marks=pytest.mark.slow),
+                                     ("both", "linear"), pytest.param("shortcuts", "both", marks=pytest.mark.slow)])
 def test_an_interrupted_save_leaves_the_old_adapter(tmp_path, monkeypatch, old, new):
     """A fault at any filesystem step (every step of a save of up to three files, and moving
     out a file the new save does not write) leaves the previous adapter byte-identical."""
