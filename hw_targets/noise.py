@@ -733,7 +733,9 @@ def _weight_seed(seed: int, name: str) -> int:
 def sample_chip(weights: Mapping[str, torch.Tensor], model: NoiseModel, seed: int) -> Dict[str, torch.Tensor]:
     """One programmed chip: every weight sampled by ``model`` with its own CPU generator
     seeded from sha256(f"{seed}:{name}"), so the chip is reproducible, independent of
-    dict order, and a weight's noise does not depend on the other weights."""
+    dict order, and a weight's noise does not depend on the other weights.  A weight on the
+    meta device (a plan without weights) gets an empty meta tensor: ``lorafx.materialize``
+    programs the chip once the weights exist."""
     model = noise_model(model)
     if model is None:
         raise ValueError("sample_chip: model must be a NoiseModel or a model/preset name, got None")
@@ -741,6 +743,9 @@ def sample_chip(weights: Mapping[str, torch.Tensor], model: NoiseModel, seed: in
         raise ValueError(f"sample_chip: seed must be an int, got {seed!r} ({_kind(seed)}); pass e.g. seed=0")
     out = {}
     for name, weight in weights.items():
+        if weight.is_meta:
+            out[name] = torch.empty_like(weight)
+            continue
         gen = torch.Generator(device="cpu")
         gen.manual_seed(_weight_seed(int(seed), str(name)))
         out[name] = model.sample(weight, gen)

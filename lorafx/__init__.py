@@ -11,19 +11,22 @@ from .capture import CaptureError, capture
 from .compiled import CompiledModel, CompileReport
 from .compiler import compile, default_passes, load_adapter
 from .context import CompileContext
-from .inspect import DiffGraphs, DumpGraphs, PrintGraphs, TimePasses, diff_graphs, draw, format_graph, to_networkx
+from .inspect import DiffGraphs, DumpGraphs, PrintGraphs, TimePasses, diff_graphs, draw, format_graph, to_html, to_networkx
+from .materialize import materialize
 from .meta import DropoutRecord, GraphRecord, LoraRecord, OriginRecord, get_record, graph_record, set_record
 from .options import Option
 from .pipeline import Instrument, Pass, PassError, PassResult, Pipeline, PipelineOrderError, lint_graph
+from .program_io import LoadedProgram, load_program
 from .pruning import prune
 from .reallocate import ReallocateRanks
 
 __all__ = [
     "compile", "prune", "default_passes", "capture", "CompiledModel", "CompileReport", "CaptureError", "load_adapter", "save_adapter",
+    "load_program", "LoadedProgram", "materialize",
     "Pass", "PassResult", "Pipeline", "PassError", "PipelineOrderError", "Instrument", "lint_graph",
-    "format_graph", "diff_graphs", "to_networkx", "draw", "PrintGraphs", "DiffGraphs", "TimePasses",
+    "format_graph", "diff_graphs", "to_networkx", "draw", "to_html", "PrintGraphs", "DiffGraphs", "TimePasses",
     "DumpGraphs", "LoraRecord", "OriginRecord", "DropoutRecord", "get_record", "set_record",
-    "GraphRecord", "graph_record", "CompileContext", "Option", "ReallocateRanks", "ReallocateRanksCallback",
+    "GraphRecord", "graph_record", "CompileContext", "Option", "ReallocateRanks", "ReallocateRanksCallback", "AdapterTrainer",
     "__version__",
 ]
 
@@ -32,4 +35,7 @@ def __getattr__(name):
     if name == "ReallocateRanksCallback":  # a transformers TrainerCallback: built on first use
         from .reallocate import ReallocateRanksCallback
         return ReallocateRanksCallback
+    if name == "AdapterTrainer":  # a transformers Trainer: built on first use
+        from .training import AdapterTrainer
+        return AdapterTrainer
     raise AttributeError(f"module 'lorafx' has no attribute {name!r}")

@@ -186,9 +186,19 @@ def _shortcuts_only_config(cm, shortcuts) -> dict:
     }
 
 
-def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a torch.distributed DTensor (a sharded parameter: FSDP2, tensor parallel)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) -> None:
     """Write ``cm``'s adapters to ``directory`` in PEFT's format, and its shortcut adapters
-    (if any) to ``lorafx_shortcuts.safetensors`` beside them.
+    (if any) to ``lorafx_shortcuts.safetensors`` beside them.  ``tensors``: a state dict to
+    take the adapter values from (by parameter name) instead of ``cm``'s parameters; adapters
+    sharded across processes (FSDP2's DTensors) are refused, naming how to gather them.
 
     Atomic: if any step fails, the adapter already in ``directory`` stays as it was
     and no staging files remain.  Other files in ``directory`` are left alone.
@@ -210,7 +220,21 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True) -> None:
     replacing = any(os.path.exists(os.path.join(directory, n)) for n in (CONFIG_NAME, WEIGHTS_NAME, SHORTCUTS_NAME))
     if replacing and not overwrite:
         raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it")
-    tensor = lambda path: get_attr(cm, path).detach().contiguous().cpu()
+    if tensors is not None:
+        missing = [p for pair in paths.values() for p in pair if p not in tensors]
+        if missing:
+            raise KeyError(f"save_adapter: the state dict given has no {missing[0]!r} ({len(missing)} adapter "
+                           "tensors missing); pass the model's full state_dict() (or none, to save its parameters)")
+    source = (lambda path: tensors[path]) if tensors is not None else (lambda path: get_attr(cm, path))
+    sharded = [p for pair in paths.values() for p in pair if _is_dtensor(source(p))]
+    if sharded:
+        raise ValueError(
+            f"cannot save the adapters: they are sharded across processes (adapter tensor {sharded[0]!r} is a "
+            "DTensor, e.g. after FSDP2's fully_shard), so this rank holds only its shard. Gather the full tensors "
+            "on every rank, then save on rank 0: full = torch.distributed.checkpoint.state_dict.get_model_state_dict("
+            "cm, options=StateDictOptions(full_state_dict=True, cpu_offload=True)); then on rank 0 "
+            "lorafx.save_adapter(cm, folder, tensors=full)")
+    tensor = lambda path: source(path).detach().contiguous().cpu()
     files: Dict[str, Tuple[dict, dict]] = {}  # file name -> (tensors, extra metadata)
     sparse = sparse_sites(cm)
     if records:

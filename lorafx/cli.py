@@ -9,7 +9,8 @@ Hugging Face folder), compiles it with ``lorafx.compile``, prints what every pas
 did and writes to ``--out``:
 
 * ``graph.txt``    the rewritten graph, one node a line, with lorafx metadata
-* ``graph.svg``    a drawing of it, adapters in red (skipped with ``--no-draw``)
+* ``graph.svg``    a drawing of it, adapters in red, repeated layers folded (skipped with ``--no-draw``)
+* ``graph.html``   every node nested by module, in sections that fold and unfold in a browser
 * ``report.json``  the compile report plus the model, target and options
 * ``passes/``      the graph after capture and after every pass
 
@@ -283,6 +284,7 @@ def cmd_compile(args, out=None) -> int:
     files["graph.txt"] = os.path.join(args.out, "graph.txt")
     with open(files["graph.txt"], "w") as f:
         f.write(cm.graph_report() + "\n")
+    files["graph.html"] = lorafx.to_html(cm.graph_module, os.path.join(args.out, "graph.html"))
     if not args.no_draw:
         files["graph.svg"] = os.path.join(args.out, "graph.svg")
         with _Status("drawing graph.svg"):
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model and write its graph, drawing and report",
                        description="Capture a model, insert LoRA adapters, lower to a target and write "
-                                   "graph.txt, graph.svg, report.json and passes/ to --out.")
+                                   "graph.txt, graph.svg, graph.html, report.json and passes/ to --out.")
     c.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a built-in model (see `lorafx models`) or a local Hugging Face folder "
                         f"(default {DEFAULT_MODEL})")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -39,7 +40,7 @@ from .capture import mode_dependent as has_batch_norm_modes
 from .context import CompileContext
 from .dialect import ShortcutRecord, canonicalize, kind_of
 from .dialect.cim import lower_to_digital
-from .graph_utils import owner_and_name
+from .graph_utils import owner_and_name, retarget_devices
 from .meta import LoraRecord, get_record, graph_record
 from .options import check_seed
 from .pipeline import PassReport, Pipeline, lint_graph
@@ -147,10 +148,29 @@ class CompiledModel(torch.nn.Module):
         self._variants[self._key(graph_record(graph_module).signature, source.training)] = graph_module
         self.__class__ = _compiled_class(type(source))
         self.train(source.training)
+        _inherit_checkpointing(self, source)  # the source's gradient_checkpointing_enable(), if called
 
     def _key(self, signature: tuple, training: bool) -> tuple:
         """A graph's key: the call signature, plus the mode for models with batch norm."""
         return (signature, training if self._mode_dependent else None)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> List[str]:
+        """The names DistributedDataParallel must leave alone: the base tensors this model shares
+        with the source model.  DDP copies rank 0's parameters and buffers into the other ranks'
+        when it wraps a module (buffers again before each forward), which would write into the
+        user's model; every rank builds the same base instead (one checkpoint, or one seed).  The
+        adapters and private copies are broadcast and all-reduced as usual.  Names DDP's
+        ``_set_params_and_buffers_to_ignore_for_model`` sets are added to these."""
+        shared = {t.untyped_storage().data_ptr() for t in _tensors(self._source) if t.device.type != "meta"}
+        own = [n for n, t in [*self.named_parameters(), *self.named_buffers()]
+               if t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter)
+               and t.untyped_storage().data_ptr() in shared]
+        return own + [n for n in self.__dict__.get("_ddp_ignore_extra", ()) if n not in own]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names) -> None:
+        self.__dict__["_ddp_ignore_extra"] = list(names)
 
     @property
     def source_model(self) -> torch.nn.Module:
@@ -180,28 +200,94 @@ class CompiledModel(torch.nn.Module):
                 if gm is None:
                     gm = self._add_variant(args, kwargs, key)
         check_input_ranks(gm, kwargs)
-        if self.backend == "eager":
-            # lorafx ops through their fast eager path; the inputs were checked above (lorafx/eager.py)
-            return eager.run(gm, args, kwargs, inputs_checked=True)
-        run = self._compiled.get(id(gm))
-        if run is None:
-            run = torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=self.dynamic)
-            self._compiled[id(gm)] = run
-        return run(*args, **kwargs)
+        gm = self._checkpointed(gm)
+        try:
+            if self.backend == "eager":
+                # lorafx ops through their fast eager path; the inputs were checked above (lorafx/eager.py)
+                return eager.run(gm, args, kwargs, inputs_checked=True)
+            run = self._compiled.get(id(gm))
+            if run is None:
+                run = torch.compile(gm, backend=self.backend, fullgraph=True, dynamic=self.dynamic)
+                self._compiled[id(gm)] = run
+            return run(*args, **kwargs)
+        except Exception as e:
+            sharded = _sharded_submodules(self)
+            if not sharded:
+                raise
+            raise RuntimeError(
+                f"FSDP2's fully_shard was applied to {len(sharded)} submodule(s) of this lorafx compiled model "
+                f"({', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}): its graph reads every parameter "
+                "directly and never calls those submodules, so the forward hooks that gather their shards never run. "
+                "Apply fully_shard to the compiled model only, fully_shard(cm): its parameters are then gathered as "
+                "one group around each forward and backward") from e
+
+    # -- activation checkpointing (the transformers names; passes/checkpoint_layers.py) --------------
+    supports_gradient_checkpointing = True
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[Dict[str, Any]] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Run every repeated block (decoder layer) under activation checkpointing when training
+        (``CheckpointLayers``): its activations are recomputed in backward instead of kept.  The
+        captured graphs are not captured again: each runs as a checkpointed copy sharing its
+        parameters.  ``activation_checkpointing_kwargs``: ``torch.utils.checkpoint.checkpoint``
+        keywords (``use_reentrant`` must be False); ``every_n_layers``: checkpoint layers 0, n, 2n, ..."""
+        from lorafx.passes.checkpoint_layers import CheckpointLayers
+        if offload:
+            raise ValueError("activation checkpointing with offload=True (saved activations moved to pinned host "
+                             "memory) is not implemented by lorafx; pass offload=False")
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        config = CheckpointLayers(every_n_layers=every_n_layers, checkpoint_kwargs=tuple(sorted(kwargs.items())))
+        self.__dict__["_checkpointing"] = config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[Dict[str, Any]] = None,
+                                      **kwargs) -> None:
+        """``activation_checkpointing_enable`` under its older name (what the Trainer calls)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Keep every activation again (the graphs run as captured)."""
+        self.__dict__["_checkpointing"] = None
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.__dict__.get("_checkpointing") is not None
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def _checkpointed(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """``gm``, or its checkpointed copy when checkpointing is on and this call trains."""
+        config = self.__dict__.get("_checkpointing")
+        if config is None or not (self.training and torch.is_grad_enabled()) or self._merged:
+            return gm
+        from lorafx.passes.checkpoint_layers import checkpointed
+        return checkpointed(gm, config)
 
     def _add_variant(self, args: tuple, kwargs: dict, key: tuple) -> torch.fx.GraphModule:
         detached = lambda v: v.detach() if isinstance(v, torch.Tensor) else v
         primary = self.graph_module
         check_input_ranks(primary, kwargs)  # named before a slow capture that would fail on it
+        device = self.__dict__.get("_materialized_on")  # planned on meta, then lorafx.materialize'd
+        if device is not None:  # the source has no weights: capture it with meta inputs, then retarget
+            detached = lambda v: v.detach().to("meta") if isinstance(v, torch.Tensor) else v
         args, kwargs = tuple(map(detached, args)), {k: detached(v) for k, v in kwargs.items()}
         gm = capture(self._source, args, kwargs, dynamic=self.dynamic,
                      training=self.training if self._mode_dependent else None, during="call")
         own_base(gm, self._source)
         gm = self._pipeline(gm, self._context.for_capture(args, kwargs, training=self.training)).graph_module
+        if device is not None:
+            retarget_devices(gm, "meta", device)
         own = gm._modules
         object.__setattr__(gm, "_modules", {**primary._modules, **{k: v for k, v in own.items()
                                                                    if k not in primary._modules or k == "_guards_fn"}})
         _share_tensors(gm, primary)
+        if device is not None:
+            unbound = next((n for n, t in gm.state_dict(keep_vars=True).items() if t.is_meta), None)
+            if unbound is not None:
+                raise RuntimeError(f"this call's inputs make the graph use {unbound!r}, which the planned graph "
+                                   "did not have, so lorafx.materialize gave it no value: call the model once "
+                                   "with these inputs (on meta) before materialize")
         _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
         if self._merged:
@@ -222,6 +308,10 @@ class CompiledModel(torch.nn.Module):
         merged."""
         if self._merged:
             raise RuntimeError("cannot rebuild the graphs of a merged model: call cm.unmerge() first")
+        if self.__dict__.get("_materialized_on") is not None:
+            raise RuntimeError("cannot rebuild the graphs of a model planned on the meta device and materialized: "
+                               "its source has no weights to capture; compile the loaded model (from_pretrained) "
+                               "with the new ranks instead")
         old, ctx = self.graph_module, self._context
         training = graph_record(old).captured_training if self._mode_dependent else None
         with self._capture_lock:
@@ -417,12 +507,32 @@ class CompiledModel(torch.nn.Module):
         atomically; ``overwrite=False`` refuses to replace an adapter already there."""
         save_adapter(self, directory, overwrite=overwrite)
 
+    def save_pretrained(self, save_directory: str, *, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                        is_main_process: bool = True, **ignored) -> None:
+        """``save_adapter`` under the name transformers and PEFT use (``lorafx.AdapterTrainer``,
+        accelerate's ``unwrap_model(...).save_pretrained``): the adapters in PEFT's format.
+        ``state_dict`` (a gathered one, as the Trainer passes under FSDP or DeepSpeed) supplies
+        the adapter values by parameter name; ``is_main_process=False`` writes nothing; the other
+        keywords of ``PreTrainedModel.save_pretrained`` (``safe_serialization``, ...) are accepted
+        and ignored: the adapter is always safetensors."""
+        if is_main_process:
+            save_adapter(self, save_directory, tensors=state_dict)
+
     def load_adapter(self, directory: str, *, trust_pickle: bool = False) -> "CompiledModel":
         """Load adapter weights (saved by lorafx or PEFT) into this model's adapters, the
         shortcut adapters too (the saved sites must be this model's); ``trust_pickle=True``
         lets a ``.bin`` file run the pickle code it holds."""
         load_adapter_weights(self, directory, trust_pickle=trust_pickle)
         return self
+
+    def save_program(self, directory: str, *, overwrite: bool = False) -> None:
+        """Save the whole program: every captured graph (torch.export), the weights, the
+        adapters in PEFT's format and the lorafx records, atomically; ``lorafx.load_program``
+        loads it without the source model (``lorafx/program_io.py``, which sets the saver: it
+        imports this module, so this one does not import it)."""
+        if PROGRAM_SAVER[0] is None:
+            raise RuntimeError("cm.save_program needs lorafx.program_io: import lorafx (or lorafx.program_io) first")
+        PROGRAM_SAVER[0](self, directory, overwrite=overwrite)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
@@ -494,6 +604,28 @@ class CompiledModel(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"target={self.target!r}, backend={self.backend!r}, adapter_sites={len(self.lora_records())}, merged={self._merged}, "
                 f"signatures={len(self._variants)}")
+
+
+def _inherit_checkpointing(cm: CompiledModel, source: torch.nn.Module) -> None:
+    """Carry a transformers model's activation checkpointing over (``source.gradient_checkpointing_enable()``
+    before compile): the capture traces through ``torch.utils.checkpoint`` into a flat graph, so
+    lorafx checkpoints the same layers itself, with the same ``checkpoint`` keywords."""
+    import functools
+    flags = [bool(m.gradient_checkpointing) for m in source.modules()
+             if "GradientCheckpointingLayer" in {c.__name__ for c in type(m).__mro__}]
+    if not any(flags):
+        return
+    every = next((n for n in range(1, len(flags) + 1) if flags == [i % n == 0 for i in range(len(flags))]), None)
+    if every is None:
+        raise ValueError(
+            f"the source model checkpoints layers {[i for i, f in enumerate(flags) if f]} of {len(flags)} "
+            "(gradient_checkpointing_enable()), not every n-th from layer 0, which is what lorafx can carry over: call "
+            "source.gradient_checkpointing_disable() before lorafx.compile, then cm.gradient_checkpointing_enable("
+            "every_n_layers=n) on the compiled model")
+    func = next((getattr(m, "_gradient_checkpointing_func", None) for m in source.modules()
+                 if getattr(m, "gradient_checkpointing", False) is True), None)
+    kwargs = dict(func.keywords) if isinstance(func, functools.partial) else {}
+    cm.activation_checkpointing_enable(kwargs, every_n_layers=every)
 
 
 def _share_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
@@ -611,6 +743,17 @@ def _privatize_mutated_buffers(gm: torch.fx.GraphModule, source: torch.nn.Module
             if tensor is not None and tensor.device.type != "meta" and tensor.untyped_storage().data_ptr() in shared:
                 owner._buffers[name] = tensor.clone()
 
+
+def _sharded_submodules(cm: torch.nn.Module) -> List[str]:
+    """The names of ``cm``'s submodules (not ``cm`` itself) that FSDP2's ``fully_shard`` wraps."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not hasattr(fsdp, "FSDPModule"):
+        return []
+    return [name for name, m in cm.named_modules() if m is not cm and isinstance(m, fsdp.FSDPModule)]
+
+
+# the whole-program saver, set by lorafx.program_io (a driver module above this one)
+PROGRAM_SAVER: List[Any] = [None]
 
 _CLASSES: Dict[type, type] = {}
 

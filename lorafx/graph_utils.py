@@ -147,3 +147,35 @@ def pattern_value(name: str, pattern: dict, default):
 
 def unique(items: Iterable[str]) -> List[str]:
     return list(dict.fromkeys(items))
+
+
+def retarget_devices(gm: torch.nn.Module, old: Union[str, torch.device], new: Union[str, torch.device]) -> int:
+    """Replace every ``old`` device in the arguments of the nodes of ``gm``'s graph and of
+    every graph module nested in it (export bakes the capture device into ``arange``,
+    ``to``, ``_assert_tensor_metadata``, ...; also inside higher-order-op subgraphs).
+    Returns how many nodes changed; the graphs are recompiled."""
+    old, new = torch.device(old), torch.device(new)
+
+    def swap(a):
+        if isinstance(a, torch.device):
+            return new if a == old else a
+        if isinstance(a, (list, tuple)):
+            return type(a)(swap(x) for x in a)
+        if isinstance(a, dict):
+            return {k: swap(v) for k, v in a.items()}
+        return a
+
+    changed = 0
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        touched = False
+        for node in module.graph.nodes:
+            args, kwargs = swap(node.args), swap(node.kwargs)
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+                touched = True
+        if touched:
+            module.recompile()
+    return changed

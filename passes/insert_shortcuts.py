@@ -64,7 +64,6 @@ ranks come from it and ``shortcut_r`` is ignored.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,11 +77,11 @@ from lorafx.context import CompileContext
 from lorafx.dialect import SHORTCUT, ShortcutRecord, kind_of
 from lorafx.dialect.shortcut import LINKS
 from lorafx.graph_utils import set_parameter
-from lorafx.meta import graph_record
+from lorafx.meta import DeferredInit, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult, provided
 
-from .insert_lora import freeze_base
+from .insert_lora import draw_A, freeze_base
 
 __all__ = ["InsertShortcuts", "ShortcutSite", "find_shortcut_sites", "SUBMODULE"]
 
@@ -303,13 +302,19 @@ class InsertShortcuts(Pass):
             freeze_base(gm)
         current: Dict[torch.fx.Node, torch.fx.Node] = {}  # an adapted dst -> the node its users now read
         made = []
+        deferred: List[Tuple[str, Tuple[int, ...], str, int]] = []
         for s in sites:
             r = ranks.get(s.name, 0)
             if r <= 0:
                 continue
             ref = _reference_tensor(s.dst)
             a_path, b_path = _paths(s.name)
-            set_parameter(gm, a_path, torch.nn.Parameter(_init_A(r, s.dim, ref, gen)))
+            A = torch.empty(r, s.dim, dtype=ref.dtype, device=ref.device)
+            if A.is_meta:  # drawn by lorafx.materialize once the weights exist
+                deferred.append((a_path, tuple(A.shape), "kaiming", r))
+            else:
+                A.copy_(draw_A(A.shape, "kaiming", r, gen))
+            set_parameter(gm, a_path, torch.nn.Parameter(A))
             set_parameter(gm, b_path, torch.nn.Parameter(torch.zeros(s.dim, r, dtype=ref.dtype, device=ref.device)))
             alpha = self.shortcut_alpha
             record = ShortcutRecord(site=s.name, link=s.link, src=s.src.name, dst=s.dst.name, lora_A=a_path,
@@ -324,6 +329,8 @@ class InsertShortcuts(Pass):
             y.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
             current[s.dst] = new
             made.append(s)
+        if deferred:
+            graph_record(gm).deferred_init += (DeferredInit(seed, tuple(deferred)),)
         trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
         info = {
             "shortcut_sites": len(made),
@@ -355,13 +362,4 @@ def _reference_tensor(node: torch.fx.Node) -> torch.Tensor:
     """An empty tensor with the dtype and device the adapter gets: the residual's."""
     v = _val(node)
     return torch.empty(0, dtype=v.dtype, device=v.device)
-
-
-def _init_A(r: int, dim: int, ref: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """kaiming-uniform (nn.Linear's default, bound 1/sqrt(dim)), drawn in float32 from ``gen``."""
-    A = torch.empty(r, dim, dtype=ref.dtype, device=ref.device)
-    if A.device.type != "meta":
-        bound = 1.0 / math.sqrt(dim)
-        A.copy_(torch.rand(A.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound)
-    return A
 

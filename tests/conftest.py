@@ -174,3 +174,14 @@ class Warnings(logging.Handler):
     def emit(self, record):
         if record.levelno >= logging.WARNING:
             self.records.append(record)
+
+
+@pytest.fixture(scope="session")
+def llama_r4(tiny_model):
+    """The tiny LLaMA compiled with r=4, seed=0 (default passes), in train mode, its labelled call
+    signature captured too.  Shared: deep-copy it (``copy.deepcopy``, cheap) before changing it."""
+    import lorafx
+    cm = lorafx.compile(tiny_model("llama"), example_inputs=(ids(2, 12),), r=4, seed=0)
+    cm.train()
+    cm(input_ids=ids(2, 12), labels=ids(2, 12))
+    return cm

@@ -49,7 +49,7 @@ def test_compile_default_model_writes_all_files(default_run):
     assert kwargs["progress"] is False  # stderr is not a terminal under pytest: no tqdm carriage returns
     assert kwargs["target"] == "cpu" and kwargs["r"] == 8 and kwargs["alpha"] == 16.0
     assert any(isinstance(i, lorafx.DumpGraphs) for i in kwargs["instruments"])
-    for name in ("graph.txt", "graph.svg", "report.json"):
+    for name in ("graph.txt", "graph.svg", "graph.html", "report.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     dumps = sorted(os.listdir(out / "passes"))  # the captured graph, then one file per pass
     assert dumps == ["00_captured.txt"] + [f"{i:02d}_{p.name}.txt" for i, p in enumerate(cm.report().passes, 1)]
@@ -71,6 +71,10 @@ def test_compile_default_model_writes_all_files(default_run):
     svg = (out / "graph.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
     assert "model_layers_3_mlp_down_proj_lora" in svg and "LoRA r=8" in svg
+    # graph.html lists every node once, nested by module
+    page = (out / "graph.html").read_text()
+    assert all(page.count(f'id="n-{n.name}"') == 1 for n in cm.graph_module.graph.nodes)
+    assert '<details id="m-model.layers.3.mlp.down_proj">' in page
 
 
 def test_compile_report_json_matches_the_compiled_model(default_run):
@@ -90,7 +94,7 @@ def test_compile_report_json_matches_the_compiled_model(default_run):
     assert lora["nodes_after"] - lora["nodes_before"] == 51  # +2 get_attr per site, -dead
     assert data["capture"]["nodes"] == data["passes"][0]["nodes_before"]
     assert data["example_inputs"] == {"input_ids": [2, 16]}
-    assert set(data["files"]) == {"graph.txt", "graph.svg", "report.json", "passes/"}
+    assert set(data["files"]) == {"graph.txt", "graph.svg", "graph.html", "report.json", "passes/"}
 
 
 def test_compile_prints_report_and_progress(default_run):

@@ -235,3 +235,187 @@ def test_print_diff_and_time_instruments():
     assert "=== SetTrainingMode: +0 nodes, -0 nodes" in out
     assert [name for name, _ in timer.times] == ["InsertLoRA", "SetTrainingMode"]
     assert all(s >= 0 for _, s in timer.times)
+
+
+# -- folding repeated layers and the HTML view ---------------------------------------------------
+
+def _meta_llama(layers, **shape):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+    cfg.update(shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **cfg))
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    return lorafx.compile(model, example_kwargs={"input_ids": ids}, rank_budget=1.0, proxy="constant", seed=0)
+
+
+@pytest.fixture(scope="module")
+def plan5():
+    """A 5-layer LLaMA (one more than FOLD_ABOVE) planned on the meta device: AllocateRanks gives
+    the layers different ranks."""
+    return _meta_llama(5)
+
+
+def _svg_groups(text, prefix):
+    """{gid: the text inside} for every ``<g id="prefix...">`` holding one text element."""
+    import re
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r'<g id="' + prefix + r'([^"]+)">\s*<text[^>]*>([^<]*)</text>', text)}
+
+
+def test_repeated_blocks_finds_the_decoder_layers_and_their_ranks(plan5):
+    from lorafx.inspect import repeated_blocks
+    gm = plan5.graph_module
+    groups = repeated_blocks(gm)
+    assert list(groups) == ["model.layers"]  # embed_tokens, norm, rotary_emb are not repeated
+    blocks = groups["model.layers"]
+    assert [b.name for b in blocks] == [f"model.layers.{i}" for i in range(5)]
+    assert len({b.pattern for b in blocks}) == 1 and blocks[0].module_type == "LlamaDecoderLayer"
+    records = plan5.lora_records()
+    for b in blocks:
+        assert [s.name for s in b.sites] == [s for s in records if s.startswith(b.name + ".")]
+        assert all(s.r == records[s.name].r and s.kind == "lora" and not s.parts for s in b.sites)
+        assert [s.short for s in b.sites] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"]
+    assert len({tuple(s.r for s in b.sites) for b in blocks}) > 1  # the allocation differs between layers
+    # every graph node belongs to at most one block
+    members = [n for b in blocks for n in b.nodes]
+    assert len(members) == len(set(members))
+
+
+def test_draw_folds_each_repeated_layer_into_one_box(plan5, tmp_path):
+    gm, records = plan5.graph_module, plan5.lora_records()
+    text = open(lorafx.draw(gm, str(tmp_path / "plan.svg"))).read()
+    headers = _svg_groups(text, "fold-header-")
+    assert sorted(headers) == [f"model.layers.{i}" for i in range(1, 5)]  # one box per folded layer
+    for name, header in headers.items():
+        assert header.startswith(f"{name}  LlamaDecoderLayer folded: ") and "7 adapters" in header
+        assert text.count(f'<g id="fold-{name}">') == 1  # its frame
+    cells = _svg_groups(text, "site-")
+    folded = {s: r for s, r in records.items() if not s.startswith("model.layers.0.")}
+    assert cells == {s: f"{s.rsplit('.', 1)[-1]} r={rec.r}" for s, rec in folded.items()}
+    # layer 0 in full: every node of it drawn with its label; no node of a folded layer is
+    for s, rec in records.items():
+        node = s.replace(".", "_") + "_lora"
+        assert (f"{node}  LoRA r={rec.r}" in text or f"{node}  LoRA lora_linear" in text) == s.startswith(
+            "model.layers.0."), s
+    assert "model.layers.0 (in full)" in text and "add_8 = add.Tensor" in text and "add_14 = " not in text
+    assert "model.layers: 5 blocks, model.layers.0 in full, 4 folded" in text
+
+
+def test_draw_fold_options(plan5, tmp_path):
+    gm = plan5.graph_module
+    full = open(lorafx.draw(gm, str(tmp_path / "full.svg"), fold=False)).read()
+    assert not _svg_groups(full, "fold-header-") and "model_layers_4_mlp_down_proj_lora  LoRA r=" in full
+    picked = open(lorafx.draw(gm, str(tmp_path / "picked.svg"), full_layers=[0, 3])).read()
+    assert sorted(_svg_groups(picked, "fold-header-")) == [f"model.layers.{i}" for i in (1, 2, 4)]
+    assert "model_layers_3_self_attn_o_proj_lora  LoRA r=" in picked
+    assert "model.layers.0, model.layers.3 in full" in picked
+    with pytest.raises(ValueError, match=r"no repeated block 9 \(repeated structures: model.layers.0-4\)"):
+        lorafx.draw(gm, str(tmp_path / "bad.svg"), full_layers=9)
+    with pytest.raises(ValueError, match="fold=False folds nothing; pass one of them"):
+        lorafx.draw(gm, str(tmp_path / "bad.svg"), fold=False, full_layers=[0])
+    assert not (tmp_path / "bad.svg").exists()
+
+
+def _html_tree(page):
+    """[(node name, the details ids it sits in, outermost first, its line's text)] of a to_html page."""
+    from html.parser import HTMLParser
+
+    class Parser(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.nodes, self.current = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "details":
+                self.stack.append(a["id"][2:])
+            elif tag == "div" and a.get("id", "").startswith("n-"):
+                self.current = [a["id"][2:], tuple(self.stack), ""]
+
+        def handle_endtag(self, tag):
+            if tag == "details":
+                self.stack.pop()
+            elif tag == "div" and self.current:
+                self.nodes.append(tuple(self.current))
+                self.current = None
+
+        def handle_data(self, data):
+            if self.current:
+                self.current[2] += data
+
+    p = Parser()
+    p.feed(page)
+    assert not p.stack  # every section closed
+    return p.nodes
+
+
+def test_to_html_lists_every_node_once_nested_by_module(plan5, tmp_path):
+    from lorafx.printing import format_node
+    gm, records = plan5.graph_module, plan5.lora_records()
+    page = open(lorafx.to_html(gm, str(tmp_path / "g.html"))).read()
+    assert "<script src" not in page and "http" not in page.split("<body>")[1]  # self-contained
+    nodes = _html_tree(page)
+    assert sorted(name for name, _, _ in nodes) == sorted(n.name for n in gm.graph.nodes)  # each exactly once
+    where = {name: stack for name, stack, _ in nodes}
+    lines = {name: line for name, _, line in nodes}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name, stack in where.items():
+        assert lines[name] == format_node(by_name[name])  # op, shape and records
+        origin = get_record(by_name[name], OriginRecord)
+        if origin is not None and origin.module and not origin.module.startswith("_"):
+            parts = origin.module.split(".")
+            assert stack == ("root",) + tuple(".".join(parts[:k]) for k in range(1, len(parts) + 1)), name
+    assert where["model_layers_3_self_attn_q_proj_lora"][-3:] == (
+        "model.layers.3", "model.layers.3.self_attn", "model.layers.3.self_attn.q_proj")
+    assert where["model_layers_3_self_attn_q_proj_lora_a"] == where["model_layers_3_self_attn_q_proj_lora"]
+    assert where["input_ids"] == ("root",) and where["output"] == ("root",)
+    # every adapter's rank: on its node line and in its layer's heading
+    for site, rec in records.items():
+        assert f"lora(r={rec.r}, alpha=16" in lines[site.replace(".", "_") + "_lora"]
+        assert f'<span class="site lora">{site.rsplit(".", 1)[-1]} r={rec.r}</span>' in page
+    assert page.count('<span class="site lora">') == 2 * len(records)  # in the layer's and the site's heading
+    assert lorafx.draw(gm, str(tmp_path / "d.html")) == str(tmp_path / "d.html")
+    assert (tmp_path / "d.html").read_text() == page
+
+
+def test_folded_boxes_and_html_show_the_parts_of_a_placed_graph(tiny_model, tmp_path):
+    from conftest import ids
+    cm = lorafx.compile(tiny_model("llama"), target="cim", example_kwargs={"input_ids": ids(2, 8)},
+                        noise_sigma=0.05)
+    gm = cm.graph_module
+    from lorafx.inspect import _fold_choice, repeated_blocks
+    assert _fold_choice(repeated_blocks(gm), None, None) == (set(), set())  # 2 layers: drawn in full by default
+    text = open(lorafx.draw(gm, str(tmp_path / "cim.svg"), fold=True)).read()  # and folded on request
+    assert sorted(_svg_groups(text, "fold-header-")) == ["model.layers.1"]
+    cells = _svg_groups(text, "site-")
+    assert cells == {s: f"{s.rsplit('.', 1)[-1]} r=8 @rram+sram" for s in cm.lora_records()
+                     if s.startswith("model.layers.1.")}
+    import re
+    cell = re.search(r'<g id="site-model.layers.1.mlp.up_proj">\s*<text style="([^"]*)"', text).group(1)
+    assert "fill: #d62728" in cell  # the adapter's part (SRAM) colours the cell
+    page = open(lorafx.to_html(gm, str(tmp_path / "cim.html"))).read()
+    assert page.count('<span class="site sram">q_proj r=8 @rram+sram</span>') == 4  # 2 layers x 2 headings
+    lines = {name: line for name, _, line in _html_tree(page)}
+    assert "@rram" in lines["model_layers_1_self_attn_q_proj_lora_rram"]
+    assert '<div class="n rram" id="n-model_layers_1_self_attn_q_proj_lora_rram">' in page
+
+
+@pytest.mark.slow
+def test_draw_an_8b_shaped_plan(tmp_path):
+    import time
+    cm = _meta_llama(32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256)
+    gm = cm.graph_module
+    start = time.perf_counter()
+    svg = lorafx.draw(gm, str(tmp_path / "plan.svg"))
+    seconds = time.perf_counter() - start
+    text = open(svg).read()
+    assert sorted(_svg_groups(text, "fold-header-")) == sorted(f"model.layers.{i}" for i in range(1, 32))
+    assert len(_svg_groups(text, "site-")) == 31 * 7
+    assert seconds < 20 and os.path.getsize(svg) < 1_500_000, (seconds, os.path.getsize(svg))
+    start = time.perf_counter()
+    page = lorafx.to_html(gm, str(tmp_path / "plan.html"))
+    assert time.perf_counter() - start < 10 and os.path.getsize(page) < 4_000_000
+    assert len(_html_tree(open(page).read())) == len(gm.graph.nodes)

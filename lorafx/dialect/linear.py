@@ -123,13 +123,17 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     formed (always for f1 and for the 'k' schedules), else None."""
     x2 = flat(x)
     dropout = mask is not None and mask.numel() > 0
-    s = effective(rule.resolve(x2.shape[0]), dropout)
+    mixed = lora_A.dtype != x.dtype  # adapters in their own dtype (adapter_dtype=): f1, see mixed_dtype()
+    s = mixed_dtype(effective(rule.resolve(x2.shape[0]), dropout), mixed)
     schedule_counts[("fwd", s.fwd)] += 1
     xa = None
     if s.fwd == "f1":  # x W^T + s (A d(x)^T)^T B^T
         y = F.linear(x2, weight, bias)  # addmm(bias, x2, W^T) / x2.mm(W^T)
-        xa = xa_t(dropped(x2, mask, p), lora_A)  # (r, tokens) = (d(x) A^T)^T
-        y.addmm_(xa.t(), lora_B.t(), alpha=scale)
+        xa = xa_t(dropped(x2.to(lora_A.dtype) if mixed else x2, mask, p), lora_A)  # (r, tokens) = (d(x) A^T)^T
+        if mixed:  # PEFT's order: base in x's dtype, the sum in the adapters' dtype, rounded back once
+            y = torch.addmm(y.to(lora_A.dtype), xa.t(), lora_B.t(), alpha=scale).to(x.dtype)
+        else:
+            y.addmm_(xa.t(), lora_B.t(), alpha=scale)
     else:  # f2: x (W + s B A)^T; d(x) = x here (effective() sent active dropout to f1)
         merged = torch.addmm(weight, lora_B, lora_A, alpha=scale)
         y = F.linear(x2, merged, bias)
@@ -137,6 +141,16 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
         if s.keep_xa:
             xa = xa_t(x2, lora_A)
     return (y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])), xa
+
+
+def mixed_dtype(s: S.Schedule, mixed: bool) -> S.Schedule:
+    """``s`` for adapters in another dtype than x and W (``adapter_dtype="float32"`` on a bf16
+    model, PEFT's ``autocast_adapter_dtype``): the merged-weight kernels (f2, b4, b5) would round
+    W + s B A to W's dtype, losing the small adapter updates the wider dtype is there to keep,
+    so the adapter products run apart from W in the adapters' dtype: f1 with b1 (b4 -> b3)."""
+    if not mixed or (s.fwd == "f1" and s.bwd not in ("b4", "b5")):
+        return s
+    return S.Schedule("f1", {"b4": "b3", "b5": "b1"}.get(s.bwd, s.bwd), s.keep_xa)
 
 
 def backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, mask: Optional[Tensor],
@@ -152,29 +166,31 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
     need_x, need_w, need_b, need_a, need_bb = needs
     x2, dy2 = flat(x), flat(dy)
     dropout = mask is not None and mask.numel() > 0
-    sched = effective(rule.resolve(x2.shape[0]), dropout)
+    mixed = lora_A.dtype != x.dtype  # the adapter products in the adapters' dtype (see mixed_dtype)
+    sched = mixed_dtype(effective(rule.resolve(x2.shape[0]), dropout), mixed)
     schedule_counts[("bwd", sched.bwd)] += 1
     gram = sched.bwd in ("b3", "b4") and (need_a or need_bb)
     merged_dx = need_x and sched.bwd in ("b4", "b5")
     lowrank_dx = need_x and not merged_dx
+    dya = dy2.to(lora_A.dtype) if mixed else dy2
     dx = dw = db = da = dbb = None
     z_t = None
     if lowrank_dx or (need_a and not gram):
-        z_t = dyb_t(dy2, lora_B).mul_(s)  # s (dy B)^T, (r, tokens)
+        z_t = dyb_t(dya, lora_B).mul_(s)  # s (dy B)^T, (r, tokens)
     if merged_dx:  # b5/b4: dX through the merged weight W + s B A (no dropout here)
         dx = dy2.mm(torch.addmm(weight, lora_B, lora_A, alpha=s))
     elif lowrank_dx:  # b1/b3: dX = dy W + d(z^T A)
         dx = dy2.mm(weight)
-        if dropout:
-            dx.add_(dropped(z_t.t().mm(lora_A), mask, p))
+        if dropout or mixed:
+            dx.add_(dropped(z_t.t().mm(lora_A), mask, p).to(dx.dtype))
         else:
             torch.addmm(dx, z_t.t(), lora_A, out=dx)
     if dx is not None:
         dx = dx if x.dim() == 2 else dx.view(x.shape)
     if need_a or need_bb:
-        xd = dropped(x2, mask, p)
+        xd = dropped(x2.to(lora_A.dtype) if mixed else x2, mask, p)
         if gram:  # b3/b4: G = dy^T d(x) (out, in), then both adapter grads from it
-            g = dy2.t().mm(xd)
+            g = dya.t().mm(xd)
             if need_a:
                 da = lora_B.t().mm(g).mul_(s)  # s B^T G
             if need_bb:
@@ -186,7 +202,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
             if need_bb:
                 if xa is None:
                     xa = xa_t(xd, lora_A)  # recomputed (d(x) A^T)^T, (r, tokens)
-                dbb = xa.mm(dy2).mul_(s).t().contiguous()  # s dy^T (d(x) A^T)
+                dbb = xa.mm(dya).mul_(s).t().contiguous()  # s dy^T (d(x) A^T)
     if need_w:
         dw = dy2.t().mm(x2)
     if need_b:
@@ -288,7 +304,7 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_mask=None, dropout_p=0.0, 
     tokens = 1
     for d in x.shape[:-1]:
         tokens = tokens * d
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((lora_A.shape[0], tokens))
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), lora_A.new_empty((lora_A.shape[0], tokens))
 
 
 def _setup(ctx, inputs, output):

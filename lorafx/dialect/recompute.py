@@ -36,8 +36,11 @@ __all__ = ["lora_linear_recompute", "rebuild_input", "RecomputeKind", "RECOMPUTE
 
 
 def rebuild_input(recipe: str, sources: Sequence[Tensor], shape, dtype, op: str) -> Tensor:
-    """``recipe(sources)``, checked against the forward input's shape and dtype."""
+    """``recipe(sources)``, checked against the forward input's shape and dtype (cast to that
+    dtype when it is another floating one: an input autocast cast, its sources left as they were)."""
     x = run_recipe(recipe, sources)
+    if x.dtype != dtype and x.is_floating_point() and dtype.is_floating_point:
+        x = x.to(dtype)
     if x.shape != shape or x.dtype != dtype:
         raise RuntimeError(f"lorafx.{op}: recipe {recipe!r} rebuilt x as {tuple(x.shape)} {x.dtype}, "
                            f"the forward had {tuple(shape)} {dtype}")

@@ -388,9 +388,49 @@ def register_kind(kind: OpKind) -> OpKind:
         if other is not None:
             raise ValueError(f"{_op_name(op)} already belongs to op kind {other.name!r}")
     _KINDS[kind.name] = kind
+    for op in kind.ops:
+        add_autocast_rule(op)
     _BY_OP.update({op: kind for op in kind.ops})
     _HELPERS.update({op: kind for op in kind.helper_ops})
     return kind
+
+
+_AUTOCAST_RULES: set = set()
+_LOWER = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (float64 stays)
+
+
+def add_autocast_rule(op: OpOverload, keep: Sequence[str] = ("sources",)) -> None:
+    """Run ``op`` under ``torch.autocast`` as autocast runs a linear: its floating tensor
+    arguments (but those named in ``keep``: a recipe's ``sources``, from which backward rebuilds
+    the input and casts it the same way) are cast to the autocast dtype, and the op runs with
+    autocast off, so every product inside it is in that dtype and so is its output.  Without
+    such a rule a custom op sees autocast only in its inner calls (mixed dtypes, a wrong output
+    dtype).  For ``torch.library.custom_op`` ops, on every device type that has autocast."""
+    from torch._library.custom_ops import OPDEFS
+    opdef = OPDEFS.get(f"{op.namespace}::{op._opname}")
+    if opdef is None or op in _AUTOCAST_RULES:
+        return
+    names = [a.name for a in op._schema.arguments]
+    for device in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device)
+        key = getattr(torch._C.DispatchKey, key_name, None)
+        if key is None or not torch._C._is_autocast_available(device):
+            continue
+
+        def kernel(_keyset, *args, _device=device, _key=key):
+            dtype = torch.get_autocast_dtype(_device)
+
+            def cast(v):
+                if isinstance(v, torch.Tensor) and v.dtype in _LOWER and v.device.type == _device:
+                    return v.to(dtype)
+                return [cast(t) for t in v] if isinstance(v, (list, tuple)) else v
+
+            args = tuple(a if name in keep else cast(a) for name, a in zip(names, args))
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*args)
+
+        opdef._lib.impl(opdef._name, kernel, key_name, with_keyset=True)
+    _AUTOCAST_RULES.add(op)
 
 
 def kinds() -> Tuple[OpKind, ...]:
