@@ -1,15 +1,20 @@
 """Activation checkpointing of a CompiledModel (passes/checkpoint_layers.py): same gradients, fewer
 saved bytes, every recomputation done once, no re-capture, the source model untouched."""
 import copy
+import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lorafx
 from lorafx.dialect import recompute as recompute_kind
 from lorafx.dialect import siblings as siblings_kind
-from lorafx.passes import CheckpointLayers
+from lorafx.graph_utils import node_module
+from lorafx.passes import CheckpointLayers, InsertLoRA
 from lorafx.passes.checkpoint_layers import REGION_PREFIX, Region, checkpointed
+from lorafx.testing import assert_equivalent, lora_configs, models
 
 from conftest import ids, randomise_lora_B
 
@@ -172,3 +177,19 @@ def test_checkpointing_under_torch_compile(tiny_model):
         grads.append({n: p.grad for n, p in cm.trainable_parameters().items()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=8)
+@given(models(), lora_configs(), st.integers(1, 2))
+def test_checkpoint_layers_property(case, config, every):
+    """CheckpointLayers preserves outputs and the gradients of the inputs and adapters on any
+    drawn model with adapters (B random); its numbered blocks (MLP layers.N, the residual
+    model's norms/ups/downs.N) become regions."""
+    gm = lorafx.capture(case.model, example_kwargs=case.inputs)
+    adapted = InsertLoRA(**config)(gm).graph_module
+    randomise_lora_B(adapted, scale=0.3)
+    result = CheckpointLayers(every_n_layers=every)(copy.deepcopy(adapted))
+    numbered = any(re.search(r"\.\d+$", node_module(n) or "") for n in adapted.graph.nodes)
+    assert (result.info["regions"] > 0) == numbered
+    adapters = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert_equivalent(adapted, result.graph_module, case.inputs, param_names=adapters, rtol=1e-10, atol=1e-12)
