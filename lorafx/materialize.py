@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
+from lorafx.passes.fold_lora import FOLDED_SUFFIX
 from lorafx.passes.insert_lora import draw_A
 from lorafx.passes.program_chip import CHIP, chip_buffer
 
@@ -220,13 +221,16 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
         adapters.setdefault(rec.lora_B, None)
     for rec in cm.shortcut_records().values():
         adapters.setdefault(rec.lora_B, None)
+    # fold_a=True: a buffer [W; A] of which W and A are views (FoldLoRAIntoBase)
+    folds = {rec.weight + FOLDED_SUFFIX: (rec.weight, rec.lora_A) for rec in cm.lora_records().values()
+             if rec.weight + FOLDED_SUFFIX in planned}
 
     # 1. where every planned tensor's value comes from
     from_ckpt: Dict[str, str] = {}  # path -> checkpoint key
     missing, rebuilt = [], {}
     constructed: Optional[Dict[str, torch.Tensor]] = None
     for path, (kind, t) in planned.items():
-        if path in adapters or path in chip_paths:
+        if path in adapters or path in chip_paths or path in folds:
             continue
         key = next((k for k in aliases.get(path, [path]) if k in ckpt), None)
         if key is not None:
@@ -276,9 +280,11 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
         ref = planned[path][1]
         values[path] = (torch.zeros(ref.shape, dtype=ref.dtype, device=device) if A is None
                         else A.to(device=device, dtype=ref.dtype))
-    for path, weight in chip_paths.items():
+    for path in chip_paths:
         if path in planned:
             values[path] = torch.empty(planned[path][1].shape, dtype=planned[path][1].dtype, device=device)
+    for path, (w, a) in folds.items():
+        values[path] = torch.cat([values[w], values[a]])
     unset = [p for p in planned if p not in values]
     if unset:
         raise ValueError(f"materialize: no value for {_listing(unset)} (an adapter made with init='lors' needs the "
@@ -286,6 +292,11 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
 
     # 3. attach (nothing below can fail on the inputs): one new tensor per planned tensor object
     new: Dict[int, torch.Tensor] = {}
+    for path, (w, a) in folds.items():  # W and A stay views of the folded buffer
+        ext, (_, meta_w), (_, meta_a) = values[path], planned[w], planned[a]
+        new[id(planned[path][1])] = ext
+        new[id(meta_w)] = torch.nn.Parameter(ext[:meta_w.shape[0]], requires_grad=meta_w.requires_grad)
+        new[id(meta_a)] = torch.nn.Parameter(ext[meta_w.shape[0]:], requires_grad=meta_a.requires_grad)
     for gm in graphs:
         for path, (kind, t) in _meta_tensors(gm).items():
             owner, name = owner_and_name(gm, path)

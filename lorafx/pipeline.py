@@ -22,7 +22,7 @@ import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx

@@ -51,9 +51,9 @@ def _same_training_step(a, b, ids):
     assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("options,folder", [(dict(r=4, seed=0), "one"),
+@pytest.mark.parametrize("options,folder", [(dict(r=4, seed=0, fold_a=True), "one"),
                                             (dict(rank_budget=1.0, proxy="constant", shortcuts=True, seed=3),
-                                             "sharded")], ids=["uniform-one-file", "allocated+shortcuts-sharded"])
+                                             "sharded")], ids=["uniform+fold_a-one-file", "allocated+shortcuts-sharded"])
 def test_materialize_equals_compiling_the_loaded_model(saved, options, folder):
     model, one, sharded = saved
     cm = _plan(_config(), **options)
