@@ -31,6 +31,7 @@ a rank, at that rank.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
@@ -43,7 +44,7 @@ from lorafx.context import CompileContext
 from lorafx.dialect import LINEAR
 from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, node_module,
                                 pattern_value, set_parameter, unique)
-from lorafx.meta import DeferredInit, LoraRecord, graph_record
+from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
@@ -62,7 +63,12 @@ def draw_A(shape, init: str, r: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(tuple(shape), generator=gen, dtype=torch.float32) / r
     raise ValueError(f"draw_A: no drawing rule for init={init!r} (kaiming, gaussian)")
 
+log = logging.getLogger("lorafx")
+
 ALL_LINEAR = "all-linear"
+# module types whose linear layers lorafx cannot adapt as PEFT does yet: nn.MultiheadAttention runs its
+# packed in_proj and its out_proj inside its own forward, so they appear as linears of the MHA module
+UNSUPPORTED_CONTAINERS = ("MultiheadAttention",)
 INITS = ("kaiming", "gaussian", "lors")
 LORS_BATCHES = 16  # calibration batches init="lors" averages the weight gradient over
 _ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora), so 0 means "
@@ -193,12 +199,6 @@ class InsertLoRA(Pass):
     def site_config(self, site: LinearSite, allocation: Optional[Dict[str, int]] = None) -> Tuple[int, float]:
         r = allocation[site.module] if allocation is not None else pattern_value(site.module, self.rank_pattern, self.r)
         alpha = float(pattern_value(site.module, self.alpha_pattern, self.alpha))
-        limit = min(site.in_features, site.out_features)
-        if r > limit:
-            raise ValueError(
-                f"InsertLoRA: rank {r} for {site.module} exceeds min(in, out) = {limit} "
-                f"({site.in_features} -> {site.out_features}); use r <= {limit} or a rank_pattern entry"
-            )
         return r, alpha
 
     # -- rewriting ----------------------------------------------------------------
@@ -223,6 +223,14 @@ class InsertLoRA(Pass):
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
         _refuse_shared_weights(gm, sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
+        above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
+        if above:
+            if self.init == "lors":
+                s, r = above[0]
+                raise ValueError(f"InsertLoRA: init='lors' takes A from the top-r singular vectors of the weight "
+                                 f"gradient, but rank {r} for {s.module} exceeds min(in, out) = "
+                                 f"{min(s.in_features, s.out_features)}; use r <= that or init='kaiming'")
+            ctx.decide("rank_above_limit_warned", lambda: _warn_rank_above_limit(above))  # once, not per capture
         seed = self.seed if self.seed is not None else ctx.decide("seed", ctx.draw_seed)  # replayed per capture
         gen = torch.Generator().manual_seed(seed)
         lors = ctx.decide("lors_init", lambda: lors_directions(gm, ctx, sites, configs, seed)) \
@@ -231,6 +239,7 @@ class InsertLoRA(Pass):
             freeze_base(gm)
         made: Dict[str, Tuple[str, str]] = {}
         deferred: List[Tuple[str, Tuple[int, ...], str, int]] = []
+        replaced: Dict[torch.fx.Node, torch.fx.Node] = {}  # a site's linear -> its lora node (a linear fed by one)
         for site, (r, alpha) in zip(sites, configs):
             a_path, b_path = f"{site.module}.lora_A", f"{site.module}.lora_B"
             if site.module not in made:  # a module called twice shares its adapter
@@ -244,7 +253,9 @@ class InsertLoRA(Pass):
                                 alpha=alpha, scale=scale, in_features=site.in_features,
                                 out_features=site.out_features, bias=bias_path, dropout=self.dropout,
                                 weight_transposed=site.weight_transposed)
-            replace_with_lora(gm, site.node, site.x, site.weight, site.bias, record, created_by=self.name)
+            x = replaced.get(site.x, site.x)
+            replaced[site.node] = replace_with_lora(gm, site.node, x, site.weight, site.bias, record,
+                                                    created_by=self.name)
         gm.graph.eliminate_dead_code()
         if deferred:
             graph_record(gm).deferred_init += (DeferredInit(seed, tuple(deferred)),)
@@ -289,16 +300,73 @@ def lors_directions(gm: torch.fx.GraphModule, ctx: CompileContext, sites, config
     return out
 
 
+def _warn_rank_above_limit(above) -> bool:
+    site, r = above[0]
+    log.warning("lorafx: %d adapter(s) have a rank above min(in, out) of their layer (e.g. r=%d on %s, %d -> %d); "
+                "PEFT accepts this and so does lorafx, but B·A then has rank at most min(in, out): the extra rank "
+                "adds parameters, not capacity", len(above), r, site.module, site.in_features, site.out_features)
+    return True
+
+
+def _module_types(gm: torch.fx.GraphModule) -> Dict[str, str]:
+    """{module path: class name} of every module the graph's nodes ran in (nn_module_stack)."""
+    out: Dict[str, str] = {}
+    for n in gm.graph.nodes:
+        for path, mtype in (n.meta.get("nn_module_stack") or {}).values():
+            name = mtype if isinstance(mtype, str) else getattr(mtype, "__qualname__", str(mtype))
+            out.setdefault(path, name.rsplit(".", 1)[-1])
+    return out
+
+
+def _site_type(site) -> str:
+    rec = get_record(site.node, OriginRecord)
+    return rec.module_type if rec is not None else ""
+
+
+def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules, where: str) -> None:
+    """No silent partial adaptation: every module with parameters that ``target_modules`` names
+    and lorafx cannot adapt (an embedding, a convolution, a norm, a container such as an
+    attention block, an nn.MultiheadAttention) is an error naming it, its kind and what to
+    do, before anything is built.  Parameter-free modules (activations) are ignored."""
+    linear = {s.module for s in sites if _site_type(s) not in UNSUPPORTED_CONTAINERS}
+    holding = set()  # modules holding parameters, themselves or below (a parameter-free act_fn is never an adapter site)
+    for name, _ in gm.named_parameters():
+        parts = name.split(".")[:-1]
+        holding.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    bad = [(path, mtype) for path, mtype in _module_types(gm).items()
+           if path in holding and path not in linear and module_matches(path, target_modules)
+           and not module_matches(path, exclude_modules)]
+    if not bad:
+        return
+    shown = ", ".join(f"{p!r} ({t})" for p, t in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+    inside = unique(s.module for s in sites if any(s.module.startswith(p + ".") for p, _ in bad) and s.module in linear)
+    hint = (f", or name the linear layers inside them ({', '.join(unique(m.rsplit('.', 1)[-1] for m in inside)[:8])})"
+            if inside else "")
+    raise ValueError(
+        f"{where}: target_modules={target_modules!r} names {len(bad)} module(s) lorafx cannot adapt: {shown}. "
+        "lorafx adapts linear layers (nn.Linear, transformers' Conv1D); embeddings, convolutions and "
+        "nn.MultiheadAttention are not supported yet, and nothing was compiled. Remove them from target_modules"
+        f"{hint}")
+
+
 def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules,
                         where: str = "InsertLoRA") -> list:
     """The linear sites ``target_modules`` selects ("all-linear": every linear but the model's
-    output layer) and ``exclude_modules`` does not exclude; raises if none is selected."""
+    output layer) and ``exclude_modules`` does not exclude.  Raises if none is selected, or if
+    ``target_modules`` names a module lorafx cannot adapt (never a silent partial adaptation);
+    "all-linear" leaves the linears of an nn.MultiheadAttention alone, with a warning."""
     outputs = set(graph_record(gm).output_modules)
-    chosen = []
+    if target_modules != ALL_LINEAR:
+        _refuse_unadaptable(gm, sites, target_modules, exclude_modules, where)
+    chosen, skipped = [], []
     for s in sites:
         ok = s.module not in outputs if target_modules == ALL_LINEAR else module_matches(s.module, target_modules)
         if ok and not module_matches(s.module, exclude_modules):
-            chosen.append(s)
+            (skipped if _site_type(s) in UNSUPPORTED_CONTAINERS else chosen).append(s)
+    if skipped:
+        log.warning("lorafx: %s: all-linear leaves the linears of %d nn.MultiheadAttention module(s) unadapted (%s): "
+                    "lorafx cannot adapt them as PEFT does yet", where, len(unique(s.module for s in skipped)),
+                    ", ".join(unique(s.module for s in skipped)[:5]))
     if not chosen:
         names = unique(s.module for s in sites)
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")

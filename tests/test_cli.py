@@ -185,10 +185,10 @@ def test_error_bad_options(tmp_path, capsys):
     assert "not a folder" in _error(["compile", "--out", str(tmp_path / "file")], capsys)
 
 
-def test_error_rank_too_large_for_model(tmp_path, capsys):
-    msg = _error(["compile", "--model", "tiny-mistral", "--r", "200", "--no-draw",
+def test_error_target_lorafx_cannot_adapt(tmp_path, capsys):
+    msg = _error(["compile", "--model", "tiny-mistral", "--target-modules", "embed_tokens,q_proj", "--no-draw",
                   "--out", str(tmp_path / "o")], capsys)
-    assert "rank 200" in msg and "exceeds" in msg
+    assert "'model.embed_tokens' (Embedding)" in msg and "cannot adapt" in msg and "nothing was compiled" in msg
 
 
 def test_parse_target_modules():

@@ -1,6 +1,7 @@
 """InsertLoRA and CompiledModel: identity at init, merge, options, training, errors."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -122,15 +123,75 @@ def test_unmatched_targets_list_the_linears(tiny_model):
         lorafx.compile(_llama(tiny_model), target_modules=["nope"])
 
 
-@pytest.mark.parametrize("r", [0, -1, 33])
+@pytest.mark.parametrize("r", [0, -1])
 def test_bad_rank_is_refused(r, tiny_model):
-    with pytest.raises(ValueError, match="r must be a positive int|exceeds min"):
+    with pytest.raises(ValueError, match="r must be a positive int"):
         lorafx.compile(_llama(tiny_model), r=r)
 
 
-def test_rank_pattern_above_the_limit_is_refused(tiny_model):
-    with pytest.raises(ValueError, match=r"rank 40 for model\.layers\.0\.self_attn\.k_proj exceeds min\(in, out\) = 16"):
-        lorafx.compile(_llama(tiny_model), r=2, rank_pattern={"k_proj": 40})
+def test_rank_above_min_in_out_is_accepted_with_one_warning(tiny_model):
+    """PEFT accepts r > min(in, out) (adapters in the wild use it): so does lorafx, warning once per
+    compile (not again for a new call signature); B = 0 keeps the identity; init='lors' is refused."""
+    from conftest import Warnings
+    model = _llama(tiny_model)
+    x = ids(2, 6)
+    with Warnings() as records:
+        cm = lorafx.compile(model, example_inputs=(x,), r=2, rank_pattern={"k_proj": 40})
+        cm(input_ids=x, labels=x)  # a second signature: replayed, no second warning
+    assert len(records) == 1 and "rank above min(in, out)" in records[0].getMessage()
+    assert "r=40 on model.layers.0.self_attn.k_proj" in records[0].getMessage()
+    assert cm.lora_records()["model.layers.0.self_attn.k_proj"].r == 40
+    assert torch.equal(cm(input_ids=x).logits, model(input_ids=x).logits)
+    with pytest.raises(ValueError, match="init='lors'.*rank 40 .* exceeds min\\(in, out\\) = 16"):
+        lorafx.compile(model, example_inputs=(x,), r=2, rank_pattern={"k_proj": 40}, init="lors",
+                       calibration=[{"input_ids": x}])
+
+
+class _Mixed(torch.nn.Module):
+    """A linear beside an embedding, a convolution and an nn.MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.conv = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.pre = torch.nn.Linear(8, 8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = self.mha(h, h, h, need_weights=False)[0]
+        return self.fc(self.pre(h))
+
+
+@pytest.mark.parametrize("targets,named", [(["emb", "fc"], "'emb' (Embedding)"), (["conv", "fc"], "'conv' (Conv1d)"),
+                                           (["mha", "fc"], "'mha' (MultiheadAttention)"),
+                                           (r"(conv|fc)", "'conv' (Conv1d)")])
+def test_targets_lorafx_cannot_adapt_are_refused_naming_them(targets, named, tiny_model):
+    """No silent partial adaptation: naming an embedding, a convolution or an nn.MultiheadAttention
+    beside a linear is an error naming the module and its kind, before anything is compiled."""
+    torch.manual_seed(0)
+    model = _Mixed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 10, (2, 5))
+    with pytest.raises(ValueError, match=re.escape(named) + ".*not supported yet.*nothing was compiled"):
+        lorafx.compile(model, example_inputs=(x,), r=2, target_modules=targets)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"name the linear layers inside them \(q_proj, k_proj, v_proj, o_proj"):
+        lorafx.compile(_llama(tiny_model), r=2, target_modules=["self_attn"])
+
+
+def test_all_linear_leaves_multihead_attention_alone_with_a_warning():
+    from conftest import Warnings
+    torch.manual_seed(0)
+    x = torch.randint(0, 10, (2, 5))
+    with Warnings() as records:
+        cm = lorafx.compile(_Mixed(), example_inputs=(x,), r=2, target_modules="all-linear")
+    assert set(cm.lora_records()) == {"pre", "fc"}  # (pre feeds fc directly: both adapted)
+    x2 = torch.randint(0, 10, (3, 4))
+    torch.testing.assert_close(cm(x2), cm.source_model(x2))  # B = 0: the identity (up to kernel rounding)
+    assert any("nn.MultiheadAttention" in r.getMessage() and "mha" in r.getMessage() for r in records)
 
 
 def test_unknown_option_and_target(tiny_model):

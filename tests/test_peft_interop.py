@@ -419,3 +419,21 @@ def test_save_adapter_targets_only_the_adapted_modules(tmp_path):
     back = lorafx.load_adapter(model, str(tmp_path), example_inputs=(x,), dynamic=False).eval()
     assert set(back.lora_records()) == {"head"}
     torch.testing.assert_close(back(x), cm(x), **TOL)
+
+
+def test_rank_above_min_in_out_round_trips_with_peft(tmp_path):
+    """PEFT's default r=8 on a 20 -> 2 linear (r > min(in, out)): PEFT's adapter loads into lorafx and
+    lorafx's loads into PEFT, with the same outputs both ways."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2))
+    x = torch.randn(4, 10)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2"], init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    cm = lorafx.load_adapter(base, str(tmp_path / "peft"), example_inputs=(x,)).eval()
+    assert cm.lora_records()["2"].r == 8 and cm.lora_records()["2"].in_features == 20
+    want = pm(x)
+    torch.testing.assert_close(cm(x), want, rtol=1e-5, atol=1e-6)
+    cm.save_adapter(str(tmp_path / "lorafx"))
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lorafx")).eval()
+    torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-6)
