@@ -40,7 +40,7 @@ from .capture import mode_dependent as has_batch_norm_modes
 from .context import CompileContext
 from .dialect import ShortcutRecord, canonicalize, kind_of
 from .dialect.cim import lower_to_digital
-from .graph_utils import owner_and_name, retarget_devices
+from .graph_utils import owner_and_name, retarget_devices, tensor_slots
 from .meta import LoraRecord, get_record, graph_record
 from .options import check_seed
 from .pipeline import PassReport, Pipeline, lint_graph
@@ -162,7 +162,7 @@ class CompiledModel(torch.nn.Module):
         user's model; every rank builds the same base instead (one checkpoint, or one seed).  The
         adapters and private copies are broadcast and all-reduced as usual.  Names DDP's
         ``_set_params_and_buffers_to_ignore_for_model`` sets are added to these."""
-        shared = {t.untyped_storage().data_ptr() for t in _tensors(self._source) if t.device.type != "meta"}
+        shared = _source_storages(self._source)
         own = [n for n, t in [*self.named_parameters(), *self.named_buffers()]
                if t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter)
                and t.untyped_storage().data_ptr() in shared]
@@ -562,7 +562,7 @@ class CompiledModel(torch.nn.Module):
     def _unshare_changed(self, state_dict) -> None:
         """Rebind private copies of the base tensors that share storage with the source
         model and that ``state_dict`` would change (values, dtype or shape)."""
-        shared = {t.untyped_storage().data_ptr() for t in _tensors(self._source) if t.device.type != "meta"}
+        shared = _source_storages(self._source)
         own = super().state_dict(keep_vars=True)
         for key, new in state_dict.items():
             old = own.get(key)
@@ -640,12 +640,9 @@ def _keep_tensors(gm: torch.nn.Module, old: torch.nn.Module, before_passes: bool
     (``CompiledModel._rebuild_graphs``).  ``before_passes``: parameters are bound as frozen
     Parameters sharing the old storage, so no pass can touch the old objects."""
     groups: Dict[Any, list] = {}  # storage -> [(table, name, path, tensor)]
-    for prefix, module in gm.named_modules(remove_duplicate=False):
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
-                if t is not None:
-                    key = id(t) if t.device.type == "meta" else (t.device, t.untyped_storage().data_ptr())
-                    groups.setdefault(key, []).append((table, name, f"{prefix}.{name}" if prefix else name, t))
+    for path, _, table, name, t in tensor_slots(gm):
+        key = id(t) if t.device.type == "meta" else (t.device, t.untyped_storage().data_ptr())
+        groups.setdefault(key, []).append((table, name, path, t))
     frozen: Dict[int, torch.nn.Parameter] = {}
     for group in groups.values():
         olds = [_tensor_at(old, path) for _, _, path, _ in group]
@@ -672,6 +669,11 @@ def _tensors(module: torch.nn.Module):
     """Every parameter and buffer of ``module``, tied ones once."""
     yield from module.parameters()
     yield from module.buffers()
+
+
+def _source_storages(source: torch.nn.Module) -> set:
+    """The storage addresses of the source model's (non-meta) tensors: what a compiled model shares with it."""
+    return {t.untyped_storage().data_ptr() for t in _tensors(source) if t.device.type != "meta"}
 
 
 def _source_state_dict_keys(gm: torch.fx.GraphModule, source: torch.nn.Module) -> None:
@@ -728,7 +730,7 @@ _UNDECLARED_WRITES = {torch.ops.aten.batch_norm.default: (3, 4), torch.ops.aten.
 def _privatize_mutated_buffers(gm: torch.fx.GraphModule, source: torch.nn.Module) -> None:
     """Give ``gm`` its own copy of every buffer its graph writes in place (batch norm's
     running statistics in train mode) that shares storage with ``source``."""
-    shared = {t.untyped_storage().data_ptr() for t in _tensors(source) if t.device.type != "meta"}
+    shared = _source_storages(source)
     for node in gm.graph.nodes:
         schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
         if schema is None:

@@ -179,3 +179,14 @@ def retarget_devices(gm: torch.nn.Module, old: Union[str, torch.device], new: Un
         if touched:
             module.recompile()
     return changed
+
+
+def tensor_slots(module: torch.nn.Module):
+    """Every parameter and buffer slot of ``module`` and its submodules, tied tensors at each
+    of their paths: ``(path, owner, table, name, tensor)``, where ``table`` is the owner's
+    ``_parameters`` or ``_buffers`` dict (assign ``table[name]`` to rebind the slot)."""
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for table in (owner._parameters, owner._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    yield (f"{prefix}.{name}" if prefix else name), owner, table, name, t

@@ -36,7 +36,7 @@ from lorafx.passes.insert_lora import draw_A
 from lorafx.passes.program_chip import CHIP, chip_buffer
 
 from .compiled import CompiledModel
-from .graph_utils import owner_and_name, retarget_devices
+from .graph_utils import retarget_devices, tensor_slots
 from .meta import graph_record
 
 __all__ = ["materialize", "Checkpoint"]
@@ -151,13 +151,8 @@ def _constructor_buffers(source: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def _meta_tensors(module: torch.nn.Module) -> Dict[str, Tuple[str, torch.Tensor]]:
     """{path: ("param" | "buffer", tensor)} of every meta tensor of ``module`` (tied ones at every path)."""
-    out = {}
-    for prefix, m in module.named_modules(remove_duplicate=False):
-        for kind, table in (("param", m._parameters), ("buffer", m._buffers)):
-            for name, t in table.items():
-                if t is not None and t.device.type == "meta":
-                    out[f"{prefix}.{name}" if prefix else name] = (kind, t)
-    return out
+    return {path: ("param" if table is owner._parameters else "buffer", t)
+            for path, owner, table, _, t in tensor_slots(module) if t.device.type == "meta"}
 
 
 def _adapter_draws(graphs) -> Dict[str, torch.Tensor]:
@@ -298,12 +293,13 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
         new[id(meta_w)] = torch.nn.Parameter(ext[:meta_w.shape[0]], requires_grad=meta_w.requires_grad)
         new[id(meta_a)] = torch.nn.Parameter(ext[meta_w.shape[0]:], requires_grad=meta_a.requires_grad)
     for gm in graphs:
-        for path, (kind, t) in _meta_tensors(gm).items():
-            owner, name = owner_and_name(gm, path)
+        for path, owner, table, name, t in list(tensor_slots(gm)):
+            if t.device.type != "meta":
+                continue
             if id(t) not in new:
                 v = values[path]
-                new[id(t)] = torch.nn.Parameter(v, requires_grad=t.requires_grad) if kind == "param" else v
-            (owner._parameters if kind == "param" else owner._buffers)[name] = new[id(t)]
+                new[id(t)] = torch.nn.Parameter(v, requires_grad=t.requires_grad) if table is owner._parameters else v
+            table[name] = new[id(t)]
         retarget_devices(gm, "meta", device)
     _program_chips(cm, chip_paths, new)
     cm.__dict__["_materialized_on"] = device

@@ -60,9 +60,9 @@ from torch.utils import _pytree as pytree
 
 from ._version import __version__
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files, save_adapter
-from .compiled import PROGRAM_SAVER, CompiledModel, CompileReport
+from .compiled import PROGRAM_SAVER, CompiledModel, CompileReport, _share_tensors
 from .context import CompileContext
-from .graph_utils import get_attr
+from .graph_utils import get_attr, tensor_slots
 from .meta import META_KEY, GraphRecord, graph_record
 from .pipeline import PassError, PassReport, Pipeline, lint_graph
 
@@ -713,20 +713,12 @@ def _restore_records(gm: torch.fx.GraphModule, entry: dict, classes: Dict[str, t
     gm.meta[META_KEY] = grec
 
 
-def _tensor_paths(module: torch.nn.Module):
-    for prefix, m in module.named_modules(remove_duplicate=False):
-        for table in (m._parameters, m._buffers):
-            for name, t in table.items():
-                if t is not None:
-                    yield (f"{prefix}.{name}" if prefix else name), m, table, name
-
-
 def _bind_to_primary(gm: torch.fx.GraphModule, primary: torch.fx.GraphModule, shared: List[str],
                      directory: str, file: str) -> None:
     """Make ``gm`` read ``primary``'s tensors (its placeholders must all be there) and hold
     its own further tensors in ``primary``'s tables, as a compiled model's graphs do."""
-    mine = {path: (m, table, name) for path, m, table, name in _tensor_paths(primary)}
-    for path, m, table, name in list(_tensor_paths(gm)):
+    mine = {path for path, *_ in tensor_slots(primary)}
+    for path, m, table, name, _ in list(tensor_slots(gm)):
         if path in mine:
             continue
         if path in shared:
@@ -745,14 +737,13 @@ def _bind_to_primary(gm: torch.fx.GraphModule, primary: torch.fx.GraphModule, sh
                 owner._non_persistent_buffers_set.add(attr)
     guards = gm._modules.get("_guards_fn")
     object.__setattr__(gm, "_modules", {**primary._modules, **({"_guards_fn": guards} if guards is not None else {})})
-    for table in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
-        object.__setattr__(gm, table, getattr(primary, table))
+    _share_tensors(gm, primary)
 
 
 def _set_persistence(gm: torch.nn.Module, non_persistent: set) -> None:
     """Make exactly the buffers at the ``non_persistent`` paths non-persistent, as in the
     compiled model saved (so that both have the same state-dict keys)."""
-    for path, m, table, name in list(_tensor_paths(gm)):
+    for path, m, table, name, _ in list(tensor_slots(gm)):
         if table is m._buffers:
             if path in non_persistent:
                 m._non_persistent_buffers_set.add(name)
