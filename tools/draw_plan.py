@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Draw the plan of a big LLaMA-shaped model without its weights, and time the drawing.
 
-    python tools/draw_plan.py [--shape 8b|70b] [--layers N] [--target cpu|cim] [--out docs/plan_8b.svg]
+    python tools/draw_plan.py [--shape 8b|70b] [--layers N] [--target cpu|cim] [--no-fold] [--out docs/plan_8b.svg]
 
 Builds the model on the meta device (``lorafx.models.llama3_shape``), compiles it with a
 weight-free rank allocation (``rank_budget=1.0, proxy="constant"``), then writes the folded drawing (``lorafx.draw``:
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
     parser.add_argument("--target", default="cpu", help="compile target (cpu or cim; default cpu)")
     parser.add_argument("--out", default="plan.svg", help="the drawing (.svg, .png or .pdf; default plan.svg)")
+    parser.add_argument("--no-fold", action="store_true", help="draw every node (fold=False)")
     args = parser.parse_args(argv)
 
     import torch
@@ -42,10 +43,11 @@ def main(argv=None) -> int:
           f"{len(gm.graph.nodes)} nodes, {len(cm.lora_records())} adapters, compiled in "
           f"{time.perf_counter() - start:.1f}s")
     html = os.path.splitext(args.out)[0] + ".html"
-    for path, write in ((args.out, lorafx.draw), (html, lorafx.to_html)):
+    draw = (lambda g, p: lorafx.draw(g, p, fold=False)) if args.no_fold else lorafx.draw
+    for path, write, what in ((args.out, draw, "draw"), (html, lorafx.to_html, "to_html")):
         start = time.perf_counter()
         write(gm, path)
-        print(f"{write.__name__:8s} {path}: {time.perf_counter() - start:.2f}s, {os.path.getsize(path):,} bytes")
+        print(f"{what:8s} {path}: {time.perf_counter() - start:.2f}s, {os.path.getsize(path):,} bytes")
     return 0
 
 
