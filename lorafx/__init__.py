@@ -15,6 +15,7 @@ from .inspect import DiffGraphs, DumpGraphs, PrintGraphs, TimePasses, diff_graph
 from .materialize import materialize
 from .meta import DropoutRecord, GraphRecord, LoraRecord, OriginRecord, get_record, graph_record, set_record
 from .options import Option
+from .peft_names import peft_options
 from .pipeline import Instrument, Pass, PassError, PassResult, Pipeline, PipelineOrderError, lint_graph
 from .program_io import LoadedProgram, load_program
 from .pruning import prune
@@ -27,6 +28,7 @@ __all__ = [
     "format_graph", "diff_graphs", "to_networkx", "draw", "to_html", "PrintGraphs", "DiffGraphs", "TimePasses",
     "DumpGraphs", "LoraRecord", "OriginRecord", "DropoutRecord", "get_record", "set_record",
     "GraphRecord", "graph_record", "CompileContext", "Option", "ReallocateRanks", "ReallocateRanksCallback", "AdapterTrainer",
+    "peft_options",
     "__version__",
 ]
 

@@ -34,6 +34,7 @@ refused on load.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -76,7 +77,7 @@ logger = logging.getLogger("lorafx")
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
 _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
-                "layers_to_transform": (None,), "lora_bias": (False, None), "use_qalora": (False, None),
+                "use_qalora": (False, None),
                 "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
                 "layer_replication": (None,), "target_parameters": (None, [], ()), "use_bdlora": (None, False),
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
@@ -148,13 +149,21 @@ def _peft_config(cm, records) -> dict:
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
     transposed = {r.weight_transposed for r in recs}
+    targets = _targets(cm._source, records)
+    layers = {}
+    if isinstance(targets, list) and cm.options.get("layers_to_transform") is not None:
+        # informative (the targets are whole paths, which PEFT adapts whatever their index); PEFT refuses both
+        # with a regex target_modules
+        layers = {"layers_to_transform": _jsonable(cm.options["layers_to_transform"]),
+                  "layers_pattern": _jsonable(cm.options.get("layers_pattern"))}
     return {
         "peft_type": "LORA",
         "task_type": _task_type(cm._source),
         "base_model_name_or_path": getattr(getattr(cm._source, "config", None), "_name_or_path", None) or None,
         "r": r0,
         "lora_alpha": a0,
-        "target_modules": _targets(cm._source, records),
+        "target_modules": targets,
+        **layers,
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
         "lora_dropout": recs[0].dropout,
@@ -163,12 +172,34 @@ def _peft_config(cm, records) -> dict:
         # are (r, in) / (out, r) either way, so a mixed model round-trips too.
         "fan_in_fan_out": transposed == {True},
         "bias": "none",
+        "lora_bias": any(r.lora_bias is not None for r in recs),
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
         "use_dora": False,
         "revision": None,
     }
+
+
+def _converted_record(rec: LoraRecord) -> LoraRecord:
+    """The record of a PiSSA/OLoRA adapter saved as a plain LoRA: rank 2r at the same scale
+    (alpha doubled, or times sqrt(2) with rsLoRA's alpha/sqrt(r), as PEFT's conversion)."""
+    rs = not _close(rec.scale, rec.alpha / rec.r) and _close(rec.scale, rec.alpha / rec.r ** 0.5)
+    return dataclasses.replace(rec, r=2 * rec.r, alpha=rec.alpha * (2 ** 0.5 if rs else 2))
+
+
+def _convert_residual(weights: dict, converted: Dict[str, LoraRecord], value) -> None:
+    """Rewrite the PiSSA/OLoRA adapters of ``weights`` (PEFT keys) as plain LoRA adapters of the
+    original base: ΔW = s(B A - B0 A0) = s [B, -B0]·[A; A0] (PEFT's ``subtract_mutated_init``)."""
+    for site, rec in converted.items():
+        a_key, b_key = f"{PREFIX}{site}.lora_A.weight", f"{PREFIX}{site}.lora_B.weight"
+        A0, B0 = value(rec.lora_A0), value(rec.lora_B0)
+        weights[a_key] = torch.cat([weights[a_key], A0.to(weights[a_key].dtype)], dim=0).contiguous()
+        weights[b_key] = torch.cat([weights[b_key], -B0.to(weights[b_key].dtype)], dim=1).contiguous()
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, (tuple, set, frozenset)) else value
 
 
 def _shortcuts_only_config(cm, shortcuts) -> dict:
@@ -238,10 +269,15 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
     files: Dict[str, Tuple[dict, dict]] = {}  # file name -> (tensors, extra metadata)
     sparse = sparse_sites(cm)
     if records:
-        config = _peft_config(cm, records)
+        converted = {site: rec for site, rec in records.items() if rec.lora_A0 is not None}
+        config = _peft_config(cm, {**records, **{site: _converted_record(rec) for site, rec in converted.items()}})
         extra = {SPARSITY_KEY: json.dumps({"sites": sparse, "merge": PEFT_MASK_HINT})} if sparse else {}
-        files[WEIGHTS_NAME] = ({f"{PREFIX}{site}.lora_{ab}.weight": tensor(path) for site, rec in records.items()
-                                for ab, path in (("A", rec.lora_A), ("B", rec.lora_B))}, extra)
+        weights = {f"{PREFIX}{site}.lora_{ab}.weight": tensor(path) for site, rec in records.items()
+                   for ab, path in (("A", rec.lora_A), ("B", rec.lora_B))}
+        weights.update({f"{PREFIX}{site}.lora_B.bias": tensor(rec.lora_bias) for site, rec in records.items()
+                        if rec.lora_bias is not None})
+        _convert_residual(weights, converted, lambda path: get_attr(cm, path).detach().cpu())
+        files[WEIGHTS_NAME] = (weights, extra)
     else:
         config = _shortcuts_only_config(cm, shortcuts)
     if shortcuts:
@@ -262,6 +298,12 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
         logger.warning("lorafx: this model has shortcut adapters only (%d sites, shortcuts=True), which PEFT cannot "
                        "express: wrote %s and %s to %s (no %s, so PEFT cannot load it); lorafx.load_adapter(model, "
                        "folder) restores them", len(shortcuts), CONFIG_NAME, SHORTCUTS_NAME, directory, WEIGHTS_NAME)
+    if records and converted:
+        logger.warning("lorafx: %d adapter(s) were initialised with %s, which trains against a residual of the base "
+                       "weights; %s holds them converted to plain LoRA adapters of rank 2r ([B, -B0]·[A; A0], "
+                       "alpha doubled), which load on the original base model (PEFT's "
+                       "path_initial_model_for_weight_conversion)", len(converted),
+                       cm.options.get("init", "PiSSA/OLoRA"), directory)
     if sparse:
         logger.warning("lorafx: %d of these adapters were trained on pruned weights (sparsity=...) and keep their "
                        "zeros only when merged with the mask: %s. lorafx.load_adapter(pruned_model, folder) does this "
@@ -433,19 +475,23 @@ def _load_state(path: str, trust_pickle: bool) -> Tuple[dict, dict]:
 
 
 def _read_weights(directory: str, trust_pickle: bool = False) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], dict]:
-    """The (A, B) of every site in ``directory``'s weights file, and the file's metadata."""
+    """The (A, B) of every site in ``directory``'s weights file ((A, B, bias) where B has a bias,
+    PEFT's lora_bias), and the file's metadata."""
     path = _weights_file(directory)
     state, metadata = _load_state(path, trust_pickle)
     sites: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", str(key))
-        if m is None or not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: unexpected entry {key!r} (lorafx loads lora_A/lora_B weights only)")
-        sites.setdefault(m.group(1), {})[m.group(2)] = value
-    half = sorted(s for s, ab in sites.items() if len(ab) != 2)
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.(weight|bias)", str(key))
+        if m is None or not isinstance(value, torch.Tensor) or (m.group(3) == "bias" and m.group(2) == "A"):
+            raise ValueError(f"{path}: unexpected entry {key!r} (lorafx loads lora_A/lora_B weights and "
+                             "lora_B biases only)")
+        sites.setdefault(m.group(1), {})["bias" if m.group(3) == "bias" else m.group(2)] = value
+    half = sorted(s for s, ab in sites.items() if not {"A", "B"} <= set(ab))
     if half:
-        raise ValueError(f"{path}: {half[0]} has only lora_{''.join(sites[half[0]])}: {_fix(path)}")
-    return {s: (ab["A"], ab["B"]) for s, ab in sites.items()}, metadata
+        raise ValueError(f"{path}: {half[0]} has only lora_{''.join(k for k in sites[half[0]] if k != 'bias')}: "
+                         f"{_fix(path)}")
+    return {s: (ab["A"], ab["B"], ab["bias"]) if "bias" in ab else (ab["A"], ab["B"])
+            for s, ab in sites.items()}, metadata
 
 
 @dataclass(frozen=True)
@@ -609,11 +655,19 @@ def _copy_weights(cm, directory: str, weights, config=None, shortcuts=None) -> N
         raise ValueError(f"adapter in {directory} does not fit this model: "
                          f"sites without weights {missing[:10]}, weights without a site {extra[:10]}")
     for site, rec in records.items():
-        A, B = weights[site]
+        A, B, *bias = weights[site]
         pa, pb = get_attr(cm, rec.lora_A), get_attr(cm, rec.lora_B)
         if A.shape != pa.shape or B.shape != pb.shape:
             raise ValueError(f"{site}: adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do not match "
                              f"this model's A{tuple(pa.shape)} B{tuple(pb.shape)}")
+        if bool(bias) != (rec.lora_bias is not None):
+            raise ValueError(f"{site}: the adapter in {directory} " + (
+                "has a bias on lora_B (lora_bias=True) but this model was compiled without: compile with "
+                "lora_bias=True" if bias else "has no bias on lora_B but this model was compiled with "
+                "lora_bias=True: compile with lora_bias=False") + ", or use lorafx.load_adapter(model, directory)")
+        if bias and bias[0].shape != get_attr(cm, rec.lora_bias).shape:
+            raise ValueError(f"{site}: lora_B bias shape {tuple(bias[0].shape)} does not match this model's "
+                             f"{tuple(get_attr(cm, rec.lora_bias).shape)}")
         if config is not None and not _close(rec.scale, _expected_scale(config, site)):
             raise ValueError(f"{site}: the adapter in {directory} gives this site scale "
                              f"{_expected_scale(config, site):g} (from r, lora_alpha, rank/alpha_pattern, "
@@ -624,9 +678,11 @@ def _copy_weights(cm, directory: str, weights, config=None, shortcuts=None) -> N
     cm.unmerge()
     with torch.no_grad():
         for site, rec in records.items():
-            A, B = weights[site]
+            A, B, *bias = weights[site]
             get_attr(cm, rec.lora_A).copy_(A)
             get_attr(cm, rec.lora_B).copy_(B)
+            if bias:
+                get_attr(cm, rec.lora_bias).copy_(bias[0])
         for path, value in copies:
             get_attr(cm, path).copy_(value)
     if was_merged:
@@ -648,6 +704,9 @@ def compile_settings(config: dict) -> dict:
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
+        lora_bias=bool(config.get("lora_bias", False)),
+        **({"layers_to_transform": config["layers_to_transform"], "layers_pattern": config.get("layers_pattern")}
+           if config.get("layers_to_transform") is not None else {}),
     )
 
 

@@ -498,6 +498,12 @@ class CompiledModel(torch.nn.Module):
         for key, value in source.items():
             kept = key if key in own else kept_key.get(id(value))
             out[key] = value.detach() if kept is None else merged.get(kept, own[kept])
+        homeless = sorted(k for k in merged if k not in own and k not in source)
+        if homeless:  # lora_bias=True on a layer without bias: the merged bias has no key in the source
+            raise ValueError(
+                f"the merged model has a bias {homeless[0]!r} ({len(homeless)} in all) that the source architecture "
+                "has no place for: lora_bias=True adapted a layer without bias (PEFT refuses to merge these). Use "
+                "cm.merge_and_unload(), which adds the bias, or save the adapters with cm.save_adapter(folder)")
         return out
 
     # -- adapters ---------------------------------------------------------------------
@@ -545,6 +551,14 @@ class CompiledModel(torch.nn.Module):
                 kept = kept_unmerged_weight(self, rec)
                 if kept is not None and prefix + rec.weight in out:
                     out[prefix + rec.weight] = kept if keep_vars else kept.detach()
+                if rec.lora_bias is not None:  # the layer's own bias (or none) rather than the merged one
+                    path = prefix + (rec.bias or f"{rec.site}.bias")
+                    if rec.bias is None:
+                        out.pop(path, None)
+                    else:
+                        kept = kept_unmerged_weight(self, rec, rec.bias)
+                        if kept is not None and path in out:
+                            out[path] = kept if keep_vars else kept.detach()
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

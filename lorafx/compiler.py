@@ -21,6 +21,7 @@ from .capture import bind_inputs, capture, is_hf_model
 from .compiled import CompiledModel, CompileReport, own_base
 from .context import CompileContext
 from .options import Option, check_options, check_seed
+from .peft_names import resolve_peft_names
 from .pipeline import Instrument, Pass, Pipeline
 
 __all__ = ["compile", "default_passes", "declarations", "load_adapter", "default_example_inputs",
@@ -49,6 +50,13 @@ def declarations(target: Any = "cpu", passes: Optional[Sequence[Pass]] = None) -
     return out
 
 
+def _declared_names(target_cls: type, passes: Optional[Sequence[Pass]] = None) -> set:
+    """Every option name the default pipeline (and ``passes``, if given) and the target declare,
+    and compile's own keywords: the names PEFT's LoraConfig fields resolve against."""
+    owners = declarations(target_cls) + (declarations(target_cls, passes) if passes is not None else [])
+    return {o.name for _, opts in owners for o in opts} | set(COMPILE_KEYWORDS)
+
+
 def _split(options: Dict[str, Any], target_cls: type) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(the target's options, the rest)."""
     mine = {o.name for o in target_cls.options}
@@ -75,6 +83,7 @@ def default_passes(target: Any = "cpu", *, backend: str = "eager", **options) ->
     """The pipeline ``compile`` runs for these options.  Edit the list and give it back as
     ``compile(model, passes=...)``."""
     target_cls = compilable_target(target)
+    options = resolve_peft_names(options, _declared_names(target_cls), "lorafx.default_passes")
     check_options(options, declarations(target_cls), where="lorafx.default_passes")
     target_options, _ = _split(options, target_cls)
     hw = get_target(target, **target_options)
@@ -185,7 +194,10 @@ def compile(
     ``options`` are the ones the passes and the target declare (``r``, ``alpha``,
     ``target_modules``, ``schedule``, ``fold_a``, ...; the README's table, or
     ``lorafx.compiler.declarations()``); all are checked before the model is captured,
-    and an unknown one is refused naming the close matches.
+    and an unknown one is refused naming the close matches.  PEFT's LoraConfig fields are
+    accepted under their own names (``lora_alpha``, ``lora_dropout``, ``init_lora_weights``
+    as aliases; ``compile(model, **lorafx.peft_options(lora_config))``), a field lorafx does
+    not implement only at PEFT's default value (``lorafx.peft_names``).
 
     ``calibration``: an iterable of batches (dicts of keyword inputs, tuples or tensors)
     for passes that take decisions from data; ``seed``: the seed of every random choice
@@ -210,6 +222,7 @@ def compile(
         known = torch._dynamo.list_backends()
         if backend not in known:
             raise ValueError(f"unknown backend {backend!r}; use 'eager' or a torch.compile backend: {known}")
+    options = resolve_peft_names(options, _declared_names(target_cls, passes))  # PEFT's LoraConfig names
     check_options(options, declarations(target_cls, passes), COMPILE_KEYWORDS)
     if passes is not None:
         _check_passes_and_options(passes, options, target_cls)
@@ -255,6 +268,8 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
     if isinstance(model, CompiledModel):
         model.load_adapter(directory, trust_pickle=trust_pickle)
         return model
+    options = resolve_peft_names(options, _declared_names(compilable_target(options.get("target", "cpu"))),
+                                 "lorafx.load_adapter")  # PEFT's names overriding the saved settings
     files = adapter_io.read_adapter_files(directory, trust_pickle)  # fail before the (slow) compile
     shortcut = adapter_io.shortcut_settings(files.shortcuts)
     if files.weights:

@@ -61,6 +61,11 @@ class LoraRecord:
     dropout: float = 0.0
     weight_transposed: bool = False  # True for GPT-2 Conv1D weights stored as (in, out)
     merged: bool = False
+    lora_bias: Optional[str] = None  # attribute path of B's bias (PEFT's lora_bias=True), shape (out_features,)
+    # PiSSA/OLoRA (a base-changing init): the initial A and B, kept frozen; ``weight`` is then the residual
+    # W - scale·B0 A0, and save_adapter writes the plain LoRA [B, -B0]·[A; A0] for the original W
+    lora_A0: Optional[str] = None
+    lora_B0: Optional[str] = None
 
     def describe(self) -> str:
         return (f"lora(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}"

@@ -196,11 +196,15 @@ def check_options(values: Mapping, declarations: Declarations, builtin: Sequence
 
 
 def options_table(declarations: Declarations) -> str:
-    """A markdown table of the declared options (the README's table of compile options)."""
+    """A markdown table of the declared options (the README's table of compile options); an
+    option PEFT's LoraConfig names otherwise shows that name too (``lorafx.peft_names``)."""
     cell = lambda text: str(text).replace("|", "\\|")
+    from .peft_names import peft_name
     lines = ["| option | type | default | declared by | meaning |", "|---|---|---|---|---|"]
     for owner, opts in declarations:
         for o in opts:
-            lines.append(f"| `{o.name}` | {cell(o.type_name())} | `{cell(o.shown_default())}` | {owner} "
+            alias = peft_name(o.name)
+            name = f"`{o.name}` (PEFT: `{alias}`)" if alias else f"`{o.name}`"
+            lines.append(f"| {name} | {cell(o.type_name())} | `{cell(o.shown_default())}` | {owner} "
                          f"| {cell(o.help)} |")
     return "\n".join(lines)

@@ -941,6 +941,8 @@ def _check_adapter(cm: CompiledModel, directory: str, manifest: dict) -> None:
     pairs += [(rec, (s.lora_A, s.lora_B) if s is not None else None)
               for site, rec in cm.shortcut_records().items() for s in [files.shortcuts.get(site)]]
     for rec, saved in pairs:
+        if saved is not None and getattr(rec, "lora_A0", None) is not None:  # PiSSA/OLoRA: saved as [A; A0], [B, -B0]
+            saved = (saved[0][:rec.r], saved[1][:, :rec.r])
         if saved is None or not (torch.equal(saved[0], get_attr(cm, rec.lora_A).detach().cpu())
                                  and torch.equal(saved[1], get_attr(cm, rec.lora_B).detach().cpu())):
             raise _fail(directory, f"the adapter of {rec.site} in {WEIGHTS_NAME} differs from the program's "

@@ -43,11 +43,12 @@ from lorafx import options as O
 from lorafx.context import CompileContext
 from lorafx.dialect import LINEAR
 from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, node_module,
-                                pattern_value, set_parameter, unique)
+                                owner_and_name, pattern_value, set_parameter, unique)
 from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
+from . import peft_init
 from .score_sites import Candidate, mean_weight_gradients
 
 __all__ = ["InsertLoRA", "draw_A", "freeze_base", "select_linear_sites", "shared_weight_user"]
@@ -110,7 +111,11 @@ class InsertLoRA(Pass):
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     dropout: float = 0.0
-    init: str = "kaiming"
+    init: Union[str, bool] = "kaiming"
+    layers_to_transform: Union[int, Tuple[int, ...], None] = None
+    layers_pattern: Union[str, Tuple[str, ...], None] = None
+    lora_bias: bool = False
+    fan_in_fan_out: Optional[bool] = None
     seed: Optional[int] = None
     freeze: bool = True
     adapter_dtype: Optional[str] = None
@@ -137,9 +142,25 @@ class InsertLoRA(Pass):
         Option("use_rslora", bool, False, "scale = alpha / sqrt(r) (rsLoRA, arXiv 2312.03732)"),
         Option("dropout", float, 0.0, "adapter dropout probability, on in train(), off in eval(); saved as a "
                "boolean mask, never a copy of x", check=O.check_probability),
-        Option("init", str, "kaiming", "'kaiming' or 'gaussian' init of A, or 'lors' (A = the top-r right singular "
-               "vectors of the mean weight gradient on calibration= batches); B starts at 0",
-               check=lambda name, value, where: O.check_choice(name, value, INITS, where)),
+        Option("init", (str, bool), "kaiming", "'kaiming' or 'gaussian' init of A, or 'lors' (A = the top-r right "
+               "singular vectors of the mean weight gradient on calibration= batches); B starts at 0. PEFT's: False "
+               "(A and B both kaiming-uniform, not the identity: for tests), 'pissa' / 'pissa_niter_N' (A, B from "
+               "the top-r SVD of W) and 'olora' (from W = QR): these two train against the residual W - s·BA, a "
+               "private copy, and save_adapter writes a plain rank-2r LoRA for the original W",
+               check=lambda name, value, where: peft_init.check_init(name, value, where, INITS)),
+        Option("layers_to_transform", (int, list, type(None)), None,
+               "PEFT's: adapt only the layers with these indices (with a list of target_modules)",
+               check=lambda name, value, where: peft_init.check_layer_options(value, None, None, where)),
+        Option("layers_pattern", (str, list, type(None)), None,
+               "PEFT's: the name(s) before the layer index in module paths ('layers', 'h'); default: the first "
+               "numbered segment",
+               check=lambda name, value, where: peft_init.check_layer_options(0, value, None, where)),
+        Option("lora_bias", bool, False, "PEFT's: B gets a trainable bias (starts at 0), scaled by s like B A; "
+               "merging adds s·b to the layer's bias"),
+        Option("fan_in_fan_out", (bool, type(None)), None,
+               "PEFT's: the weight is stored (in, out); lorafx reads the layout from the layer and warns, as PEFT "
+               "does, where it differs", check=lambda name, value, where: None if value is None
+               else O.check_bool(name, value, where)),
         Option("adapter_dtype", (str, torch.dtype, type(None)), None,
                "dtype of A and B ('float32', 'bfloat16', ...; None: the weight's); the adapter products run in it, "
                "the result is rounded to the input's dtype once", check=_check_adapter_dtype),
@@ -156,6 +177,12 @@ class InsertLoRA(Pass):
         put("dropout", float(self.dropout))
         put("seed", None if self.seed is None else int(self.seed))
         put("target_modules", _as_tuple(self.target_modules))
+        if isinstance(self.layers_to_transform, (list, tuple, set, frozenset)):
+            put("layers_to_transform", tuple(sorted(self.layers_to_transform)))
+        if isinstance(self.layers_pattern, (list, tuple)):
+            put("layers_pattern", tuple(self.layers_pattern))
+        if self.init is True:
+            put("init", "kaiming")
         put("exclude_modules", _as_tuple(self.exclude_modules))
         put("rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
         put("alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()})
@@ -179,7 +206,12 @@ class InsertLoRA(Pass):
                              "{'q_proj': 32}")
         O.check_bool("use_rslora", self.use_rslora, where)
         O.check_probability("dropout", self.dropout, where)
-        O.check_choice("init", self.init, INITS, where)
+        peft_init.check_init("init", self.init, where, INITS)
+        peft_init.check_layer_options(self.layers_to_transform, self.layers_pattern, self.target_modules, where)
+        O.check_bool("lora_bias", self.lora_bias, where)
+        if self.lora_bias and self.init not in ("kaiming", "gaussian", False):
+            raise ValueError(f"{where}lora_bias=True works with init 'kaiming', 'gaussian' or False (as in PEFT), "
+                             f"got init={self.init!r}; pass lora_bias=False or another init")
         O.check_seed("seed", self.seed, where)
         O.check_bool("freeze", self.freeze, where)
         _check_adapter_dtype("adapter_dtype", self.adapter_dtype, where)
@@ -202,27 +234,47 @@ class InsertLoRA(Pass):
         return r, alpha
 
     # -- rewriting ----------------------------------------------------------------
-    def _make_adapters(self, weight: torch.Tensor, site: LinearSite, r: int, gen, lors=None, deferred=None):
+    def _make_adapters(self, weight: torch.Tensor, site: LinearSite, r: int, gen, lors=None, deferred=None,
+                       residual=None):
         """A (r, in) and B (out, r) = 0 as Parameters.  On the meta device A stays empty and its
-        draw is appended to ``deferred`` (``lorafx.materialize`` replays it)."""
+        draw is appended to ``deferred`` (``lorafx.materialize`` replays it).  init=False draws
+        B too (kaiming-uniform, fan-in r: nn.Linear's default, PEFT's rule); a residual init
+        (PiSSA, OLoRA) copies ``residual``'s A and B."""
         dtype, device = self.dtype_for(weight.dtype), weight.device
         A = torch.empty(r, site.in_features, dtype=dtype, device=device)
         B = torch.zeros(site.out_features, r, dtype=dtype, device=device)
         if device.type == "meta":
-            deferred.append((f"{site.module}.lora_A", tuple(A.shape), self.init, r))
+            rule = "kaiming" if self.init is False else self.init
+            deferred.append((f"{site.module}.lora_A", tuple(A.shape), rule, r))
+            if self.init is False:
+                deferred.append((f"{site.module}.lora_B", tuple(B.shape), "kaiming", r))
+        elif residual is not None:
+            A.copy_(residual[0])
+            B.copy_(residual[1])
         elif lors is not None:
             A.copy_(lors[site.module][:r])
         else:
-            A.copy_(draw_A(A.shape, self.init, r, gen))
+            A.copy_(draw_A(A.shape, "kaiming" if self.init is False else self.init, r, gen))
+            if self.init is False:
+                B.copy_(draw_A(B.shape, "kaiming", r, gen))
         return torch.nn.Parameter(A), torch.nn.Parameter(B)
+
+    def _make_bias(self, weight: torch.Tensor, site: LinearSite, r: int, gen) -> torch.nn.Parameter:
+        """B's bias (lora_bias=True): 0, or with init=False uniform ±1/sqrt(r) (nn.Linear's bias rule)."""
+        b = torch.zeros(site.out_features, dtype=self.dtype_for(weight.dtype), device=weight.device)
+        if self.init is False:
+            b.copy_((torch.rand(site.out_features, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(r))
+        return torch.nn.Parameter(b)
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         sites = select_linear_sites(gm, find_linear_sites(gm), self.target_modules, self.exclude_modules)
+        sites = self._in_layers(sites)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
         _refuse_shared_weights(gm, sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
+        self._check_peft_options(gm, ctx, sites, configs)
         above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
         if above:
             if self.init == "lors":
@@ -235,6 +287,8 @@ class InsertLoRA(Pass):
         gen = torch.Generator().manual_seed(seed)
         lors = ctx.decide("lors_init", lambda: lors_directions(gm, ctx, sites, configs, seed)) \
             if self.init == "lors" else None
+        residuals = ctx.decide("residual_init", lambda: self._residuals(gm, sites, configs, seed)) \
+            if peft_init.is_residual_init(self.init) else {}
         if self.freeze:
             freeze_base(gm)
         made: Dict[str, Tuple[str, str]] = {}
@@ -242,17 +296,32 @@ class InsertLoRA(Pass):
         replaced: Dict[torch.fx.Node, torch.fx.Node] = {}  # a site's linear -> its lora node (a linear fed by one)
         for site, (r, alpha) in zip(sites, configs):
             a_path, b_path = f"{site.module}.lora_A", f"{site.module}.lora_B"
+            residual = residuals.get(site.module)
+            extra = {}
+            if self.lora_bias:
+                extra["lora_bias"] = f"{site.module}.lora_bias"
+            if residual is not None:
+                extra.update(lora_A0=f"{site.module}.lora_A0", lora_B0=f"{site.module}.lora_B0")
             if site.module not in made:  # a module called twice shares its adapter
-                A, B = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen, lors, deferred)
+                weight = get_attr(gm, site.weight.target)
+                A, B = self._make_adapters(weight, site, r, gen, lors, deferred, residual)
                 set_parameter(gm, a_path, A)
                 set_parameter(gm, b_path, B)
+                if self.lora_bias:
+                    set_parameter(gm, extra["lora_bias"], self._make_bias(weight, site, r, gen))
+                if residual is not None:  # the frozen W becomes a private residual: the model's W is untouched
+                    set_parameter(gm, site.weight.target, torch.nn.Parameter(residual[2], requires_grad=False))
+                    owner, name = owner_and_name(gm, extra["lora_A0"])
+                    owner.register_buffer(name, A.detach().clone())
+                    owner, name = owner_and_name(gm, extra["lora_B0"])
+                    owner.register_buffer(name, B.detach().clone())
                 made[site.module] = (a_path, b_path)
             scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             bias_path = site.bias.target if isinstance(site.bias, torch.fx.Node) and site.bias.op == "get_attr" else None
             record = LoraRecord(site=site.module, weight=site.weight.target, lora_A=a_path, lora_B=b_path, r=r,
                                 alpha=alpha, scale=scale, in_features=site.in_features,
                                 out_features=site.out_features, bias=bias_path, dropout=self.dropout,
-                                weight_transposed=site.weight_transposed)
+                                weight_transposed=site.weight_transposed, **extra)
             x = replaced.get(site.x, site.x)
             replaced[site.node] = replace_with_lora(gm, site.node, x, site.weight, site.bias, record,
                                                     created_by=self.name)
@@ -268,6 +337,63 @@ class InsertLoRA(Pass):
             "rank_pattern": {s.module: c[0] for s, c in zip(sites, configs)},
         }
         return PassResult(gm, True, info)
+
+
+    # -- PEFT's options ---------------------------------------------------------------
+    def _in_layers(self, sites):
+        """``sites`` in the layers ``layers_to_transform`` keeps (PEFT's rule, ``peft_init``)."""
+        if self.layers_to_transform is None:
+            return sites
+        kept = [s for s in sites if peft_init.in_selected_layers(s.module, self.target_modules,
+                                                                 self.layers_to_transform, self.layers_pattern)]
+        if not kept:
+            found = sorted({i for i in (peft_init.layer_index(s.module, self.layers_pattern) for s in sites)
+                            if i is not None})
+            raise ValueError(
+                f"InsertLoRA: layers_to_transform={self.layers_to_transform!r}"
+                + (f" (layers_pattern={self.layers_pattern!r})" if self.layers_pattern else "")
+                + f" keeps none of the {len(sites)} module(s) target_modules matched "
+                f"(e.g. {sites[0].module}); their layer indices: {found or 'none found'}. Pass indices among those"
+                + ("" if found else ", or a layers_pattern naming the segment before the index (e.g. 'layers')"))
+        return kept
+
+    def _check_peft_options(self, gm, ctx: CompileContext, sites, configs) -> None:
+        """Refuse what PiSSA/OLoRA cannot do here; warn once where fan_in_fan_out disagrees with a layout."""
+        if self.fan_in_fan_out is not None:
+            wrong = [s for s in sites if s.weight_transposed != self.fan_in_fan_out]
+            if wrong:
+                ctx.decide("fan_in_fan_out_warned", lambda: _warn_fan_in_fan_out(wrong, self.fan_in_fan_out))
+        if not peft_init.is_residual_init(self.init):
+            return
+        where = f"InsertLoRA: init={self.init!r}"
+        if graph_record(gm).sparsity:
+            raise ValueError(f"{where} replaces the frozen weights by residuals, which would not keep the zeros "
+                             "of pruned weights (sparsity=...); use init='kaiming' with sparsity")
+        if any(get_attr(gm, s.weight.target).is_meta for s in sites):
+            raise ValueError(f"{where} needs the weights' values (they are on the meta device); load them first, "
+                             "or use init='kaiming'")
+        for s, (r, _) in zip(sites, configs):
+            if r > min(s.in_features, s.out_features):
+                raise ValueError(f"{where} takes A and B from a rank-r factorisation of W, but rank {r} for "
+                                 f"{s.module} exceeds min(in, out) = {min(s.in_features, s.out_features)}; use "
+                                 "r <= that (rank_pattern) or init='kaiming'")
+
+    def _residuals(self, gm, sites, configs, seed: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """{module: (A, B, residual weight)} of a PiSSA/OLoRA init (one per module, from its source weight)."""
+        out = {}
+        for s, (r, alpha) in zip(sites, configs):
+            if s.module not in out:
+                scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+                out[s.module] = peft_init.residual_init(get_attr(gm, s.weight.target), r, scale, self.init,
+                                                        transposed=s.weight_transposed, seed=seed)
+        return out
+
+
+def _warn_fan_in_fan_out(wrong, flag: bool) -> bool:
+    log.warning("lorafx: fan_in_fan_out=%s but %d adapted layer(s) store their weight the other way (e.g. %s, "
+                "%s); lorafx uses each layer's own layout, as PEFT does after its warning", flag, len(wrong),
+                wrong[0].module, "(in, out): a Conv1D" if wrong[0].weight_transposed else "(out, in): an nn.Linear")
+    return True
 
 
 def lors_directions(gm: torch.fx.GraphModule, ctx: CompileContext, sites, configs, seed: int) -> Dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.fx
@@ -42,7 +42,7 @@ from lorafx.pipeline import Pass, PassResult
 from .fold_lora import FOLDED_SUFFIX
 
 __all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", "kept_unmerged_weight",
-           "mergeable", "unmergeable_nodes", "lower_unmergeable"]
+           "mergeable", "unmergeable_nodes", "lower_unmergeable", "merged_bias_path", "merged_bias"]
 
 _KEPT = "_lorafx_unmerged"
 
@@ -83,7 +83,47 @@ def merged_weights(gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
         rec = get_record(node, LoraRecord)
         if rec is not None and not rec.merged:
             out.setdefault(rec.weight, kind_of(node).merged_weight(gm, node))
+            if rec.lora_bias is not None:
+                out.setdefault(merged_bias_path(rec), merged_bias(gm, rec))
     return out
+
+
+def merged_bias_path(rec: LoraRecord) -> str:
+    """Where the merged bias of a ``lora_bias`` adapter goes: the layer's bias, or a new
+    ``<site>.bias`` for a layer without one."""
+    return rec.bias if rec.bias is not None else f"{rec.site}.bias"
+
+
+def merged_bias(gm: torch.nn.Module, rec: LoraRecord) -> torch.Tensor:
+    """The layer's bias (0 without one) + s·b, b being B's bias (PEFT's lora_bias merge), in the weight's dtype
+    (computed in float32 or wider)."""
+    dtype = get_attr(gm, rec.weight).dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    base = get_attr(gm, rec.bias).detach().to(acc) if rec.bias is not None else 0.0
+    return (base + rec.scale * get_attr(gm, rec.lora_bias).detach().to(acc)).to(dtype)
+
+
+def _merge_site_bias(gm: torch.nn.Module, rec: LoraRecord) -> None:
+    owner, name = owner_and_name(gm, merged_bias_path(rec))
+    if hasattr(owner, name + _KEPT):
+        return  # merged already
+    value = merged_bias(gm, rec)
+    # the layer's own bias is kept; None marks a layer that had none (unmerge removes the new one)
+    owner.register_buffer(name + _KEPT, owner._parameters[name].data if rec.bias is not None else None,
+                          persistent=False)
+    owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _unmerge_site_bias(gm: torch.nn.Module, rec: LoraRecord) -> None:
+    owner, name = owner_and_name(gm, merged_bias_path(rec))
+    if not hasattr(owner, name + _KEPT):
+        return
+    kept = getattr(owner, name + _KEPT)
+    if kept is None:
+        del owner._parameters[name]
+    else:
+        owner._parameters[name] = torch.nn.Parameter(kept, requires_grad=False)
+    delattr(owner, name + _KEPT)
 
 
 def _merge_site_weight(gm: torch.nn.Module, rec: LoraRecord, merged: Callable[[], torch.Tensor]) -> None:
@@ -95,13 +135,16 @@ def _merge_site_weight(gm: torch.nn.Module, rec: LoraRecord, merged: Callable[[]
     owner._parameters[name] = torch.nn.Parameter(merged(), requires_grad=False)
 
 
-def kept_unmerged_weight(gm: torch.nn.Module, rec: LoraRecord):
-    """The unmerged weight MergeLoRA kept for ``rec``'s site, or None if it is not merged."""
-    owner, name = owner_and_name(gm, rec.weight)
+def kept_unmerged_weight(gm: torch.nn.Module, rec: LoraRecord, path: Optional[str] = None):
+    """The unmerged weight (or the tensor at ``path``, e.g. a bias) MergeLoRA kept for ``rec``'s
+    site, or None if it is not merged."""
+    owner, name = owner_and_name(gm, path or rec.weight)
     return getattr(owner, name + _KEPT, None)
 
 
 def unmerge_site_weight(gm: torch.nn.Module, rec: LoraRecord) -> None:
+    if rec.lora_bias is not None:
+        _unmerge_site_bias(gm, rec)
     owner, name = owner_and_name(gm, rec.weight)
     if not hasattr(owner, name + _KEPT):
         return
@@ -125,11 +168,17 @@ class MergeLoRA(Pass):
             kind, rec = kind_of(node), get_record(node, LoraRecord)
             if not mergeable(kind):
                 continue  # no weight to fold it into: it keeps running (lowered below when unloading)
+            v = kind.view(node)
+            bias = v.bias
+            if rec.lora_bias is not None:  # PEFT's lora_bias: s·b folded into the layer's bias
+                if self.rebind_weights:
+                    _merge_site_bias(gm, rec)
+                with gm.graph.inserting_before(node):
+                    bias = gm.graph.get_attr(merged_bias_path(rec))
             if self.rebind_weights:
                 _merge_site_weight(gm, rec, lambda: kind.merged_weight(gm, node))
-            v = kind.view(node)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.aten.linear.default, (v.x, v.weight, v.bias))
+                new = gm.graph.call_function(torch.ops.aten.linear.default, (v.x, v.weight, bias))
             new.meta.update({k: val for k, val in node.meta.items() if k != "lorafx"})
             set_record(new, get_record(node, OriginRecord) or OriginRecord(rec.site))
             if not self.unload:
@@ -138,6 +187,9 @@ class MergeLoRA(Pass):
                 for record in kind.kept_records(node):
                     set_record(new, record)
             unloaded.update((path, rec.weight) for path in kind.adapter_tensors(node))
+            unloaded.update((path, rec.weight) for path in (rec.lora_A0, rec.lora_B0) if path is not None)
+            if rec.lora_bias is not None:  # and the layer's kept bias
+                unloaded.add((rec.lora_bias, merged_bias_path(rec)))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             count += 1

@@ -18,7 +18,7 @@ PACKAGE_DIRS = {"lorafx": "lorafx", "lorafx.passes": "passes", "lorafx.hw_target
 # Lowest first.  A module may import modules of its own layer or below.
 LAYERS = [
     ("spine", ["lorafx.meta", "lorafx.options", "lorafx.context", "lorafx.graph_utils", "lorafx.schedules",
-               "lorafx.capture", "lorafx.pipeline", "lorafx.printing", "lorafx._version"]),
+               "lorafx.capture", "lorafx.pipeline", "lorafx.printing", "lorafx._version", "lorafx.peft_names"]),
     ("dialect", ["lorafx.dialect", "lorafx.dialect.*", "lorafx.eager"]),
     ("passes", ["lorafx.passes", "lorafx.passes.*"]),
     # a target builds its lowering passes; a pass sees the target only through ctx.target

@@ -69,6 +69,7 @@ from .registry import (InputQuery, NodeCost, OpKind, ScheduleFamily, args_of, co
 __all__ = [
     "lora_linear", "lora_linear_xa", "lora_linear_backward", "dropout_mask", "lora_linear_reference",
     "schedule_counts", "forward", "backward", "run_backward", "COLUMN_RANK", "AdapterKind", "LinearKind", "LINEAR",
+    "with_lora_bias",
 ]
 
 # How often each forward / backward kernel ran: {("fwd", "f1"): count, ("bwd", "b5"): ...}.
@@ -565,6 +566,7 @@ class LinearKind(AdapterKind):
         get_attrs, a dropout mask when ``record.dropout`` > 0, the Origin and Lora records.
         ``weight`` is the stored weight's node (transposed here for a Conv1D layout)."""
         w = graph.call_function(torch.ops.aten.t.default, (weight,)) if record.weight_transposed else weight
+        bias = with_lora_bias(graph, bias, w, record, created_by)
         a, b = graph.get_attr(record.lora_A), graph.get_attr(record.lora_B)
         mask = None
         if record.dropout > 0:
@@ -579,7 +581,28 @@ class LinearKind(AdapterKind):
     def unmerge(self, graph, linear, record: LoraRecord, *, train: bool, created_by: str):
         v = args_of(linear)
         weight = args_of(v.weight).self if record.weight_transposed else v.weight  # t(W) -> W
-        return self.build(graph, v.input, weight, v.bias, record, train=train, created_by=created_by)
+        bias = v.bias
+        if record.lora_bias is not None:  # the merged linear reads the merged bias: build from the layer's own
+            bias = graph.get_attr(record.bias) if record.bias is not None else None
+        return self.build(graph, v.input, weight, bias, record, train=train, created_by=created_by)
+
+
+def with_lora_bias(graph, bias, weight, record: LoraRecord, created_by: str):
+    """The bias argument of an adapter node: ``bias`` itself, or with PEFT's ``lora_bias`` the
+    layer's bias plus s·b (b: B's bias, ``record.lora_bias``; s·b alone for a layer without
+    bias), in the weight's dtype.  Every kind passes its bias argument through and returns its
+    gradient, so b trains without a kind of its own; MergeLoRA folds it into the layer's bias."""
+    if record.lora_bias is None:
+        return bias
+    lb = graph.get_attr(record.lora_bias)
+    if bias is None:
+        total = graph.call_function(torch.ops.aten.mul.Tensor, (lb, record.scale))
+    else:
+        total = graph.call_function(torch.ops.aten.add.Tensor, (bias, lb), {"alpha": record.scale})
+    out = graph.call_function(torch.ops.aten.type_as.default, (total, weight))
+    for n in (total, out):
+        set_record(n, OriginRecord(record.site, "Linear", created_by=created_by))
+    return out
 
 
 LINEAR = register_kind(LinearKind())

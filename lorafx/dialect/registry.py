@@ -275,8 +275,9 @@ class OpKind:
 
     def adapter_tensors(self, node: torch.fx.Node) -> List[str]:
         """Attribute paths of the trainable tensors of the node's adapters (what
-        ``merge_and_unload`` deletes): A and B by default."""
-        return [path for rec in self.adapters(node) for path in (rec.lora_A, rec.lora_B)]
+        ``merge_and_unload`` deletes): A and B (and B's bias, ``lora_bias``) by default."""
+        return [path for rec in self.adapters(node)
+                for path in (rec.lora_A, rec.lora_B, getattr(rec, "lora_bias", None)) if path is not None]
 
     def check(self, node: torch.fx.Node) -> Optional[str]:
         """Why the node is malformed (the graph lint), or None."""
