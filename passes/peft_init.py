@@ -21,7 +21,7 @@ The residual is W − s·B A, so W_res + s·B A = W at init.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 

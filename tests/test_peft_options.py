@@ -9,7 +9,6 @@ their adapters are saved converted to plain LoRA on the original base, and PEFT 
 import copy
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
