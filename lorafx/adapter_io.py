@@ -565,6 +565,12 @@ def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFil
             raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_NAME}"
                                     + (f" (it has {SHORTCUTS_NAME}, but its {CONFIG_NAME} names linear adapters)"
                                        if has_shortcuts else "")) from None
+    biased = sorted(site for site, w in weights.items() if len(w) == 3)
+    if weights and bool(config.get("lora_bias", False)) != (len(biased) == len(weights)):
+        odd = next(iter(sorted(set(weights) - set(biased)) or biased))
+        raise ValueError(f"{directory}: {CONFIG_NAME} says lora_bias={config.get('lora_bias', False)!r} but "
+                         f"{odd} {'has no' if odd not in biased else 'has a'} lora_B bias in the weights ("
+                         f"{len(biased)} of {len(weights)} sites have one): {_fix(directory)}")
     shortcuts: Dict[str, SavedShortcut] = {}
     if has_shortcuts:
         shortcuts, metas[os.path.join(directory, SHORTCUTS_NAME)] = _read_shortcuts(directory)

@@ -214,6 +214,8 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
     adapters = _adapter_draws(graphs)
     for rec in cm.lora_records().values():
         adapters.setdefault(rec.lora_B, None)
+        if rec.lora_bias is not None:  # PEFT's lora_bias: B's bias starts at 0
+            adapters.setdefault(rec.lora_bias, None)
     for rec in cm.shortcut_records().values():
         adapters.setdefault(rec.lora_B, None)
     # fold_a=True: a buffer [W; A] of which W and A are views (FoldLoRAIntoBase)

@@ -359,6 +359,9 @@ class InsertLoRA(Pass):
 
     def _check_peft_options(self, gm, ctx: CompileContext, sites, configs) -> None:
         """Refuse what PiSSA/OLoRA cannot do here; warn once where fan_in_fan_out disagrees with a layout."""
+        if self.init is False and self.lora_bias and any(get_attr(gm, s.weight.target).is_meta for s in sites):
+            raise ValueError("InsertLoRA: init=False with lora_bias=True draws B's bias, which lorafx.materialize "
+                             "does not replay; compile with real weights, or use init='kaiming' on the meta device")
         if self.fan_in_fan_out is not None:
             wrong = [s for s in sites if s.weight_transposed != self.fan_in_fan_out]
             if wrong:
