@@ -25,7 +25,13 @@ kaiming-uniform, "gaussian": A ~ N(0, 1/r); B = 0 in both; "lors": LoRS's
 initialisation, arXiv 2501.08582 -- the dense weight gradient ∂L/∂W is averaged over up
 to ``LORS_BATCHES`` calibration batches, and A's rows are its top-r right singular
 vectors, so the first step moves B along the gradient's top-r directions, s·G Aᵀ = s·U_r Σ_r;
-B = 0 keeps the identity at init).  After AllocateRanks
+B = 0 keeps the identity at init).  PEFT's ``layers_to_transform``/``layers_pattern`` keep
+only the sites in those layers (PEFT's rule, ``passes/peft_init.py``); ``lora_bias`` gives B a
+bias b (0 at init; the node's bias argument becomes bias + s·b); ``init=False`` draws A and B
+(kaiming-uniform, not the identity); ``init="pissa"``/``"pissa_niter_N"``/``"olora"`` take A and
+B from the SVD/QR of W and replace the frozen W by a private residual W − s·B A (the model's W is
+untouched), keeping A₀, B₀ as buffers ``lora_A0``/``lora_B0`` for ``save_adapter``'s conversion.
+After AllocateRanks
 (``rank_budget=...``) it adapts exactly the sites the graph record's ``allocation`` gives
 a rank, at that rank.
 """
@@ -191,7 +197,6 @@ class InsertLoRA(Pass):
             put("layers_pattern", tuple(self.layers_pattern))
         if self.init is True:
             put("init", "kaiming")
-
         put("exclude_modules", _as_tuple(self.exclude_modules))
         put("rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
         put("alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()})
@@ -352,7 +357,6 @@ class InsertLoRA(Pass):
             "sites_by_layer": dict(Counter(s.layer for s in {s.module: s for s in sites}.values())),
         }
         return PassResult(gm, True, info)
-
 
     # -- PEFT's options ---------------------------------------------------------------
     def _in_layers(self, sites):

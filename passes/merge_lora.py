@@ -11,6 +11,10 @@ bit for bit (the caller's model is never written to); UnmergeLoRA asks the kind 
 node was merged from (its ``MergedFrom`` record) to rebuild it.  ``unload=True`` also
 deletes the adapters' tensors and the kept weights (merge_and_unload).
 
+PEFT's ``lora_bias`` (B's bias b, which every kind receives added into its bias argument,
+``lorafx.dialect.linear.with_lora_bias``) is folded into the layer's bias as bias + s·b; a
+layer without bias gets one (``<site>.bias``), which unmerge removes again.
+
 Kinds that cannot be folded into a weight (``mergeable = False``: the shortcut
 connections of ``lora_shortcut``) are left running by MergeLoRA; ``unload=True`` turns
 them into plain aten ops with their A and B kept as frozen tensors (``lower_unmergeable``).
