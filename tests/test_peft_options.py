@@ -12,9 +12,11 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import lorafx
 from lorafx.graph_utils import get_attr
+from lorafx.passes.peft_init import in_selected_layers, residual_init
 
 from conftest import Warnings
 
@@ -224,9 +226,11 @@ def test_an_adapter_without_lora_bias_does_not_load_into_a_model_with_it(tmp_pat
 
 # -- layers_to_transform ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layers", [dict(layers_to_transform=[0, 2]), dict(layers_to_transform=1),
+@pytest.mark.parametrize("layers", [dict(layers_to_transform=[0, 2]),
+                                    pytest.param(dict(layers_to_transform=1), marks=pytest.mark.slow),
                                     dict(layers_to_transform=[1], layers_pattern="layers"),
-                                    dict(layers_to_transform=[0], layers_pattern=["h", "layers"])])
+                                    pytest.param(dict(layers_to_transform=[0], layers_pattern=["h", "layers"]),
+                                                 marks=pytest.mark.slow)])
 def test_layers_to_transform_adapts_the_sites_peft_adapts_and_round_trips(tmp_path, layers):
     base, x = base_model(), inputs()
     pm, cm = peft_pair(tmp_path, base, r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=False,
@@ -290,7 +294,7 @@ def test_pissa_and_olora_equal_peft_at_init_and_leave_the_model_alone(init):
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", ["pissa", pytest.param("olora", marks=pytest.mark.slow)])
 def test_pissa_and_olora_save_a_plain_lora_that_peft_loads_on_the_original_base(tmp_path, init):
     base, x = base_model(), inputs()
     cm = compiled(base, r=3, lora_alpha=6, target_modules=["q", "v"], init=init, use_rslora=init == "olora")
@@ -366,3 +370,38 @@ def test_pissa_niter_is_seeded():
     for rec in a.lora_records().values():
         assert torch.equal(get_attr(a, rec.lora_A), get_attr(b, rec.lora_A))
     torch.testing.assert_close(a.eval()(inputs()), base_model()(inputs()), **TOL)
+
+
+# -- the rules themselves, on generated cases ----------------------------------------------------------
+
+_segment = st.sampled_from(["model", "layers", "h", "blocks", "0", "1", "2", "13", "attn", "q", "v", "mlp", "experts"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(path=st.lists(_segment, min_size=1, max_size=6), targets=st.lists(st.sampled_from(["q", "v", "attn.q", "mlp"]),
+       min_size=1, max_size=3), layers=st.one_of(st.integers(0, 3), st.lists(st.integers(0, 13), max_size=3)),
+       pattern=st.sampled_from([None, "layers", ["h", "blocks"]]))
+def test_the_layer_rule_is_peft_check_target_module_exists(path, targets, layers, pattern):
+    from peft.tuners.tuners_utils import check_target_module_exists
+    name = ".".join(path)
+    config = peft.LoraConfig(target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+    theirs = bool(check_target_module_exists(config, name))
+    matched = name in targets or any(name.endswith("." + t) for t in targets)
+    ours = matched and in_selected_layers(name, tuple(targets), layers, pattern)
+    assert ours == theirs
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 9), inp=st.integers(1, 9), r=st.integers(1, 9), init=st.sampled_from(["pissa", "olora"]),
+       transposed=st.booleans(), seed=st.integers(0, 99))
+def test_a_residual_init_plus_its_adapter_is_the_weight(out, inp, r, init, transposed, seed):
+    r = min(r, out, inp)
+    W = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+    stored = W.t().contiguous() if transposed else W
+    A, B, res = residual_init(stored, r, 1.5, init, transposed=transposed)
+    assert A.shape == (r, inp) and B.shape == (out, r) and res.shape == stored.shape
+    rebuilt = (res.t() if transposed else res) + 1.5 * B @ A
+    torch.testing.assert_close(rebuilt, W, rtol=1e-9, atol=1e-9)
+    if init == "pissa":  # s·B A is W's best rank-r approximation
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        torch.testing.assert_close(1.5 * B @ A, (U[:, :r] * S[:r]) @ Vh[:r], rtol=1e-8, atol=1e-8)
