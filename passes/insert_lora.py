@@ -393,6 +393,10 @@ class InsertLoRA(Pass):
         if not peft_init.is_residual_init(self.init):
             return
         where = f"InsertLoRA: init={self.init!r}"
+        if graph_record(gm).allocation is not None:
+            raise ValueError(f"{where} replaces the frozen weights by residuals of the rank-r factors, which a rank "
+                             "allocation (rank_budget=..., ReallocateRanks) would have to redo at other ranks; use "
+                             "rank_pattern for per-layer ranks, or init='kaiming' with rank_budget")
         if graph_record(gm).sparsity:
             raise ValueError(f"{where} replaces the frozen weights by residuals, which would not keep the zeros "
                              "of pruned weights (sparsity=...); use init='kaiming' with sparsity")

@@ -16,7 +16,9 @@ float32 (or the weight's wider dtype) on the weight in (out, in) layout:
   (seeded here, so compiles agree; PEFT's draws from torch's global generator);
 - ``"olora"`` (Büyükakyüz, arXiv 2406.01775): W = Q R, B = Q[:, :r], A = R[:r].
 
-The residual is W − s·B A, so W_res + s·B A = W at init.
+The residual is W − s·B A, so W_res + s·B A = W at init.  A transformers Conv1D weight
+(stored (in, out)) is factorised in (out, in) layout too, as PEFT's PiSSA does; PEFT's OLoRA
+factorises the stored matrix as it is, which for such a layer gives A and B of the wrong shapes.
 """
 from __future__ import annotations
 

@@ -405,3 +405,25 @@ def test_a_residual_init_plus_its_adapter_is_the_weight(out, inp, r, init, trans
     if init == "pissa":  # s·B A is W's best rank-r approximation
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         torch.testing.assert_close(1.5 * B @ A, (U[:, :r] * S[:r]) @ Vh[:r], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_pissa_on_gpt2s_conv1d_layers_equals_peft_with_fan_in_fan_out(tiny_model):
+    from conftest import ids
+    base, x = tiny_model("gpt2"), ids(2, 8)
+    cm = lorafx.compile(base, example_inputs=(x,), dynamic=False, r=2, lora_alpha=4, target_modules=["c_attn"],
+                        init_lora_weights="pissa")
+    pm = peft_model(base, r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights="pissa",
+                    fan_in_fan_out=True)
+    for site, rec in cm.lora_records().items():
+        assert rec.weight_transposed
+        layer = get_attr(pm.base_model.model, site)
+        torch.testing.assert_close(get_attr(cm, rec.lora_A), layer.lora_A["default"].weight, **F32)
+        torch.testing.assert_close(get_attr(cm, rec.weight), layer.base_layer.weight, **F32)
+    torch.testing.assert_close(cm.eval()(x).logits, pm(x).logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cm(x).logits, base.eval()(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_is_refused_with_a_rank_budget():
+    with pytest.raises(lorafx.PassError, match="rank allocation"):
+        compiled(base_model(), target_modules=["q"], init="pissa", rank_budget=200, proxy="constant")
