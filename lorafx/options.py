@@ -159,6 +159,13 @@ class Option:
     def shown_default(self) -> str:
         return self.default_text or repr(self.default)
 
+    @property
+    def peft_name(self) -> Optional[str]:
+        """PEFT's LoraConfig name for this option where it differs (``alpha`` -> ``lora_alpha``), else None
+        (the alias table is ``lorafx.peft_names.ALIASES``)."""
+        from .peft_names import peft_name
+        return peft_name(self.name)
+
 
 Declarations = Sequence[Tuple[str, Sequence[Option]]]  # (owner, its options), e.g. ("InsertLoRA", (...))
 
@@ -199,11 +206,10 @@ def options_table(declarations: Declarations) -> str:
     """A markdown table of the declared options (the README's table of compile options); an
     option PEFT's LoraConfig names otherwise shows that name too (``lorafx.peft_names``)."""
     cell = lambda text: str(text).replace("|", "\\|")
-    from .peft_names import peft_name
     lines = ["| option | type | default | declared by | meaning |", "|---|---|---|---|---|"]
     for owner, opts in declarations:
         for o in opts:
-            alias = peft_name(o.name)
+            alias = o.peft_name
             name = f"`{o.name}` (PEFT: `{alias}`)" if alias else f"`{o.name}`"
             lines.append(f"| {name} | {cell(o.type_name())} | `{cell(o.shown_default())}` | {owner} "
                          f"| {cell(o.help)} |")

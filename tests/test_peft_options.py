@@ -129,7 +129,10 @@ def test_an_init_lorafx_does_not_implement_is_refused_by_name(init):
         lorafx.default_passes(init_lora_weights=init)
 
 
-def test_the_options_table_shows_peft_names():
+def test_the_declarations_and_the_options_table_show_peft_names():
+    names = {o.name: o.peft_name for _, opts in lorafx.compiler.declarations() for o in opts}
+    assert (names["alpha"], names["dropout"], names["init"], names["r"]) == \
+        ("lora_alpha", "lora_dropout", "init_lora_weights", None)
     table = lorafx.options.options_table(lorafx.compiler.declarations())
     for mine, theirs in (("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("init", "init_lora_weights")):
         assert f"| `{mine}` (PEFT: `{theirs}`) |" in table
