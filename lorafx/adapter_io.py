@@ -744,7 +744,7 @@ def compile_settings(config: dict) -> dict:
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
-        lora_bias=bool(config.get("lora_bias", False)),
+        **({"lora_bias": True} if config.get("lora_bias") else {}),
         **({"layers_to_transform": config["layers_to_transform"], "layers_pattern": config.get("layers_pattern")}
            if config.get("layers_to_transform") is not None else {}),
     )

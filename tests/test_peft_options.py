@@ -213,6 +213,24 @@ def test_lora_bias_merges_into_the_layers_bias_and_a_layer_without_gets_one(tmp_
     assert q.scale == 5 / 3
 
 
+@pytest.mark.parametrize("rewrite", [dict(fold_a=True), dict(fuse_siblings=True),
+                                     pytest.param(dict(schedule="f2b5"), marks=pytest.mark.slow),
+                                     pytest.param(dict(schedule="f1b1k"), marks=pytest.mark.slow)])
+def test_lora_bias_survives_the_rewrites_of_adapter_nodes(rewrite):
+    """B's bias reaches every kind through its bias argument: the same outputs, grads and merge."""
+    base, x = base_model(), inputs()
+    options = dict(target_modules=["q", "v"], r=3, init=False, lora_bias=True)
+    plain, other = compiled(base, **options), compiled(base, **options, **rewrite)
+    for cm in (plain, other):
+        cm.train()
+        cm(x).square().sum().backward()
+    torch.testing.assert_close(other(x), plain(x), **TOL)
+    for rec in plain.lora_records().values():
+        torch.testing.assert_close(get_attr(other, rec.lora_bias).grad, get_attr(plain, rec.lora_bias).grad, **TOL)
+    other.eval().merge()
+    torch.testing.assert_close(other(x), plain.eval()(x), **TOL)
+
+
 def test_lora_bias_starts_at_zero_and_is_refused_with_pissa():
     cm = compiled(base_model(), target_modules=["q"], lora_bias=True)
     assert all(get_attr(cm, r.lora_bias).abs().sum() == 0 for r in cm.lora_records().values())
@@ -281,6 +299,7 @@ def test_init_false_draws_a_and_b_as_peft_does():
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_equal_peft_at_init_and_leave_the_model_alone(init):
+    """The same A, B and residual W as PEFT's, so the same outputs (the base's) and adapter gradients."""
     base, x = base_model(dtype=torch.float32), inputs(dtype=torch.float32)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     cm = compiled(base, r=3, lora_alpha=6, target_modules=["q", "v"], init_lora_weights=init)
@@ -294,6 +313,12 @@ def test_pissa_and_olora_equal_peft_at_init_and_leave_the_model_alone(init):
             get_attr(base, rec.weight).untyped_storage().data_ptr()
     torch.testing.assert_close(cm.eval()(x), pm(x), **F32)
     torch.testing.assert_close(cm(x), base(x), **F32)  # W_res + s·B A = W
+    cm(x).square().sum().backward()
+    pm(x).square().sum().backward()
+    for site, rec in cm.lora_records().items():  # and the first step is PEFT's
+        layer = get_attr(pm.base_model.model, site)
+        torch.testing.assert_close(get_attr(cm, rec.lora_A).grad, layer.lora_A["default"].weight.grad, **F32)
+        torch.testing.assert_close(get_attr(cm, rec.lora_B).grad, layer.lora_B["default"].weight.grad, **F32)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
