@@ -181,11 +181,10 @@ def _peft_config(cm, records) -> dict:
     }
 
 
-def _converted_record(rec: LoraRecord) -> LoraRecord:
+def _converted_record(rec: LoraRecord, rslora: bool) -> LoraRecord:
     """The record of a PiSSA/OLoRA adapter saved as a plain LoRA: rank 2r at the same scale
     (alpha doubled, or times sqrt(2) with rsLoRA's alpha/sqrt(r), as PEFT's conversion)."""
-    rs = not _close(rec.scale, rec.alpha / rec.r) and _close(rec.scale, rec.alpha / rec.r ** 0.5)
-    return dataclasses.replace(rec, r=2 * rec.r, alpha=rec.alpha * (2 ** 0.5 if rs else 2))
+    return dataclasses.replace(rec, r=2 * rec.r, alpha=rec.alpha * (2 ** 0.5 if rslora else 2))
 
 
 def _convert_residual(weights: dict, converted: Dict[str, LoraRecord], value) -> None:
@@ -271,7 +270,9 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
     sparse = sparse_sites(cm)
     if records:
         converted = {site: rec for site, rec in records.items() if rec.lora_A0 is not None}
-        config = _peft_config(cm, {**records, **{site: _converted_record(rec) for site, rec in converted.items()}})
+        rslora = _rslora_flag(records) if converted else False
+        config = _peft_config(cm, {**records, **{site: _converted_record(rec, rslora)
+                                                 for site, rec in converted.items()}})
         extra = {SPARSITY_KEY: json.dumps({"sites": sparse, "merge": PEFT_MASK_HINT})} if sparse else {}
         weights = {f"{PREFIX}{key}": tensor(path) for key, path in peft_keys(records).items()}
         _convert_residual(weights, converted, lambda path: get_attr(cm, path).detach().cpu())

@@ -325,7 +325,8 @@ def test_pissa_and_olora_equal_peft_at_init_and_leave_the_model_alone(init):
 @pytest.mark.parametrize("init", ["pissa", pytest.param("olora", marks=pytest.mark.slow)])
 def test_pissa_and_olora_save_a_plain_lora_that_peft_loads_on_the_original_base(tmp_path, init):
     base, x = base_model(), inputs()
-    cm = compiled(base, r=3, lora_alpha=6, target_modules=["q", "v"], init=init, use_rslora=init == "olora")
+    cm = compiled(base, r=3, lora_alpha=6, target_modules=["q", "v"], init=init, use_rslora=init == "olora",
+                  rank_pattern={"layers.1.v": 1})  # rank 1: alpha/r = alpha/sqrt(r), converted at rank 2
     cm.train()
     opt = torch.optim.SGD(cm.trainable_parameters().values(), lr=0.1)
     cm(x).square().mean().backward()
