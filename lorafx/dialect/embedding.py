@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from lorafx.graph_utils import get_attr, node_module, safe_name
+from lorafx.graph_utils import Site, get_attr, node_module, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
 from .registry import InputQuery, NodeCost, OpKind, create, register_kind
@@ -206,8 +206,6 @@ class EmbeddingKind(OpKind):
         """Every ``aten.embedding`` whose table is a stored (get_attr) 2-d weight, in graph
         order.  Raises for an embedding lorafx cannot adapt as PEFT does (``max_norm``,
         ``scale_grad_by_freq``) -- only when a target names it (see ``refuse``)."""
-        from lorafx.graph_utils import Site
-
         sites = []
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target is not aten.embedding.default:

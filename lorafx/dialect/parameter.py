@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from lorafx.graph_utils import get_attr, node_module, safe_name
+from lorafx.graph_utils import Site, get_attr, node_module, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
 from .registry import InputQuery, NodeCost, OpKind, create, register_kind
@@ -162,8 +162,6 @@ class ParameterKind(OpKind):
         one per read (get_attr node) of each, in graph order.  Raises, naming the parameter and
         the fix, for a parameter that is not 2-d, one on the top-level module, one read outside
         the module that holds it, two targeted parameters on one module, or names matching none."""
-        from lorafx.graph_utils import Site
-
         if not names:
             return []
         params = dict(gm.named_parameters(remove_duplicate=False))
