@@ -73,12 +73,13 @@ PEFT_MASK_HINT = ("merge each of these sites as W + (s·B @ A) * (W != 0) on the
                   "merge_and_unload, which fills the zeros), e.g. for a PeftModel: delta = layer.get_delta_weight("
                   "'default'); layer.base_layer.weight.data += delta * (layer.base_layer.weight != 0)")
 logger = logging.getLogger("lorafx")
+PARAMETER_KIND = "lora_parameter"  # the op kind of target_parameters adapters (lorafx.dialect.parameter)
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
 _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
                 "layers_to_transform": (None,), "lora_bias": (False, None), "use_qalora": (False, None),
                 "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
-                "layer_replication": (None,), "target_parameters": (None, [], ()), "use_bdlora": (None, False),
+                "layer_replication": (None,), "use_bdlora": (None, False),
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
@@ -141,10 +142,31 @@ def _expected_scale(config: dict, site: str) -> float:
     return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
 
 
+def _pattern_name(rec: LoraRecord) -> str:
+    """The name PEFT matches rank/alpha_pattern keys against: the module's, or for a
+    target_parameters adapter the parameter's path."""
+    return rec.weight if rec.kind == PARAMETER_KIND else rec.site
+
+
+def _target_parameters(cm, records) -> list:
+    """PEFT target_parameters naming exactly the parameter adapters of ``records`` (their full
+    paths; PEFT takes no regex there, so a parameter left out whose path ends with "." + one of
+    them cannot be told apart and is refused)."""
+    names = sorted(r.weight for r in records.values() if r.kind == PARAMETER_KIND)
+    others = {n for n, _ in cm._source.named_parameters()} - set(names)
+    clash = next(((o, n) for o in sorted(others) for n in names if o.endswith("." + n)), None)
+    if clash is not None:
+        raise ValueError(f"cannot save adapters in PEFT's format: target_parameters={names!r} would also adapt "
+                         f"{clash[0]!r} in PEFT (its rule matches the end of a name, and it takes no regex)")
+    return names
+
+
 def _peft_config(cm, records) -> dict:
     """The PEFT LoraConfig fields describing ``cm``'s adapters."""
-    ranks = {s: r.r for s, r in records.items()}
-    alphas = {s: r.alpha for s, r in records.items()}
+    ranks = {_pattern_name(r): r.r for r in records.values()}
+    alphas = {_pattern_name(r): r.alpha for r in records.values()}
+    modules = {s: r for s, r in records.items() if r.kind != PARAMETER_KIND}
+    parameters = _target_parameters(cm, records)
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
     transposed = {r.weight_transposed for r in recs}
@@ -154,7 +176,8 @@ def _peft_config(cm, records) -> dict:
         "base_model_name_or_path": getattr(getattr(cm._source, "config", None), "_name_or_path", None) or None,
         "r": r0,
         "lora_alpha": a0,
-        "target_modules": _targets(cm._source, records),
+        "target_modules": _targets(cm._source, modules) if modules else [],
+        "target_parameters": parameters or None,
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
         "lora_dropout": recs[0].dropout,
@@ -652,9 +675,9 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
             shown = " ".join(f"{label(k)}{tuple(tensors[k].shape)}" for k in keys)
             mine = " ".join(f"{label(k)}{tuple(get_attr(cm, p).shape)}" for k, p in keys.items())
             raise ValueError(f"{site}: adapter shapes {shown} do not match this model's {mine}")
-        if config is not None and not _close(rec.scale, _expected_scale(config, site)):
+        if config is not None and not _close(rec.scale, _expected_scale(config, _pattern_name(rec))):
             raise ValueError(f"{site}: the adapter in {directory} gives this site scale "
-                             f"{_expected_scale(config, site):g} (from r, lora_alpha, rank/alpha_pattern, "
+                             f"{_expected_scale(config, _pattern_name(rec)):g} (from r, lora_alpha, rank/alpha_pattern, "
                              f"use_rslora) but this model was compiled with scale {rec.scale:g}; compile with "
                              "the adapter's settings or use lorafx.load_adapter(model, directory)")
     copies = _shortcut_copies(cm, directory, shortcuts or {})
@@ -675,15 +698,17 @@ def compile_settings(config: dict) -> dict:
     if isinstance(targets, list):
         targets = tuple(targets)
     exclude = config.get("exclude_modules")
+    parameters = config.get("target_parameters") or None
     return dict(
         r=int(config.get("r", 8)),
         alpha=float(config.get("lora_alpha", 8)),
-        target_modules=targets or "all-linear",
+        target_modules=targets or (() if parameters else "all-linear"),
         rank_pattern=config.get("rank_pattern") or {},
         alpha_pattern=config.get("alpha_pattern") or {},
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
+        **({"target_parameters": tuple(parameters)} if parameters else {}),
     )
 
 

@@ -248,7 +248,7 @@ class InsertLoRA(Pass):
         sites = select_linear_sites(gm, find_adapter_sites(gm), self.target_modules, self.exclude_modules) \
             if self.target_modules else []
         if self.target_parameters:  # PEFT's target_parameters: bare parameters, adapted where they are read
-            sites = _with_parameter_sites(gm, sites, self.target_parameters)
+            sites = _with_parameter_sites(gm, sites, self.target_parameters, self.dropout)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
             _refuse_unallocated_kinds(sites)
@@ -369,10 +369,15 @@ def pattern_name(site) -> str:
     return f"{site.module}.{site.extra['parameter']}" if site.kind == PARAMETER.name else site.module
 
 
-def _with_parameter_sites(gm: torch.fx.GraphModule, sites, names) -> List[Site]:
+def _with_parameter_sites(gm: torch.fx.GraphModule, sites, names, dropout: float = 0.0) -> List[Site]:
     """``sites`` and the sites of the parameters ``names`` selects, in graph order; refuses a
-    parameter whose module target_modules also adapts (PEFT would stack two adapters on it)."""
+    parameter whose module target_modules also adapts (PEFT would stack two adapters on it),
+    and dropout (an adapted parameter has no input to drop, as PEFT says too)."""
     params = PARAMETER.parameter_sites(gm, names)
+    if dropout > 0:
+        raise ValueError(f"InsertLoRA: dropout={dropout:g} cannot apply to target_parameters ({params[0].module}."
+                         f"{params[0].extra['parameter']}): the adapter changes the parameter, not an input it could "
+                         "drop (PEFT refuses lora_dropout there too); compile with dropout=0")
     taken = {s.weight.target: s for s in sites}
     modules = {s.module: s for s in sites}
     for p in params:

@@ -105,3 +105,197 @@ def test_lora_parameter_gradcheck_opcheck_and_flops():
     with FlopCounterMode(display=False) as fc:
         param_op(W.detach(), A, B, 0.3).sum().backward()
     assert fc.get_total_flops() == 3 * 2 * 5 * 4 * 3
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+DTYPE = torch.float64
+
+
+class UsesParameter(torch.nn.Module):
+    """A bare parameter used directly, stored (in, out): y = x @ W (PEFT's target_parameters case)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(i, o) * 0.3)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+class EmbModel(torch.nn.Module):
+    """An embedding (with a padding row), a linear and a parameter used in a matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 8, padding_idx=0)
+        self.lin = torch.nn.Linear(8, 6)
+        self.proj = UsesParameter(6, 5)
+
+    def forward(self, ids):
+        return self.proj(torch.relu(self.lin(self.emb(ids))))
+
+
+class MLP(torch.nn.Module):
+    """PEFT's "MLP 2 using nn.Parameter" row: lin0 by target_modules, lin1's weight by target_parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = torch.nn.Linear(10, 20)
+        self.lin1 = torch.nn.Linear(20, 2)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return (EmbModel() if name == "emb" else MLP()).to(DTYPE)
+
+
+def _input(name):
+    g = torch.Generator().manual_seed(3)
+    if name == "emb":
+        return torch.randint(0, 30, (3, 7), generator=g)
+    return torch.randn(4, 10, generator=g, dtype=DTYPE)
+
+
+# name -> (model, PEFT LoraConfig fields; the same go to lorafx.compile, lora_alpha as alpha)
+CASES = {
+    "emb+lin+param": ("emb", dict(r=4, lora_alpha=8, target_modules=["emb", "lin"], target_parameters=["proj.weight"],
+                                  rank_pattern={"proj.weight": 2})),
+    "emb+lin": ("emb", dict(r=3, lora_alpha=5, target_modules=["emb", "lin"])),
+    "param-only": ("emb", dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["proj.weight"])),
+    "mlp-lin0+lin1.weight": ("mlp", dict(r=4, lora_alpha=8, target_modules=["lin0"], target_parameters=["lin1.weight"])),
+}
+
+
+def _compile(name, **extra):
+    model_name, fields = CASES[name]
+    options = {("alpha" if k == "lora_alpha" else k): v for k, v in fields.items()}
+    return lorafx.compile(_model(model_name), example_inputs=(_input(model_name),), dynamic=False, seed=0,
+                          **{**options, **extra})
+
+
+def _peft(name):
+    import copy
+    model_name, fields = CASES[name]
+    model = copy.deepcopy(_model(model_name))
+    return peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **fields))
+
+
+def _adapter_paths(cm):
+    """{PEFT key without the adapter name: lorafx attribute path}."""
+    from lorafx.adapter_io import peft_keys
+    return peft_keys(cm.lora_records())
+
+
+def _peft_param(pm, key):
+    """PEFT's parameter for a key such as ``emb.lora_embedding_A`` / ``lin.lora_A.weight``."""
+    site, rest = key.split(".lora_", 1)
+    name = "lora_" + rest
+    full = dict(pm.named_parameters())
+    for suffix in (f"{name}.default", f"{name.replace('.weight', '')}.default.weight"):
+        if f"base_model.model.{site}.{suffix}" in full:
+            return full[f"base_model.model.{site}.{suffix}"]
+    raise KeyError(key)
+
+
+def _copy_from_peft(cm, pm):
+    from lorafx.graph_utils import get_attr
+    with torch.no_grad():
+        for key, path in _adapter_paths(cm).items():
+            get_attr(cm, path).copy_(_peft_param(pm, key))
+
+
+# -- compile, init, training, merging -----------------------------------------------------------------
+
+def test_sites_by_kind_identity_at_init_and_only_adapters_train():
+    """Each target gets its kind; PEFT's inits (embedding A = 0, B ~ N(0, 1); parameter A kaiming,
+    B = 0) make the model its base at init; only A and B train."""
+    cm = _compile("emb+lin+param")
+    recs = cm.lora_records()
+    assert {s: (r.kind, r.layer) for s, r in recs.items()} == {
+        "emb": ("lora_embedding", "Embedding"), "lin": ("lora_linear", "Linear"),
+        "proj": ("lora_parameter", "Parameter")}
+    assert recs["proj"].r == 2 and recs["proj"].weight == "proj.weight"  # rank_pattern on the parameter's name
+    A, B = cm.emb.lora_A, cm.emb.lora_B
+    assert A.shape == (4, 30) and B.shape == (8, 4) and (A == 0).all() and 0.6 < B.std().item() < 1.4
+    assert cm.proj.lora_A.shape == (2, 5) and cm.proj.lora_B.shape == (6, 2) and (cm.proj.lora_B == 0).all()
+    x = _input("emb")
+    torch.testing.assert_close(cm(x), _model("emb")(x))
+    assert sorted(n for n, p in cm.named_parameters() if p.requires_grad) == [
+        "emb.lora_A", "emb.lora_B", "lin.lora_A", "lin.lora_B", "proj.lora_A", "proj.lora_B"]
+    cm(x).sum().backward()
+    assert all(p.grad is None for n, p in cm.named_parameters() if not p.requires_grad)
+    assert cm.emb.lora_A.grad.abs().sum() > 0 and (cm.emb.lora_A.grad[:, 0] == 0).all()  # padding row: no grad
+
+
+@pytest.mark.parametrize("name", ["emb+lin+param", "mlp-lin0+lin1.weight"])
+def test_merge_unmerge_and_unload_equal_the_unmerged_model(name):
+    cm = _compile(name)
+    _copy_from_peft(cm, _peft(name))  # non-zero A and B
+    x = _input(CASES[name][0])
+    cm.eval()
+    with torch.no_grad():
+        y = cm(x)
+        cm.merge()
+        torch.testing.assert_close(cm(x), y)
+        cm.unmerge()
+        torch.testing.assert_close(cm(x), y)
+        state = cm.merged_state_dict()
+        base = _model(CASES[name][0])
+        assert set(state) == set(base.state_dict())
+        base.load_state_dict(state)
+        torch.testing.assert_close(base(x), y)
+        torch.testing.assert_close(cm.merge_and_unload()(x), y)
+
+
+# -- PEFT parity and the PEFT format both ways ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_peft_parity_outputs_and_adapter_gradients(name):
+    """With A and B copied from PEFT (init_lora_weights=False: both non-zero), outputs and the
+    gradients of every adapter tensor equal PEFT's."""
+    pm, cm = _peft(name), _compile(name)
+    _copy_from_peft(cm, pm)
+    x = _input(CASES[name][0])
+    y, ref = cm(x), pm(x)
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy)
+    from lorafx.graph_utils import get_attr
+    for key, path in _adapter_paths(cm).items():
+        torch.testing.assert_close(get_attr(cm, path).grad, _peft_param(pm, key).grad)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_save_adapter_loads_in_peft(name, tmp_path):
+    import json
+    cm = _compile(name)
+    _copy_from_peft(cm, _peft(name))
+    cm.eval()
+    x = _input(CASES[name][0])
+    cm.save_adapter(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields = CASES[name][1]
+    assert config["target_parameters"] == fields.get("target_parameters")
+    assert sorted(config["target_modules"]) == sorted(fields["target_modules"])
+    pm = peft.PeftModel.from_pretrained(_model(CASES[name][0]), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), cm(x))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_peft_saved_adapter_loads_in_lorafx(name, tmp_path):
+    pm = _peft(name).eval()
+    pm.save_pretrained(str(tmp_path))
+    model_name = CASES[name][0]
+    x = _input(model_name)
+    cm = lorafx.load_adapter(_model(model_name), str(tmp_path), example_inputs=(x,), dynamic=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), pm(x))
+    kinds = {r.kind for r in cm.lora_records().values()}
+    assert ("lora_parameter" in kinds) == bool(CASES[name][1].get("target_parameters"))
