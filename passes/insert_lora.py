@@ -249,6 +249,7 @@ class InsertLoRA(Pass):
             if self.target_modules else []
         if self.target_parameters:  # PEFT's target_parameters: bare parameters, adapted where they are read
             sites = _with_parameter_sites(gm, sites, self.target_parameters, self.dropout)
+        _refuse_kind_limits(sites)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
             _refuse_unallocated_kinds(sites)
@@ -388,6 +389,15 @@ def _with_parameter_sites(gm: torch.fx.GraphModule, sites, names, dropout: float
                              "out of one of them")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted([*sites, *params], key=lambda s: order[s.node])
+
+
+def _refuse_kind_limits(sites) -> None:
+    """A selected site its kind cannot adapt as PEFT does (``refuse(site)``, where a kind has it:
+    an embedding with max_norm) is an error naming it, before anything is built."""
+    for s in sites:
+        why = getattr(kind_named(s.kind), "refuse", lambda site: None)(s)
+        if why:
+            raise ValueError(f"InsertLoRA: {why}; nothing was compiled")
 
 
 def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:

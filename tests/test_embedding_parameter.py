@@ -149,15 +149,31 @@ class MLP(torch.nn.Module):
         return self.lin1(torch.relu(self.lin0(x)))
 
 
+class EmbConv1D(torch.nn.Module):
+    """PEFT's "Embedding + transformers Conv1D" model: an embedding, GPT-2's Conv1D, a linear."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.emb = torch.nn.Embedding(100, 5)
+        self.conv1d = Conv1D(1, 5)
+        self.lin0 = torch.nn.Linear(10, 2)
+
+    def forward(self, ids):
+        return self.lin0(torch.relu(self.conv1d(self.emb(ids))).flatten(1))
+
+
 def _model(name):
     torch.manual_seed(0)
-    return (EmbModel() if name == "emb" else MLP()).to(DTYPE)
+    return {"emb": EmbModel, "mlp": MLP, "embconv1d": EmbConv1D}[name]().to(DTYPE)
 
 
 def _input(name):
     g = torch.Generator().manual_seed(3)
     if name == "emb":
         return torch.randint(0, 30, (3, 7), generator=g)
+    if name == "embconv1d":
+        return torch.randint(0, 100, (4, 10), generator=g)
     return torch.randn(4, 10, generator=g, dtype=DTYPE)
 
 
@@ -167,6 +183,7 @@ CASES = {
                                   rank_pattern={"proj.weight": 2})),
     "emb+lin": ("emb", dict(r=3, lora_alpha=5, target_modules=["emb", "lin"])),
     "param-only": ("emb", dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["proj.weight"])),
+    "embconv1d": ("embconv1d", dict(r=8, lora_alpha=8, target_modules=["emb", "conv1d"])),  # r=8 > Conv1D's 1
     "mlp-lin0+lin1.weight": ("mlp", dict(r=4, lora_alpha=8, target_modules=["lin0"], target_parameters=["lin1.weight"])),
 }
 
@@ -299,3 +316,95 @@ def test_peft_saved_adapter_loads_in_lorafx(name, tmp_path):
         torch.testing.assert_close(cm(x), pm(x))
     kinds = {r.kind for r in cm.lora_records().values()}
     assert ("lora_parameter" in kinds) == bool(CASES[name][1].get("target_parameters"))
+
+
+# -- what is refused, and the passes keyed on linear adapters --------------------------------------------
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, inner, extra=None):
+        super().__init__()
+        self.inner = inner
+        if extra is not None:
+            self.extra = extra
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(2, 4, 3))
+
+    def forward(self, x):
+        return (x @ self.w).sum(0)
+
+
+class _ReadsOthers(torch.nn.Module):
+    """proj.weight is also read by the parent (outside the module holding it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = UsesParameter(4, 4)
+
+    def forward(self, x):
+        return self.proj(x) + x @ self.proj.weight.t()
+
+
+class _TopLevel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.parametrize("model, x, options, match", [
+    (lambda: _Wrap(torch.nn.Embedding(10, 4, max_norm=1.0)), torch.tensor([[1, 2]]),
+     dict(target_modules=["inner"]), "inner is an nn.Embedding with max_norm set"),
+    (lambda: _Wrap(torch.nn.Embedding(10, 4, scale_grad_by_freq=True)), torch.tensor([[1, 2]]),
+     dict(target_modules=["inner"]), "scale_grad_by_freq=True"),
+    (lambda: _Wrap(_Experts()), torch.randn(3, 4), dict(target_modules=[], target_parameters=["w"]),
+     r"names 'inner.w' of shape \(2, 4, 3\); lorafx adapts 2-d parameters only"),
+    (lambda: _TopLevel(), torch.randn(2, 4), dict(target_modules=[], target_parameters=["weight"]),
+     "a parameter of the top-level model"),
+    (lambda: _ReadsOthers(), torch.randn(2, 4), dict(target_modules=[], target_parameters=["proj.weight"]),
+     "is also read outside 'proj'"),
+    (lambda: _model("emb"), _input("emb"), dict(target_modules=[], target_parameters=["nothing.weight"]),
+     r"matched no parameter .*Parameters of this model: emb.weight"),
+    (lambda: _model("emb"), _input("emb"), dict(target_modules=["lin"], target_parameters=["lin.weight"]),
+     "lin.weight is named by target_parameters and its module 'lin' .* by target_modules"),
+    (lambda: _model("emb"), _input("emb"), dict(target_modules=[], target_parameters=["proj.weight"], dropout=0.1),
+     "dropout=0.1 cannot apply to target_parameters"),
+    (lambda: _model("emb"), _input("emb"), dict(target_modules=["emb", "lin"], target="cim"),
+     "lora_embedding adapter .* has no compute-in-memory lowering"),
+])
+def test_refused_with_the_reason(model, x, options, match):
+    with pytest.raises(ValueError, match=match):
+        lorafx.compile(model(), example_inputs=(x,), dynamic=False, **options)
+
+
+def test_target_parameters_must_be_a_list():
+    with pytest.raises(TypeError, match="target_parameters must be a list of parameter names"):
+        lorafx.compile(_model("emb"), example_inputs=(_input("emb"),), target_parameters="proj.weight")
+
+
+def test_rank_above_the_embedding_width_is_accepted_with_the_warning():
+    from conftest import Warnings
+    with Warnings() as records:
+        cm = _compile("emb+lin", r=16, rank_pattern={})
+    assert cm.lora_records()["emb"].r == 16 and cm.emb.lora_B.shape == (8, 16)
+    assert any("rank above min(in, out)" in r.getMessage() for r in records)
+
+
+def test_linear_passes_leave_the_new_kinds_alone():
+    """SelectSchedule, RecomputeInputs, FuseSiblings and FoldLoRAIntoBase rewrite lora_linear nodes
+    only; the embedding and parameter nodes keep their ops and get a cost."""
+    from lorafx.meta import CostRecord, get_record
+    cm = _compile("emb+lin+param", fold_a=True)
+    g = cm.graph_module.graph
+    emb = [n for n in g.nodes if n.target is torch.ops.lorafx.lora_embedding.default]
+    par = [n for n in g.nodes if n.target is torch.ops.lorafx.lora_parameter.default]
+    assert len(emb) == 1 and len(par) == 1
+    assert get_record(emb[0], CostRecord) is not None and get_record(par[0], CostRecord) is not None

@@ -204,8 +204,9 @@ class EmbeddingKind(OpKind):
     # InsertLoRA -----------------------------------------------------------------------------
     def find_sites(self, gm: torch.fx.GraphModule) -> list:
         """Every ``aten.embedding`` whose table is a stored (get_attr) 2-d weight, in graph
-        order.  Raises for an embedding lorafx cannot adapt as PEFT does (``max_norm``,
-        ``scale_grad_by_freq``) -- only when a target names it (see ``refuse``)."""
+        order.  An embedding lorafx cannot adapt as PEFT does (``max_norm``,
+        ``scale_grad_by_freq``) is a site too, so that naming it is refused with the reason
+        (``refuse``) rather than as an unknown layer."""
         sites = []
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target is not aten.embedding.default:
@@ -227,7 +228,8 @@ class EmbeddingKind(OpKind):
         return sites
 
     def refuse(self, site) -> Optional[str]:
-        """Why ``site`` cannot be adapted as PEFT adapts it, or None."""
+        """Why ``site`` cannot be adapted as PEFT adapts it, or None (InsertLoRA asks before it
+        changes anything)."""
         if site.extra.get("max_norm"):
             return (f"{site.module} is an nn.Embedding with max_norm set: it renormalises its rows in place on "
                     "every call, which lorafx's frozen copy of the table cannot do; build the embedding without "
@@ -238,10 +240,8 @@ class EmbeddingKind(OpKind):
         return None
 
     def adapter_init(self, site, r: int, init) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-        """PEFT's embedding init (the reverse of the linear one): A = 0 (r, num), B ~ N(0, 1) (dim, r)."""
-        problem = self.refuse(site)
-        if problem:
-            raise ValueError(f"InsertLoRA: {problem}")
+        """PEFT's embedding init (the reverse of the linear one, whatever ``init``): A = 0 (r, num),
+        B ~ N(0, 1) (dim, r)."""
         return {"lora_A": ((r, site.in_features), "zeros"), "lora_B": ((site.out_features, r), "normal")}
 
     def build(self, graph: torch.fx.Graph, ids, weight, record: LoraRecord, padding_idx: int, *, created_by: str,

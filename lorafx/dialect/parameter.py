@@ -210,10 +210,6 @@ class ParameterKind(OpKind):
 
     def adapter_init(self, site, r: int, init) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         """PEFT's ParamWrapper init, as for a linear: A (r, d1) drawn by ``init``, B (d0, r) = 0."""
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"InsertLoRA: init={init!r} is not available for target_parameters "
-                             f"({site.module}.{site.extra.get('parameter', 'weight')}); use init='kaiming' or "
-                             "'gaussian'")
         return {"lora_A": ((r, site.in_features), init), "lora_B": ((site.out_features, r), "zeros")}
 
     def build(self, graph: torch.fx.Graph, weight, record: LoraRecord, *, created_by: str,
