@@ -408,3 +408,21 @@ def test_linear_passes_leave_the_new_kinds_alone():
     par = [n for n in g.nodes if n.target is torch.ops.lorafx.lora_parameter.default]
     assert len(emb) == 1 and len(par) == 1
     assert get_record(emb[0], CostRecord) is not None and get_record(par[0], CostRecord) is not None
+
+
+class _EmbNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.emb(x))
+
+
+def test_an_embedding_is_adaptable_a_norm_beside_it_is_still_refused():
+    x = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"'norm' \(LayerNorm\).*nothing was compiled"):
+        lorafx.compile(_EmbNorm(), example_inputs=(x,), dynamic=False, target_modules=["emb", "norm"])
+    cm = lorafx.compile(_EmbNorm(), example_inputs=(x,), dynamic=False, target_modules=["emb"])
+    assert {r.kind for r in cm.lora_records().values()} == {"lora_embedding"}
