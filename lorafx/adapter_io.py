@@ -74,6 +74,7 @@ PEFT_MASK_HINT = ("merge each of these sites as W + (s·B @ A) * (W != 0) on the
                   "'default'); layer.base_layer.weight.data += delta * (layer.base_layer.weight != 0)")
 logger = logging.getLogger("lorafx")
 PARAMETER_KIND = "lora_parameter"  # the op kind of target_parameters adapters (lorafx.dialect.parameter)
+EMBEDDING_KIND = "lora_embedding"  # the op kind of embedding adapters (lorafx.dialect.embedding)
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
 _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
@@ -652,12 +653,35 @@ def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
     return out
 
 
+def _without_saved_tables(cm, directory: str, records, tensors) -> Dict[str, torch.Tensor]:
+    """``tensors`` without the embedding tables PEFT saves beside an embedding's adapter
+    (``<site>.base_layer.weight``: its ``save_embedding_layers="auto"`` for names such as
+    embed_tokens), each checked to equal the model's table: lorafx never changes a base weight,
+    so a table that differs (a resized or trained vocabulary) is refused."""
+    from lorafx.passes.merge_lora import kept_unmerged_weight
+    out = dict(tensors)
+    for site, rec in records.items():
+        saved = out.pop(f"{site}.base_layer.weight", None) if rec.kind == EMBEDDING_KIND else None
+        if saved is None:
+            continue
+        mine = kept_unmerged_weight(cm, rec)
+        mine = (mine if mine is not None else get_attr(cm, rec.weight)).detach().cpu()
+        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine):
+            raise ValueError(f"{site}: the adapter in {directory} also holds the embedding table "
+                             f"{site}.base_layer.weight {tuple(saved.shape)}, which differs from this model's "
+                             f"{tuple(mine.shape)} (a resized or trained vocabulary?); lorafx does not change base "
+                             "weights: load that table into the model first (model.get_input_embeddings().weight), "
+                             "then the adapter")
+    return out
+
+
 def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> None:
     """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters and ``shortcuts`` (site ->
     SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
     ``config`` is given, must match; nothing is copied otherwise)."""
     records = cm.lora_records()
     expected = peft_keys(records)
+    tensors = _without_saved_tables(cm, directory, records, tensors)
     if records and not tensors and shortcuts:
         raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
                          f"but this model has {len(records)} linear adapter(s); load it with "

@@ -426,3 +426,27 @@ def test_an_embedding_is_adaptable_a_norm_beside_it_is_still_refused():
         lorafx.compile(_EmbNorm(), example_inputs=(x,), dynamic=False, target_modules=["emb", "norm"])
     cm = lorafx.compile(_EmbNorm(), example_inputs=(x,), dynamic=False, target_modules=["emb"])
     assert {r.kind for r in cm.lora_records().values()} == {"lora_embedding"}
+
+
+@pytest.mark.slow
+def test_llama_embed_tokens_from_peft_with_its_saved_table(tmp_path):
+    """PEFT saves the whole embedding table beside an embed_tokens adapter: lorafx loads the adapter
+    when that table is the model's, matching PEFT's logits, and refuses it when it differs."""
+    import copy
+
+    from conftest import _tiny, ids
+    from safetensors.torch import load_file, save_file
+    model = _tiny("llama").to(DTYPE)
+    x = ids(2, 8, 96)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)).eval()
+    pm.save_pretrained(str(tmp_path))
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in state
+    cm = lorafx.load_adapter(copy.deepcopy(model), str(tmp_path), example_inputs=(x,), dynamic=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cm(input_ids=x).logits, pm(input_ids=x).logits)
+    state["base_model.model.model.embed_tokens.base_layer.weight"][3] += 1
+    save_file(state, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="also holds the embedding table .* differs from this model's"):
+        lorafx.load_adapter(copy.deepcopy(model), str(tmp_path), example_inputs=(x,), dynamic=False)
