@@ -23,8 +23,8 @@ W in place) and ``scale_grad_by_freq`` are refused when sites are found; ``spars
 changes the layout of W's gradient (W is frozen), so it is accepted.
 
 Kind: ``EMBEDDING`` (name ``lora_embedding``, layer ``Embedding``).  Each node carries a
-``LoraRecord`` with ``in_features`` = num_embeddings, ``out_features`` = dim and
-``extra``-free sites; merged weight W + s·(B A)^T; no schedules (its two GEMMs have one
+``LoraRecord`` with ``in_features`` = num_embeddings and ``out_features`` = dim (its site's
+``extra`` holds padding_idx); merged weight W + s·(B A)^T; no schedules (its two GEMMs have one
 order); its base op is ``aten.embedding``.  PEFT's keys: ``<site>.lora_embedding_A`` and
 ``<site>.lora_embedding_B`` (no ``.weight``: PEFT keeps them as plain Parameters).
 PEFT's init is the reverse of the linear one: A = 0 and B ~ N(0, 1).
@@ -184,7 +184,7 @@ class EmbeddingKind(OpKind):
         rec = get_record(node, LoraRecord)
         if rec is None:
             return f"{self.name} node {node.name} has no LoraRecord in node.meta['lorafx']"
-        if getattr(rec, "kind", self.name) != self.name:
+        if rec.kind != self.name:
             return f"{self.name} node {node.name} carries a LoraRecord of kind {rec.kind!r}"
         return None
 

@@ -138,8 +138,11 @@ class ParameterKind(OpKind):
         return {a for a in (v.lora_A, v.lora_B) if isinstance(a, torch.fx.Node)}
 
     def check(self, node) -> Optional[str]:
-        if get_record(node, LoraRecord) is None:
+        rec = get_record(node, LoraRecord)
+        if rec is None:
             return f"{self.name} node {node.name} has no LoraRecord in node.meta['lorafx']"
+        if rec.kind != self.name:
+            return f"{self.name} node {node.name} carries a LoraRecord of kind {rec.kind!r}"
         return None
 
     def cost(self, node, q: InputQuery) -> NodeCost:
