@@ -38,10 +38,19 @@ def test_lora_embedding_matches_reference(num, dim, r, tokens, batch, pad, seed)
         torch.testing.assert_close(got, want)
 
 
-def test_lora_embedding_gradcheck_and_opcheck():
+def test_lora_embedding_gradcheck():
     ids, W, A, B = _emb_args(7, 4, 3, (2, 3), 0)
     assert torch.autograd.gradcheck(lambda W, A, B: emb_op(ids, W, A, B, 0.7), (W, A, B))
+
+
+@pytest.mark.slow
+def test_opcheck_both_ops():
+    """Schema, fake kernel, autograd registration and AOT dispatch (torch.library.opcheck)."""
+    ids, W, A, B = _emb_args(7, 4, 3, (2, 3), 0)
     torch.library.opcheck(emb_op.default, (ids, W, A, B, 0.7, 2))
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(param_op.default, (mk(5, 4), mk(3, 4), mk(5, 3), 0.3))
 
 
 def test_lora_embedding_dA_is_a_scatter_not_a_dense_table():
@@ -96,12 +105,11 @@ def test_lora_parameter_matches_reference(d0, d1, r, seed):
         torch.testing.assert_close(got, want)
 
 
-def test_lora_parameter_gradcheck_opcheck_and_flops():
+def test_lora_parameter_gradcheck_and_flops():
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
     W, A, B = mk(5, 4), mk(3, 4), mk(5, 3)
     assert torch.autograd.gradcheck(lambda W, A, B: param_op(W, A, B, 0.3), (W, A, B))
-    torch.library.opcheck(param_op.default, (W, A, B, 0.3))
     with FlopCounterMode(display=False) as fc:
         param_op(W.detach(), A, B, 0.3).sum().backward()
     assert fc.get_total_flops() == 3 * 2 * 5 * 4 * 3
