@@ -199,8 +199,8 @@ CASES = {
 def _compile(name, **extra):
     model_name, fields = CASES[name]
     options = {("alpha" if k == "lora_alpha" else k): v for k, v in fields.items()}
-    return lorafx.compile(_model(model_name), example_inputs=(_input(model_name),), dynamic=False, seed=0,
-                          **{**options, **extra})
+    return lorafx.compile(_model(model_name), example_inputs=(_input(model_name),), **{
+        "dynamic": False, "seed": 0, **options, **extra})
 
 
 def _peft(name):
@@ -458,3 +458,12 @@ def test_llama_embed_tokens_from_peft_with_its_saved_table(tmp_path):
     save_file(state, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="also holds the embedding table .* differs from this model's"):
         lorafx.load_adapter(copy.deepcopy(model), str(tmp_path), example_inputs=(x,), dynamic=False)
+
+
+def test_dynamic_shapes_match_peft():
+    """Captured with dynamic batch and sequence: other shapes run the same graph, equal to PEFT."""
+    cm, pm = _compile("emb+lin+param", dynamic=True), _peft("emb+lin+param")
+    _copy_from_peft(cm, pm)
+    for shape in [(5, 3), (1, 11)]:
+        x = torch.randint(0, 30, shape, generator=torch.Generator().manual_seed(shape[1]))
+        torch.testing.assert_close(cm(x), pm(x))
