@@ -245,6 +245,7 @@ def test_sites_by_kind_identity_at_init_and_only_adapters_train():
         "emb": ("lora_embedding", "Embedding"), "lin": ("lora_linear", "Linear"),
         "proj": ("lora_parameter", "Parameter")}
     assert recs["proj"].r == 2 and recs["proj"].weight == "proj.weight"  # rank_pattern on the parameter's name
+    assert "(Embedding 1, Linear 1, Parameter 1)" in str(cm.report())
     A, B = cm.emb.lora_A, cm.emb.lora_B
     assert A.shape == (4, 30) and B.shape == (8, 4) and (A == 0).all() and 0.6 < B.std().item() < 1.4
     assert cm.proj.lora_A.shape == (2, 5) and cm.proj.lora_B.shape == (6, 2) and (cm.proj.lora_B == 0).all()
