@@ -208,7 +208,8 @@ class ParameterKind(OpKind):
                                   kind=self.name, layer=self.layer, extra={"parameter": pname}))
         if not sites:
             raise ValueError(f"{where}: target_parameters={list(names)!r} names {chosen}, which the captured graph "
-                             "never reads; nothing would be adapted")
+                             "never reads under that name (unused, or tied to another parameter that is read "
+                             "instead); nothing would be adapted: name a parameter the forward reads")
         return sites
 
     def adapter_init(self, site, r: int, init) -> Dict[str, Tuple[Tuple[int, ...], str]]:
