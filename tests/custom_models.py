@@ -52,15 +52,17 @@ class Block(nn.Module):
 
 
 class DeepMLP(nn.Module):
-    """Three blocks under ``layers`` (PEFT's layers_pattern finds them), then out (10 -> 2)."""
+    """Three blocks at ``model.layers.<i>`` (as in transformers models, where PEFT's default
+    layers_pattern finds them), then out (10 -> 2)."""
 
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([Block() for _ in range(3)])
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([Block() for _ in range(3)])
         self.out = nn.Linear(10, 2)
 
     def forward(self, x):
-        for layer in self.layers:
+        for layer in self.model.layers:
             x = layer(x)
         return _head(self.out(x))
 

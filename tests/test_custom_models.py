@@ -44,9 +44,8 @@ from custom_models import MODELS, build, example_input
 
 peft = pytest.importorskip("peft")
 
-DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
-INIT_TOL = dict(rtol=1e-7, atol=1e-9)  # identity at init (PiSSA/OLoRA subtract B·A from W: rounding)
+INIT_TOL = dict(rtol=1e-7, atol=1e-9)  # identity at init (a base-changing init subtracts B·A from W)
 MERGE_TOL = dict(rtol=1e-5, atol=1e-5)  # merging rounds through float32
 PREFIX = "base_model.model."
 
@@ -58,10 +57,19 @@ class Row(NamedTuple):
     options: dict  # LoraConfig fields
     requires: Tuple[str, ...]  # capabilities (keys of PROBES)
     slow: bool = False
+    dtype: torch.dtype = torch.float64
 
 
-def row(id, model, options, *requires, slow=False):
-    return Row(id, model, options, tuple(requires), slow)
+def row(id, model, options, *requires, slow=False, dtype=torch.float64):
+    return Row(id, model, options, tuple(requires), slow, dtype)
+
+
+def tolerances(dtype) -> Tuple[dict, dict, dict]:
+    """(exact, identity at init, merged) tolerances for a model in ``dtype``."""
+    if dtype == torch.float64:
+        return TOL, INIT_TOL, MERGE_TOL
+    loose = dict(rtol=1e-5, atol=1e-5)
+    return loose, loose, loose
 
 
 ROWS = [
@@ -83,8 +91,11 @@ ROWS = [
         "gaussian", slow=True),
     row("MLP 11 LoRA init False", "MLP", {"target_modules": ["lin0", "lin1"], "init_lora_weights": False},
         "init_false"),
-    row("MLP 12 LoRA pissa", "MLP", {"target_modules": ["lin0"], "r": 4, "init_lora_weights": "pissa"}, "pissa"),
-    row("MLP 13 LoRA olora", "MLP", {"target_modules": ["lin0"], "r": 4, "init_lora_weights": "olora"}, "olora"),
+    # (PEFT initialises PiSSA and OLoRA in float32 only)
+    row("MLP 12 LoRA pissa", "MLP", {"target_modules": ["lin0"], "r": 4, "init_lora_weights": "pissa"}, "pissa",
+        dtype=torch.float32),
+    row("MLP 13 LoRA olora", "MLP", {"target_modules": ["lin0"], "r": 4, "init_lora_weights": "olora"}, "olora",
+        dtype=torch.float32),
     row("MLP 14 LoRA lora_bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32},
         "lora_bias"),
     row("MLP 15 LoRA modules_to_save", "MLP", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
@@ -95,11 +106,11 @@ ROWS = [
     row("MLP 19 DoRA no bias", "MLPNoBias", {"target_modules": ["lin0", "lin1"], "use_dora": True}, "dora", slow=True),
     row("MLP 20 LoRA target_parameters beside target_modules", "MLP",
         {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}, "target_parameters", slow=True),
-    # blocks under "layers"
+    # blocks under "model.layers"
     row("DeepMLP 1 LoRA exclude list", "DeepMLP",
-        {"target_modules": ["lin0", "lin1"], "exclude_modules": ["layers.1.lin0"]}, "linear"),
+        {"target_modules": ["lin0", "lin1"], "exclude_modules": ["model.layers.1.lin0"]}, "linear"),
     row("DeepMLP 2 LoRA exclude regex", "DeepMLP",
-        {"target_modules": r".*\.lin[01]", "exclude_modules": r"layers\.2\..*"}, "linear", slow=True),
+        {"target_modules": r".*\.lin[01]", "exclude_modules": r".*layers\.2\..*"}, "linear", slow=True),
     row("DeepMLP 3 LoRA per-layer rank pattern", "DeepMLP",
         {"target_modules": ["lin0", "lin1", "out"], "r": 2, "rank_pattern": {"layers.1.lin0": 5},
          "alpha_pattern": {"out": 1.5}}, "linear", slow=True),
@@ -173,7 +184,8 @@ PROBES = {
     "lora_bias": ("MLP", {"target_modules": ["lin0"], "lora_bias": True}, "lin0"),
     "dora": ("MLP", {"target_modules": ["lin0"], "use_dora": True}, "lin0"),
     "modules_to_save": ("MLP", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}, "lin1"),
-    "layers_to_transform": ("DeepMLP", {"target_modules": ["lin0"], "layers_to_transform": [1]}, "layers.1.lin0"),
+    "layers_to_transform": ("DeepMLP", {"target_modules": ["lin0"], "layers_to_transform": [1]},
+                            "model.layers.1.lin0"),
     "gpt2_conv1d": ("EmbConv1D", {"target_modules": ["conv1d"]}, "conv1d"),
     "embedding": ("EmbMLP", {"target_modules": ["emb"]}, "emb"),
     "trainable_tokens": ("EmbMLP", {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [1, 2]}}, "emb"),
@@ -218,9 +230,9 @@ def compile_options(options: dict, translate: bool = True) -> dict:
     return out
 
 
-def compile_row(model_name: str, options: dict, base=None, x=None, **extra):
-    base = build(model_name) if base is None else base
-    x = example_input(model_name) if x is None else x
+def compile_row(model_name: str, options: dict, base=None, x=None, dtype=torch.float64, **extra):
+    base = build(model_name, dtype) if base is None else base
+    x = example_input(model_name, dtype=dtype) if x is None else x
     return lorafx.compile(base, example_inputs=(x,), dynamic=False, seed=0, **compile_options(options), **extra)
 
 
@@ -229,7 +241,7 @@ def _probe(name: str) -> bool:
     if name == "peft_names" and not {"lora_alpha", "lora_dropout", "init_lora_weights"} <= _declared():
         return False
     try:
-        cm = compile_row(model, options)
+        cm = compile_row(model, options, dtype=torch.float32)
     except Exception:  # refused (unknown option, a layer lorafx cannot adapt, not supported yet)
         return False
     return any(n == module or n.startswith(module + ".") for n, p in cm.named_parameters() if p.requires_grad)
@@ -281,20 +293,13 @@ def peft_tensors(pm) -> Dict[str, torch.nn.Parameter]:
 
 
 def lorafx_tensors(cm) -> Dict[str, str]:
-    """{PEFT state-dict key: path of cm's tensor}, as save_adapter writes them.
-
-    ``adapter_io.peft_tensors(cm)`` when lorafx provides it; otherwise each record's kind's
-    ``peft_tensors(record)``; otherwise the linear key scheme (``<site>.lora_A.weight``)."""
-    whole = getattr(adapter_io, "peft_tensors", None)
-    if callable(whole):
-        return dict(whole(cm))
-    from lorafx.dialect import registry
-    out = {}
-    for site, rec in cm.lora_records().items():
-        kind = registry.kind_named(getattr(rec, "kind", "lora_linear")) if hasattr(registry, "kind_named") else None
-        hook = getattr(kind, "peft_tensors", None)
-        out.update(hook(rec) if callable(hook) else
-                   {f"{site}.lora_A.weight": rec.lora_A, f"{site}.lora_B.weight": rec.lora_B})
+    """{PEFT state-dict key: path of cm's tensor}, as save_adapter writes them: the adapters as each
+    record's kind names them (``adapter_io.peft_keys``), and the tensors of modules_to_save and
+    trainable tokens (``adapter_io.trainable_tensors``, where lorafx has it)."""
+    out = dict(adapter_io.peft_keys(cm.lora_records()))
+    others = getattr(adapter_io, "trainable_tensors", None) or getattr(adapter_io, "_trainable_tensors", None)
+    if others is not None:
+        out.update(others(cm))
     return out
 
 
@@ -345,7 +350,8 @@ def assert_same_state(before, module, what: str = "") -> None:
 class Run:
     def __init__(self, case: Row, tmp_path):
         self.case, self.tmp = case, tmp_path
-        self.base, self.x = build(case.model), example_input(case.model)
+        self.base, self.x = build(case.model, case.dtype), example_input(case.model, dtype=case.dtype)
+        self.tol, self.init_tol, self.merge_tol = tolerances(case.dtype)
         self.base_state = state(self.base)
         self.base_flags = {n: p.requires_grad for n, p in self.base.named_parameters()}
 
@@ -361,10 +367,14 @@ def check_compile(run: Run) -> None:
     run.cm = compile_row(run.case.model, run.case.options, run.base, run.x).eval()
     run.pm = peft_model(run.base, run.case.options).eval()
     run.mine, run.theirs = lorafx_tensors(run.cm), peft_tensors(run.pm)
-    assert sorted(run.mine) == sorted(run.theirs), "lorafx trains other tensors than PEFT (by PEFT state-dict key)"
+    assert sorted(run.mine) == sorted(run.theirs), (
+        f"lorafx trains other tensors than PEFT (by PEFT state-dict key): lorafx only "
+        f"{sorted(set(run.mine) - set(run.theirs))}, PEFT only {sorted(set(run.theirs) - set(run.mine))}")
     for key, path in run.mine.items():
         assert tuple(get_attr(run.cm, path).shape) == tuple(run.theirs[key].shape), f"shape of {key}"
-    assert set(trainable(run.cm)) == set(run.mine.values()), "only the adapters (and modules_to_save, tokens) train"
+    extra = sorted(set(trainable(run.cm)) - set(run.mine.values()))
+    assert not extra and set(run.mine.values()) <= set(trainable(run.cm)), (
+        f"only the adapters (and modules_to_save, tokens) train: also {extra}")
     run.assert_base_untouched("compile")
 
 
@@ -376,7 +386,7 @@ def check_init(run: Run) -> None:
     if nonzero_init(run.case.options):
         assert (got - want).abs().max() > 1e-6, "init_lora_weights=False: the adapters should change the outputs"
     else:
-        torch.testing.assert_close(got, want, **INIT_TOL, msg=lambda m: f"not the identity at init: {m}")
+        torch.testing.assert_close(got, want, **run.init_tol, msg=lambda m: f"not the identity at init: {m}")
 
 
 def check_parity(run: Run) -> None:
@@ -388,16 +398,16 @@ def check_parity(run: Run) -> None:
         for key, path in run.mine.items():
             get_attr(cm, path).copy_(run.theirs[key])
     got, want = cm(x), pm(x)
-    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"outputs differ from PEFT's: {m}")
+    torch.testing.assert_close(got, want, **run.tol, msg=lambda m: f"outputs differ from PEFT's: {m}")
     with pm.disable_adapter(), torch.no_grad():
         assert (want - pm(x)).abs().max() > 1e-6, "the adapters should change PEFT's outputs"
-    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(3), dtype=got.dtype)
     (got * weight).sum().backward()
     (want * weight).sum().backward()
     for key, path in run.mine.items():
         g_cm, g_pm = get_attr(cm, path).grad, run.theirs[key].grad
         assert g_cm is not None and g_pm is not None, f"no gradient for {key}"
-        torch.testing.assert_close(g_cm, g_pm, **TOL, msg=lambda m: f"gradient of {key} differs from PEFT's: {m}")
+        torch.testing.assert_close(g_cm, g_pm, **run.tol, msg=lambda m: f"gradient of {key} differs from PEFT's: {m}")
     cm.zero_grad(set_to_none=True)
     pm.zero_grad(set_to_none=True)
 
@@ -409,12 +419,12 @@ def check_merge(run: Run) -> None:
     with torch.no_grad():
         want = cm(x)
         cm.merge()
-        torch.testing.assert_close(cm(x), want, **MERGE_TOL, msg=lambda m: f"merged: {m}")
+        torch.testing.assert_close(cm(x), want, **run.merge_tol, msg=lambda m: f"merged: {m}")
         cm.unmerge()
-        torch.testing.assert_close(cm(x), want, **TOL, msg=lambda m: f"unmerged again: {m}")
+        torch.testing.assert_close(cm(x), want, **run.tol, msg=lambda m: f"unmerged again: {m}")
         plain = cm.merge_and_unload()
-        torch.testing.assert_close(plain(x), want, **MERGE_TOL, msg=lambda m: f"merge_and_unload: {m}")
-        torch.testing.assert_close(cm(x), want, **TOL, msg=lambda m: f"after merge_and_unload: {m}")
+        torch.testing.assert_close(plain(x), want, **run.merge_tol, msg=lambda m: f"merge_and_unload: {m}")
+        torch.testing.assert_close(cm(x), want, **run.tol, msg=lambda m: f"after merge_and_unload: {m}")
     run.assert_base_untouched("merge")
 
 
@@ -439,7 +449,7 @@ def check_save_adapter(run: Run) -> None:
     run.cm.save_adapter(folder)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(run.base), folder).eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(run.x), want, **TOL, msg=lambda m: f"PEFT loading lorafx's adapter: {m}")
+        torch.testing.assert_close(loaded(run.x), want, **run.tol, msg=lambda m: f"PEFT loading lorafx's adapter: {m}")
 
 
 def check_load_adapter(run: Run) -> None:
@@ -448,7 +458,7 @@ def check_load_adapter(run: Run) -> None:
     run.pm.save_pretrained(folder)
     cm = lorafx.load_adapter(run.base, folder, example_inputs=(run.x,), dynamic=False).eval()
     with torch.no_grad():
-        torch.testing.assert_close(cm(run.x), run.pm(run.x), **TOL,
+        torch.testing.assert_close(cm(run.x), run.pm(run.x), **run.tol,
                                    msg=lambda m: f"lorafx loading PEFT's adapter: {m}")
     run.assert_base_untouched("load_adapter")
 
