@@ -216,11 +216,12 @@ def _declared() -> frozenset:
 
 def compile_options(options: dict, translate: bool = True) -> dict:
     """``lorafx.compile`` options for LoraConfig fields ``options``: the fields the row sets, with
-    the LoraConfig's r and lora_alpha (PEFT's defaults: lorafx's alpha default differs).  While
+    the LoraConfig's r, lora_alpha and target_modules (PEFT's defaults: lorafx's alpha default
+    differs, and its target_modules default is all-linear where a LoraConfig's is None).  While
     compile does not declare PEFT's name for alpha, dropout or init, ``translate`` passes lorafx's
     (test_compile_takes_peft_option_names holds that gap open)."""
     config = peft.LoraConfig(**options)  # PEFT's own checks first
-    out = {"r": config.r, "lora_alpha": config.lora_alpha, **options}
+    out = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": None, **options}
     for name, own in OWN_NAMES.items():
         if translate and name in out and name not in _declared():
             value = out.pop(name)
