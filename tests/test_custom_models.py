@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
@@ -205,25 +205,23 @@ assert all(r.model in MODELS for r in ROWS)
 
 
 # -- options, capabilities -----------------------------------------------------------------------------
-# PEFT's names where lorafx has its own: passed by PEFT's name once compile declares it
+# PEFT's names where lorafx has its own: passed by PEFT's name once compile takes them
 OWN_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 
 
-@functools.lru_cache(maxsize=None)
-def _declared() -> frozenset:
-    return frozenset(o.name for _, opts in lorafx.compiler.declarations() for o in opts)
-
-
-def compile_options(options: dict, translate: bool = True) -> dict:
+def compile_options(options: dict, translate: Optional[bool] = None) -> dict:
     """``lorafx.compile`` options for LoraConfig fields ``options``: the fields the row sets, with
     the LoraConfig's r, lora_alpha and target_modules (PEFT's defaults: lorafx's alpha default
-    differs, and its target_modules default is all-linear where a LoraConfig's is None).  While
-    compile does not declare PEFT's name for alpha, dropout or init, ``translate`` passes lorafx's
-    (test_compile_takes_peft_option_names holds that gap open)."""
+    differs, and its target_modules default is all-linear where a LoraConfig's is None).  With
+    ``translate`` (by default: while compile does not take PEFT's names for alpha, dropout and
+    init, see ``takes_peft_names``) lorafx's names are passed instead; the capability
+    "peft_names" and test_compile_takes_peft_option_names hold that gap open."""
     config = peft.LoraConfig(**options)  # PEFT's own checks first
     out = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": None, **options}
+    if translate is None:
+        translate = not takes_peft_names()
     for name, own in OWN_NAMES.items():
-        if translate and name in out and name not in _declared():
+        if translate and name in out:
             value = out.pop(name)
             if name == "init_lora_weights" and value is True:
                 continue  # lorafx's default: kaiming-uniform A, B = 0, as PEFT's
@@ -231,28 +229,32 @@ def compile_options(options: dict, translate: bool = True) -> dict:
     return out
 
 
-def compile_row(model_name: str, options: dict, base=None, x=None, dtype=torch.float64, **extra):
+def compile_row(model_name: str, options: dict, base=None, x=None, dtype=torch.float64, translate=None):
     base = build(model_name, dtype) if base is None else base
     x = example_input(model_name, dtype=dtype) if x is None else x
-    return lorafx.compile(base, example_inputs=(x,), dynamic=False, seed=0, **compile_options(options), **extra)
+    return lorafx.compile(base, example_inputs=(x,), dynamic=False, seed=0, **compile_options(options, translate))
 
 
-def _probe(name: str) -> bool:
-    model, options, module = PROBES[name]
-    if name == "peft_names" and not {"lora_alpha", "lora_dropout", "init_lora_weights"} <= _declared():
-        return False
+def _adapts(model_name: str, options: dict, module: str, translate=None) -> bool:
+    """Whether compile takes ``options`` for the fixture ``model_name`` and then trains tensors of ``module``."""
     try:
-        cm = compile_row(model, options, dtype=torch.float32)
+        cm = compile_row(model_name, options, dtype=torch.float32, translate=translate)
     except Exception:  # refused (unknown option, a layer lorafx cannot adapt, not supported yet)
         return False
     return any(n == module or n.startswith(module + ".") for n, p in cm.named_parameters() if p.requires_grad)
 
 
 @functools.lru_cache(maxsize=None)
+def takes_peft_names() -> bool:
+    """Whether compile takes lora_alpha, lora_dropout and init_lora_weights by these names."""
+    return _adapts(*PROBES["peft_names"], translate=False)
+
+
+@functools.lru_cache(maxsize=None)
 def capabilities() -> Dict[str, bool]:
     """{capability: whether lorafx has it}, probed once: compile takes the probe's options and
     trains tensors of the probe's module."""
-    return {name: _probe(name) for name in PROBES}
+    return {name: takes_peft_names() if name == "peft_names" else _adapts(*PROBES[name]) for name in PROBES}
 
 
 def _needs(request, requires) -> None:
