@@ -299,7 +299,10 @@ def lorafx_tensors(cm) -> Dict[str, str]:
     """{PEFT state-dict key: path of cm's tensor}, as save_adapter writes them: the adapters as each
     record's kind names them (``adapter_io.peft_keys``), and the tensors of modules_to_save and
     trainable tokens (``adapter_io.trainable_tensors``, where lorafx has it)."""
-    out = dict(adapter_io.peft_keys(cm.lora_records()))
+    if hasattr(adapter_io, "peft_keys"):
+        out = dict(adapter_io.peft_keys(cm.lora_records()))
+    else:  # before the op-kind hooks: linear adapters only
+        out = {f"{s}.lora_{ab}.weight": getattr(r, f"lora_{ab}") for s, r in cm.lora_records().items() for ab in "AB"}
     others = getattr(adapter_io, "trainable_tensors", None) or getattr(adapter_io, "_trainable_tensors", None)
     if others is not None:
         out.update(others(cm))
