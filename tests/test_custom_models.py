@@ -3,7 +3,8 @@
 Modelled on PEFT's custom-model test table: each row is ``(id, fixture model, options,
 capabilities)`` where the options are LoraConfig fields, passed to ``lorafx.compile`` by
 PEFT's names as a user would pass a LoraConfig's fields, and to ``peft.LoraConfig``
-unchanged.  The fixture models are in tests/custom_models.py.  Every row runs every check:
+unchanged.  The fixture models are in tests/custom_models.py.  ``test_row`` runs every check
+on each row, in this order, on one compiled model (``CHECKS``; a failure names the check):
 
 * compile: lorafx adapts what PEFT adapts -- the PEFT state-dict keys of lorafx's trainable
   tensors are PEFT's keys, with PEFT's shapes, and nothing else trains;
@@ -22,10 +23,12 @@ unchanged.  The fixture models are in tests/custom_models.py.  Every row runs ev
 Each row names the capabilities it needs (``requires``).  ``capabilities()`` probes lorafx
 for each of them once (does ``compile`` take the option, does it adapt the layer?); a row
 needing one lorafx lacks is marked ``xfail(strict=True)`` at run time, so when the capability
-lands its rows run for real, and a row that passes while still marked fails the run.  The
-heavier rows are ``slow`` (``pytest -m slow tests/test_custom_models.py``, or ``-m ''`` for all).
+lands its rows run for real, and a row that passes while still marked fails the run.  A new
+capability is a new ``PROBES`` entry.  The heavier rows are ``slow`` (``pytest -m slow
+tests/test_custom_models.py``, or ``-m ''`` for all rows).
 
-Models are float64 so that equality is tight (merging rounds through float32).
+Models are float64 so that equality is tight (merging rounds through float32), except the
+PiSSA and OLoRA rows: PEFT initialises those in float32 only.
 """
 from __future__ import annotations
 
