@@ -79,7 +79,7 @@ ROWS = [
     # linear layers; PEFT's default r=8 on lin1 (20 -> 2) exceeds min(in, out)
     row("MLP 1 LoRA", "MLP", {"target_modules": "lin0"}, "linear", slow=True),
     row("MLP 2 LoRA", "MLP", {"target_modules": ["lin0"]}, "linear", slow=True),
-    row("MLP 3 LoRA", "MLP", {"target_modules": ["lin1"]}, "linear"),
+    row("MLP 3 LoRA", "MLP", {"target_modules": ["lin1"]}, "linear", slow=True),
     row("MLP 4 LoRA", "MLP", {"target_modules": ["lin0", "lin1"]}, "linear", slow=True),
     row("MLP 5 LoRA no bias", "MLPNoBias", {"target_modules": ["lin0", "lin1"], "r": 4, "lora_alpha": 16}, "linear",
         slow=True),
@@ -98,7 +98,7 @@ ROWS = [
     row("MLP 12 LoRA pissa", "MLP", {"target_modules": ["lin0"], "r": 4, "init_lora_weights": "pissa"}, "pissa",
         dtype=torch.float32),
     row("MLP 13 LoRA olora", "MLP", {"target_modules": ["lin0"], "r": 4, "init_lora_weights": "olora"}, "olora",
-        dtype=torch.float32),
+        dtype=torch.float32, slow=True),
     row("MLP 14 LoRA lora_bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32},
         "lora_bias"),
     row("MLP 15 LoRA modules_to_save", "MLP", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
@@ -123,7 +123,7 @@ ROWS = [
         {"target_modules": ["lin1"], "layers_to_transform": 1, "layers_pattern": "layers"}, "layers_to_transform",
         slow=True),
     # an embedding, transformers' Conv1D (GPT-2's (in, out) weight, 5 -> 1: r=8 above min(in, out))
-    row("EmbConv1D 1 LoRA", "EmbConv1D", {"target_modules": ["conv1d"]}, "gpt2_conv1d"),
+    row("EmbConv1D 1 LoRA", "EmbConv1D", {"target_modules": ["conv1d"]}, "gpt2_conv1d", slow=True),
     row("EmbConv1D 2 LoRA", "EmbConv1D", {"target_modules": ["emb"]}, "embedding", slow=True),
     row("EmbConv1D 3 LoRA", "EmbConv1D", {"target_modules": ["emb", "conv1d"]}, "embedding"),
     row("EmbConv1D 4 DoRA", "EmbConv1D", {"target_modules": ["conv1d"], "use_dora": True}, "dora", slow=True),
