@@ -74,12 +74,14 @@ PEFT_MASK_HINT = ("merge each of these sites as W + (s·B @ A) * (W != 0) on the
                   "merge_and_unload, which fills the zeros), e.g. for a PeftModel: delta = layer.get_delta_weight("
                   "'default'); layer.base_layer.weight.data += delta * (layer.base_layer.weight != 0)")
 logger = logging.getLogger("lorafx")
+PARAMETER_KIND = "lora_parameter"  # the op kind of target_parameters adapters (lorafx.dialect.parameter)
+EMBEDDING_KIND = "lora_embedding"  # the op kind of embedding adapters (lorafx.dialect.embedding)
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
 _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
                 "use_qalora": (False, None),
                 "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
-                "layer_replication": (None,), "target_parameters": (None, [], ()), "use_bdlora": (None, False),
+                "layer_replication": (None,), "use_bdlora": (None, False),
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
@@ -142,14 +144,35 @@ def _expected_scale(config: dict, site: str) -> float:
     return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
 
 
+def _pattern_name(rec: LoraRecord) -> str:
+    """The name PEFT matches rank/alpha_pattern keys against: the module's, or for a
+    target_parameters adapter the parameter's path."""
+    return rec.weight if rec.kind == PARAMETER_KIND else rec.site
+
+
+def _target_parameters(cm, records) -> list:
+    """PEFT target_parameters naming exactly the parameter adapters of ``records`` (their full
+    paths; PEFT takes no regex there, so a parameter left out whose path ends with "." + one of
+    them cannot be told apart and is refused)."""
+    names = sorted(r.weight for r in records.values() if r.kind == PARAMETER_KIND)
+    others = {n for n, _ in cm._source.named_parameters()} - set(names)
+    clash = next(((o, n) for o in sorted(others) for n in names if o.endswith("." + n)), None)
+    if clash is not None:
+        raise ValueError(f"cannot save adapters in PEFT's format: target_parameters={names!r} would also adapt "
+                         f"{clash[0]!r} in PEFT (its rule matches the end of a name, and it takes no regex)")
+    return names
+
+
 def _peft_config(cm, records) -> dict:
     """The PEFT LoraConfig fields describing ``cm``'s adapters."""
-    ranks = {s: r.r for s, r in records.items()}
-    alphas = {s: r.alpha for s, r in records.items()}
+    ranks = {_pattern_name(r): r.r for r in records.values()}
+    alphas = {_pattern_name(r): r.alpha for r in records.values()}
+    modules = {s: r for s, r in records.items() if r.kind != PARAMETER_KIND}
+    parameters = _target_parameters(cm, records)
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
     transposed = {r.weight_transposed for r in recs}
-    targets = _targets(cm._source, records)
+    targets = _targets(cm._source, modules) if modules else []
     layers = {}
     if isinstance(targets, list) and cm.options.get("layers_to_transform") is not None:
         # informative (the targets are whole paths, which PEFT adapts whatever their index); PEFT refuses both
@@ -163,6 +186,7 @@ def _peft_config(cm, records) -> dict:
         "r": r0,
         "lora_alpha": a0,
         "target_modules": targets,
+        "target_parameters": parameters or None,
         **layers,
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
@@ -683,12 +707,35 @@ def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
     return out
 
 
+def _without_saved_tables(cm, directory: str, records, tensors) -> Dict[str, torch.Tensor]:
+    """``tensors`` without the embedding tables PEFT saves beside an embedding's adapter
+    (``<site>.base_layer.weight``: its ``save_embedding_layers="auto"`` for names such as
+    embed_tokens), each checked to equal the model's table: lorafx never changes a base weight,
+    so a table that differs (a resized or trained vocabulary) is refused."""
+    from lorafx.passes.merge_lora import kept_unmerged_weight
+    out = dict(tensors)
+    for site, rec in records.items():
+        saved = out.pop(f"{site}.base_layer.weight", None) if rec.kind == EMBEDDING_KIND else None
+        if saved is None:
+            continue
+        mine = kept_unmerged_weight(cm, rec)
+        mine = (mine if mine is not None else get_attr(cm, rec.weight)).detach().cpu()
+        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine):
+            raise ValueError(f"{site}: the adapter in {directory} also holds the embedding table "
+                             f"{site}.base_layer.weight {tuple(saved.shape)}, which differs from this model's "
+                             f"{tuple(mine.shape)} (a resized or trained vocabulary?); lorafx does not change base "
+                             "weights: load that table into the model first (model.get_input_embeddings().weight), "
+                             "then the adapter")
+    return out
+
+
 def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> None:
     """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters and ``shortcuts`` (site ->
     SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
     ``config`` is given, must match; nothing is copied otherwise)."""
     records = cm.lora_records()
     expected = peft_keys(records)
+    tensors = _without_saved_tables(cm, directory, records, tensors)
     if records and not tensors and shortcuts:
         raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
                          f"but this model has {len(records)} linear adapter(s); load it with "
@@ -713,9 +760,9 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
             shown = " ".join(f"{label(k)}{tuple(tensors[k].shape)}" for k in keys)
             mine = " ".join(f"{label(k)}{tuple(get_attr(cm, p).shape)}" for k, p in keys.items())
             raise ValueError(f"{site}: adapter shapes {shown} do not match this model's {mine}")
-        if config is not None and not _close(rec.scale, _expected_scale(config, site)):
+        if config is not None and not _close(rec.scale, _expected_scale(config, _pattern_name(rec))):
             raise ValueError(f"{site}: the adapter in {directory} gives this site scale "
-                             f"{_expected_scale(config, site):g} (from r, lora_alpha, rank/alpha_pattern, "
+                             f"{_expected_scale(config, _pattern_name(rec)):g} (from r, lora_alpha, rank/alpha_pattern, "
                              f"use_rslora) but this model was compiled with scale {rec.scale:g}; compile with "
                              "the adapter's settings or use lorafx.load_adapter(model, directory)")
     copies = _shortcut_copies(cm, directory, shortcuts or {})
@@ -736,15 +783,17 @@ def compile_settings(config: dict) -> dict:
     if isinstance(targets, list):
         targets = tuple(targets)
     exclude = config.get("exclude_modules")
+    parameters = config.get("target_parameters") or None
     return dict(
         r=int(config.get("r", 8)),
         alpha=float(config.get("lora_alpha", 8)),
-        target_modules=targets or "all-linear",
+        target_modules=targets or (() if parameters else "all-linear"),
         rank_pattern=config.get("rank_pattern") or {},
         alpha_pattern=config.get("alpha_pattern") or {},
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
+        **({"target_parameters": tuple(parameters)} if parameters else {}),
         **({"lora_bias": True} if config.get("lora_bias") else {}),
         **({"layers_to_transform": config["layers_to_transform"], "layers_pattern": config.get("layers_pattern")}
            if config.get("layers_to_transform") is not None else {}),

@@ -48,7 +48,7 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.dialect import LINEAR, kind_named, kinds
+from lorafx.dialect import LINEAR, PARAMETER, kind_named, kinds
 from lorafx.graph_utils import (LinearSite, Site, get_attr, module_matches, node_module,
                                 owner_and_name, pattern_value, set_parameter, unique)
 from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
@@ -109,6 +109,14 @@ def _check_adapter_dtype(name, value, where):
         f"(one of {sorted(set(_DTYPES))}) or None for the weight's dtype")
 
 
+def _check_parameters(name, value, where):
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{where}{name} must be a list of parameter names (PEFT takes no regex here), got {value!r}; "
+                        f"pass e.g. {name}=['experts.gate_up_proj']")
+
+
 def _as_tuple(v):
     if v is None or isinstance(v, str):
         return v
@@ -119,7 +127,7 @@ def _as_tuple(v):
 class InsertLoRA(Pass):
     r: int = 8
     alpha: float = 16.0
-    target_modules: Union[str, Tuple[str, ...]] = ALL_LINEAR
+    target_modules: Union[str, Tuple[str, ...], None] = ALL_LINEAR
     exclude_modules: Union[str, Tuple[str, ...], None] = None
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
@@ -134,6 +142,7 @@ class InsertLoRA(Pass):
     freeze: bool = True
     adapter_dtype: Optional[str] = None
     autocast_adapter_dtype: bool = False
+    target_parameters: Optional[Tuple[str, ...]] = None
 
     requires = frozenset({CAPTURED})
     provides = frozenset({"lora"})
@@ -143,8 +152,8 @@ class InsertLoRA(Pass):
         Option("alpha", float, 16.0, "LoRA alpha; scale = alpha / r", check=_check_alpha),
         Option("target_modules", (str, list), ALL_LINEAR,
                "'all-linear' (every linear but the output layer), a list of module names (PEFT's suffix rule) "
-               "or a regex",
-               check=O.check_modules),
+               "or a regex; [] or None with target_parameters: no modules",
+               check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
         Option("exclude_modules", (str, list, type(None)), None, "module names or a regex to leave alone",
                check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
         Option("rank_pattern", dict, {}, "PEFT-style {regex: rank}",
@@ -181,6 +190,9 @@ class InsertLoRA(Pass):
         Option("autocast_adapter_dtype", bool, False,
                "PEFT's option: adapters on float16/bfloat16 weights in float32 (PEFT's default is True, lorafx's "
                "False: adapters in the weight's dtype)"),
+        Option("target_parameters", (list, type(None)), None,
+               "PEFT's target_parameters: names of 2-d parameters used directly (x @ self.weight) to adapt as "
+               "W + s·B A where they are read ('module.param', PEFT's suffix rule)", check=_check_parameters),
     )
 
     def __post_init__(self):
@@ -198,6 +210,7 @@ class InsertLoRA(Pass):
         if self.init is True:
             put("init", "kaiming")
         put("exclude_modules", _as_tuple(self.exclude_modules))
+        put("target_parameters", _as_tuple(self.target_parameters) or None)
         put("rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
         put("alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()})
         if self.adapter_dtype is not None:
@@ -209,10 +222,12 @@ class InsertLoRA(Pass):
         where = "InsertLoRA: "
         O.check_positive_int("r", self.r, where)
         O.check_positive_real("alpha", self.alpha, where, _ALPHA_WHY)
-        O.check_modules("target_modules", self.target_modules, where)
-        if not self.target_modules:
+        O.check_modules("target_modules", self.target_modules, where, allow_none=True)
+        _check_parameters("target_parameters", self.target_parameters, where)
+        if not self.target_modules and not self.target_parameters:
             raise ValueError(f"InsertLoRA: target_modules is empty (got {self.target_modules!r}); pass module names, "
-                             "e.g. target_modules=['q_proj', 'v_proj'], a regex or 'all-linear'")
+                             "e.g. target_modules=['q_proj', 'v_proj'], a regex or 'all-linear' (or "
+                             "target_parameters=[...] to adapt parameters only)")
         O.check_modules("exclude_modules", self.exclude_modules, where, allow_none=True)
         O.check_pattern_dict("rank_pattern", self.rank_pattern, O.check_positive_int, where, "{'q_proj': 16}")
         O.check_pattern_dict("alpha_pattern", self.alpha_pattern,
@@ -243,8 +258,9 @@ class InsertLoRA(Pass):
         return weight_dtype
 
     def site_config(self, site: LinearSite, allocation: Optional[Dict[str, int]] = None) -> Tuple[int, float]:
-        r = allocation[site.module] if allocation is not None else pattern_value(site.module, self.rank_pattern, self.r)
-        alpha = float(pattern_value(site.module, self.alpha_pattern, self.alpha))
+        name = pattern_name(site)
+        r = allocation[site.module] if allocation is not None else pattern_value(name, self.rank_pattern, self.r)
+        alpha = float(pattern_value(name, self.alpha_pattern, self.alpha))
         return r, alpha
 
     # -- rewriting ----------------------------------------------------------------
@@ -281,13 +297,17 @@ class InsertLoRA(Pass):
         return torch.nn.Parameter(b)
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        sites = select_linear_sites(gm, find_adapter_sites(gm), self.target_modules, self.exclude_modules)
-        sites = self._in_layers(sites)
+        sites = select_linear_sites(gm, find_adapter_sites(gm), self.target_modules, self.exclude_modules) \
+            if self.target_modules else []
+        sites = self._in_layers(sites)  # PEFT's layers_to_transform (target_modules only)
+        if self.target_parameters:  # PEFT's target_parameters: bare parameters, adapted where they are read
+            sites = _with_parameter_sites(gm, sites, self.target_parameters, self.dropout)
+        _refuse_kind_limits(sites)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
             _refuse_unallocated_kinds(sites)
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
-        _refuse_shared_weights(gm, sites)
+        _refuse_shared_weights(gm, [s for s in sites if s.kind != PARAMETER.name])  # (parameter_sites checks those)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
         self._check_peft_options(gm, ctx, sites, configs)
         above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
@@ -361,7 +381,7 @@ class InsertLoRA(Pass):
     # -- PEFT's options ---------------------------------------------------------------
     def _in_layers(self, sites):
         """``sites`` in the layers ``layers_to_transform`` keeps (PEFT's rule, ``peft_init``)."""
-        if self.layers_to_transform is None:
+        if self.layers_to_transform is None or not sites:
             return sites
         kept = [s for s in sites if peft_init.in_selected_layers(s.module, self.target_modules,
                                                                  self.layers_to_transform, self.layers_pattern)]
@@ -478,6 +498,42 @@ def _module_types(gm: torch.fx.GraphModule) -> Dict[str, str]:
 def _site_type(site) -> str:
     rec = get_record(site.node, OriginRecord)
     return rec.module_type if rec is not None else ""
+
+
+def pattern_name(site) -> str:
+    """The name rank_pattern/alpha_pattern keys are matched against: the module's, or for a
+    target_parameters site the parameter's ('module.param'), as PEFT matches them."""
+    return f"{site.module}.{site.extra['parameter']}" if site.kind == PARAMETER.name else site.module
+
+
+def _with_parameter_sites(gm: torch.fx.GraphModule, sites, names, dropout: float = 0.0) -> List[Site]:
+    """``sites`` and the sites of the parameters ``names`` selects, in graph order; refuses a
+    parameter whose module target_modules also adapts (PEFT would stack two adapters on it),
+    and dropout (an adapted parameter has no input to drop, as PEFT says too)."""
+    params = PARAMETER.parameter_sites(gm, names)
+    if dropout > 0:
+        raise ValueError(f"InsertLoRA: dropout={dropout:g} cannot apply to target_parameters ({params[0].module}."
+                         f"{params[0].extra['parameter']}): the adapter changes the parameter, not an input it could "
+                         "drop (PEFT refuses lora_dropout there too); compile with dropout=0")
+    taken = {s.weight.target: s for s in sites}
+    modules = {s.module: s for s in sites}
+    for p in params:
+        clash = taken.get(p.weight.target) or modules.get(p.module)
+        if clash is not None:
+            raise ValueError(f"InsertLoRA: {p.module}.{p.extra['parameter']} is named by target_parameters and its "
+                             f"module {clash.module!r} ({clash.layer}) by target_modules; adapt it one way: leave it "
+                             "out of one of them")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted([*sites, *params], key=lambda s: order[s.node])
+
+
+def _refuse_kind_limits(sites) -> None:
+    """A selected site its kind cannot adapt as PEFT does (``refuse(site)``, where a kind has it:
+    an embedding with max_norm) is an error naming it, before anything is built."""
+    for s in sites:
+        why = getattr(kind_named(s.kind), "refuse", lambda site: None)(s)
+        if why:
+            raise ValueError(f"InsertLoRA: {why}; nothing was compiled")
 
 
 def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:
