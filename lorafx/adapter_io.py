@@ -7,6 +7,12 @@ and ``base_model.model.<site>.lora_B.weight`` (out, r).  PEFT's
 ``PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and
 ``load_adapter`` reads what PEFT's ``save_pretrained`` writes.
 
+PiSSA/OLoRA adapters (``init="pissa"``/``"olora"``) are saved converted to plain LoRA of rank
+2r for the original weights (``[B, -B0]·[A; A0]``, as PEFT's
+``path_initial_model_for_weight_conversion``); an unconverted PEFT PiSSA/OLoRA adapter loads
+as PEFT loads it, by compiling with its init (the residual recomputed from the original
+weights) and copying A and B.
+
 Compiling a model with an adapter's configuration and loading its weights
 (``lorafx.load_adapter``) is the driver's ``lorafx.compiler.load_adapter``, built on
 ``read_adapter``, ``compile_settings`` and ``copy_adapter_weights`` here.
@@ -56,7 +62,7 @@ from .graph_utils import get_attr, pattern_value
 from .meta import LoraRecord, get_record
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
-           "compile_settings", "peft_keys", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "compile_settings", "check_residual_init", "peft_keys", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
            "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -85,6 +91,9 @@ _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_s
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
+# ...of which lorafx recomputes these from the original weights, as PEFT's from_pretrained does (deterministic:
+# not pissa_niter_N, whose randomised SVD PEFT draws from torch's global generator)
+_RECOMPUTED_INITS = ("pissa", "olora")
 SCALE_OPTIONS = ("r", "alpha", "rank_pattern", "alpha_pattern", "use_rslora")  # compile options that set scales
 
 
@@ -452,7 +461,8 @@ def _read_config(directory: str) -> Tuple[dict, bytes]:
         if key in config and config[key] not in allowed and not (isinstance(config[key], list) and not config[key]):
             raise ValueError(f"{directory}: {key}={config[key]!r} is not supported by lorafx (only {allowed[0]!r})")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS) \
+            and init.lower() not in _RECOMPUTED_INITS:
         raise ValueError(f"{directory}: init_lora_weights={init!r} changes the base weights, which lorafx does not "
                          "do; convert it to a plain LoRA adapter first (PEFT's "
                          "save_pretrained(..., path_initial_model_for_weight_conversion=...))")
@@ -672,7 +682,32 @@ def load_adapter_weights(cm, directory: str, *, trust_pickle: bool = False) -> N
     holds.  ``trust_pickle=True`` lets a ``.bin`` file run the pickle code it holds.
     """
     files = read_adapter_files(directory, trust_pickle)
+    check_residual_init(cm, directory, files.config)
     _copy_weights(cm, directory, files.tensors, files.config, files.shortcuts)
+
+
+def residual_init(config: dict):
+    """The PiSSA/OLoRA init an unconverted PEFT adapter was trained from ("pissa", "olora"), or None."""
+    init = config.get("init_lora_weights")
+    return init.lower() if isinstance(init, str) and init.lower() in _RECOMPUTED_INITS else None
+
+
+def check_residual_init(cm, directory: str, config: dict) -> None:
+    """An unconverted PiSSA/OLoRA adapter holds A and B for the residual W - s·B0 A0, so it fits
+    a model compiled with that init (whose frozen W is the residual) and no other; a plain one
+    does not fit such a model."""
+    init = residual_init(config)
+    records = cm.lora_records()
+    residual = sorted(site for site, rec in records.items() if rec.lora_A0 is not None)
+    if init is not None and len(residual) != len(records):
+        plain = next(site for site, rec in records.items() if rec.lora_A0 is None)
+        raise ValueError(f"the adapter in {directory} was trained with init_lora_weights={init!r}, against the "
+                         f"residual of each weight, but this model's {plain} keeps its own weight: compile with "
+                         f"init={init!r}, or use lorafx.load_adapter(model, directory)")
+    if init is None and residual:
+        raise ValueError(f"this model was compiled with a PiSSA/OLoRA init ({residual[0]}'s frozen weight is a "
+                         f"residual) but the adapter in {directory} is a plain LoRA for the original weights: "
+                         "compile without init='pissa'/'olora', or use lorafx.load_adapter(model, directory)")
 
 
 def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
@@ -795,6 +830,7 @@ def compile_settings(config: dict) -> dict:
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
         **({"target_parameters": tuple(parameters)} if parameters else {}),
         **({"lora_bias": True} if config.get("lora_bias") else {}),
+        **({"init": residual_init(config)} if residual_init(config) else {}),  # recomputed, as PEFT does
         **({"layers_to_transform": config["layers_to_transform"], "layers_pattern": config.get("layers_pattern")}
            if config.get("layers_to_transform") is not None else {}),
     )

@@ -286,6 +286,7 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
                      passes=passes, **mine)
     # Options that change the scales were chosen on purpose: check the scales only otherwise.
     scales_chosen = any(k in options for k in adapter_io.SCALE_OPTIONS)
+    adapter_io.check_residual_init(cm, directory, files.config)  # a PiSSA/OLoRA adapter needs the residual
     adapter_io.copy_adapter_weights(cm, directory, files.tensors, None if scales_chosen else files.config,
                                     files.shortcuts)
     return cm

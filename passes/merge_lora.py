@@ -173,19 +173,18 @@ class MergeLoRA(Pass):
             kind, rec = kind_of(node), get_record(node, LoraRecord)
             if not mergeable(kind):
                 continue  # no weight to fold it into: it keeps running (lowered below when unloading)
-            v = kind.view(node)
-            bias = v.bias
+            merged_bias = None
             if rec.lora_bias is not None:  # PEFT's lora_bias: s·b folded into the layer's bias
                 if self.rebind_weights:
                     _merge_site_bias(gm, rec)
                 with gm.graph.inserting_before(node):
-                    bias = gm.graph.get_attr(merged_bias_path(rec))
+                    merged_bias = gm.graph.get_attr(merged_bias_path(rec))
             if self.rebind_weights:
                 _merge_site_weight(gm, rec, lambda: kind.merged_weight(gm, node))
             with gm.graph.inserting_before(node):
                 new = kind.base_op(gm.graph, node)  # aten.linear for a linear's adapter
-                if bias is not v.bias:  # the merged bias in place of the layer's bias + s·b
-                    new.replace_input_with(v.bias, bias)
+                if merged_bias is not None:  # the merged bias in place of the layer's bias + s·b
+                    new.replace_input_with(kind.view(node).bias, merged_bias)
             new.meta.update({k: val for k, val in node.meta.items() if k != "lorafx"})
             set_record(new, get_record(node, OriginRecord) or OriginRecord(rec.site))
             if not self.unload:

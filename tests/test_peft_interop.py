@@ -270,7 +270,7 @@ def test_peft_seq_cls_adapter_with_modules_to_save_is_refused(built, tmp_path):
 
 @pytest.mark.parametrize("key,value", [
     ("use_dora", True), ("bias", "all"), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
-    ("init_lora_weights", "pissa"), ("trainable_token_indices", [1, 2]),
+    ("init_lora_weights", "pissa_niter_4"), ("trainable_token_indices", [1, 2]),
     ("alora_invocation_tokens", [5]),
 ])
 def test_unsupported_config_is_refused(built, tmp_path, key, value):

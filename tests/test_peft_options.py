@@ -381,9 +381,33 @@ def test_pissa_converts_as_peft_does(tmp_path):
     assert (our_cfg["r"], our_cfg["lora_alpha"]) == (peft_cfg["r"], peft_cfg["lora_alpha"])
 
 
-def test_an_unconverted_peft_pissa_adapter_is_still_refused(tmp_path):
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_peft_pissa_adapter_loads_on_the_original_base_as_in_peft(tmp_path, init):
+    """PEFT's from_pretrained recomputes the init from the original weights, then loads A and B:
+    lorafx.load_adapter compiles with the init and does the same."""
+    base, x = base_model(dtype=torch.float32), inputs(dtype=torch.float32)
+    pm = peft_model(base, r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=init)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    pm.save_pretrained(str(tmp_path))
+    cm = lorafx.load_adapter(base, str(tmp_path), example_inputs=(x,), dynamic=False).eval()
+    assert all(rec.lora_A0 is not None for rec in cm.lora_records().values())
+    torch.testing.assert_close(cm(x), pm(x), **F32)
+    assert (pm(x) - base(x)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=f"trained with init_lora_weights='{init}'.*compile with init='{init}'"):
+        compiled(base, r=2, lora_alpha=4, target_modules=["q", "v"]).load_adapter(str(tmp_path))
+    cm.save_adapter(str(tmp_path / "converted"))  # and back to PEFT on the original base, converted
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "converted")).eval()
+    torch.testing.assert_close(back(x), pm(x), **F32)
+    with pytest.raises(ValueError, match="is a plain LoRA for the original weights"):
+        cm.load_adapter(str(tmp_path / "converted"))
+
+
+def test_a_peft_pissa_niter_adapter_is_still_refused(tmp_path):
     base = base_model(dtype=torch.float32)
-    peft_model(base, r=2, target_modules=["q"], init_lora_weights="pissa").save_pretrained(str(tmp_path))
+    peft_model(base, r=2, target_modules=["q"], init_lora_weights="pissa_niter_2").save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="changes the base weights"):
         lorafx.load_adapter(base, str(tmp_path), example_inputs=(inputs(),))
 
