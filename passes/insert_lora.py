@@ -401,11 +401,15 @@ class InsertLoRA(Pass):
         if self.init is False and self.lora_bias and any(get_attr(gm, s.weight.target).is_meta for s in sites):
             raise ValueError("InsertLoRA: init=False with lora_bias=True draws B's bias, which lorafx.materialize "
                              "does not replay; compile with real weights, or use init='kaiming' on the meta device")
-        other = next((s for s in sites if s.kind != LINEAR.name), None)
-        if other is not None and (self.lora_bias or peft_init.is_residual_init(self.init)):
+        # lora_bias needs a kind that adds B's bias (``supports_lora_bias``: lora_linear, with_lora_bias); PiSSA/OLoRA
+        # factorise a 2-d (out, in) weight: linear layers only
+        other = next((s for s in sites if (peft_init.is_residual_init(self.init) and s.kind != LINEAR.name)
+                      or (self.lora_bias and not getattr(kind_named(s.kind), "supports_lora_bias", False))), None)
+        if other is not None:
             what = "lora_bias=True" if self.lora_bias else f"init={self.init!r}"
-            raise ValueError(f"InsertLoRA: lorafx implements {what} for linear layers only, but target_modules also "
-                             f"selects {other.module!r} ({other.layer}); leave it out (exclude_modules) or drop {what}")
+            raise ValueError(f"InsertLoRA: lorafx does not implement {what} for {other.layer} layers, and "
+                             f"target_modules selects {other.module!r} ({other.layer}); leave it out "
+                             f"(exclude_modules) or drop {what}")
         if self.fan_in_fan_out is not None:
             wrong = [s for s in sites if s.weight_transposed != self.fan_in_fan_out]
             if wrong:

@@ -480,3 +480,19 @@ def test_pissa_on_gpt2s_conv1d_layers_equals_peft_with_fan_in_fan_out(tiny_model
 def test_pissa_is_refused_with_a_rank_budget():
     with pytest.raises(lorafx.PassError, match="rank allocation"):
         compiled(base_model(), target_modules=["q"], init="pissa", rank_budget=200, proxy="constant")
+
+
+def test_lora_bias_and_pissa_name_a_layer_kind_that_lacks_them():
+    class WithEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 12)
+            self.q = torch.nn.Linear(12, 4)
+
+        def forward(self, ids):
+            return self.q(self.emb(ids))
+
+    ids = torch.randint(0, 10, (2, 5))
+    for options in (dict(lora_bias=True), dict(init="pissa", r=2)):
+        with pytest.raises(lorafx.PassError, match="does not implement .* for Embedding layers.*'emb'"):
+            lorafx.compile(WithEmbedding(), example_inputs=(ids,), target_modules=["emb", "q"], **options)
