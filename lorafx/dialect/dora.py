@@ -97,8 +97,12 @@ def _dropout_on(mask: Optional[Tensor]) -> bool:
 
 
 def _unnormalised(x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, s: float) -> Tensor:
-    """u = x Wᵀ + s·(x Aᵀ) Bᵀ, (tokens, out)."""
-    return L.forward(x2, weight, None, lora_A, lora_B, s, None, 0.0, _F1B1)[0]
+    """u = x Wᵀ + s·(x Aᵀ) Bᵀ, (tokens, out) (the accumulating GEMM as ``torch.addmm(out=)``, which
+    FlopCounterMode counts when backward recomputes u)."""
+    if lora_A.dtype != x2.dtype:  # adapters in their own dtype: the LoRA kernel's mixed-dtype path
+        return L.forward(x2, weight, None, lora_A, lora_B, s, None, 0.0, _F1B1)[0]
+    u = F.linear(x2, weight)
+    return torch.addmm(u, L.xa_t(x2, lora_A).t(), lora_B.t(), alpha=s, out=u)
 
 
 def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
