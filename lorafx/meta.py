@@ -61,10 +61,12 @@ class LoraRecord:
     dropout: float = 0.0
     weight_transposed: bool = False  # True for GPT-2 Conv1D weights stored as (in, out)
     merged: bool = False
+    magnitude: Optional[str] = None  # DoRA: attribute path of the magnitude m, shape (out_features,)
 
     def describe(self) -> str:
         return (f"lora(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}"
                 + (f", dropout={self.dropout:g}" if self.dropout else "")
+                + (", dora" if self.magnitude else "")
                 + (", merged" if self.merged else "") + ")")
 
 

@@ -41,7 +41,8 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.dialect import LINEAR
+from lorafx.dialect import DORA, LINEAR
+from lorafx.dialect.dora import MAGNITUDE, dora_norm
 from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, node_module,
                                 pattern_value, set_parameter, unique)
 from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
@@ -115,6 +116,7 @@ class InsertLoRA(Pass):
     freeze: bool = True
     adapter_dtype: Optional[str] = None
     autocast_adapter_dtype: bool = False
+    use_dora: bool = False
 
     requires = frozenset({CAPTURED})
     provides = frozenset({"lora"})
@@ -146,6 +148,9 @@ class InsertLoRA(Pass):
         Option("autocast_adapter_dtype", bool, False,
                "PEFT's option: adapters on float16/bfloat16 weights in float32 (PEFT's default is True, lorafx's "
                "False: adapters in the weight's dtype)"),
+        Option("use_dora", bool, False,
+               "DoRA (arXiv 2402.09353), PEFT's option: each adapted linear's rows rescaled to a trained magnitude "
+               "m / ||W + s·B·A||, m starting at that norm (linear layers only)"),
     )
 
     def __post_init__(self):
@@ -184,6 +189,7 @@ class InsertLoRA(Pass):
         O.check_bool("freeze", self.freeze, where)
         _check_adapter_dtype("adapter_dtype", self.adapter_dtype, where)
         O.check_bool("autocast_adapter_dtype", self.autocast_adapter_dtype, where)
+        O.check_bool("use_dora", self.use_dora, where)
         if self.adapter_dtype is not None and self.autocast_adapter_dtype:
             raise ValueError(f"{where}adapter_dtype={self.adapter_dtype!r} and autocast_adapter_dtype=True both choose "
                              "the adapters' dtype; pass one of them")
@@ -216,12 +222,21 @@ class InsertLoRA(Pass):
             A.copy_(draw_A(A.shape, self.init, r, gen))
         return torch.nn.Parameter(A), torch.nn.Parameter(B)
 
+    def _make_magnitude(self, gm, site: LinearSite, A: torch.Tensor, B: torch.Tensor, scale: float):
+        """DoRA's magnitude m = ||W + s·B A|| row-wise (PEFT's init), in the adapters' dtype."""
+        W = get_attr(gm, site.weight.target).detach()
+        with torch.no_grad():
+            n = dora_norm(W.t() if site.weight_transposed else W, A.detach(), B.detach(), scale)
+        return torch.nn.Parameter(n.to(A.dtype))
+
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         sites = select_linear_sites(gm, find_linear_sites(gm), self.target_modules, self.exclude_modules)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
         _refuse_shared_weights(gm, sites)
+        if self.use_dora:
+            _refuse_dora_on_meta(gm, sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
         above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
         if above:
@@ -242,20 +257,27 @@ class InsertLoRA(Pass):
         replaced: Dict[torch.fx.Node, torch.fx.Node] = {}  # a site's linear -> its lora node (a linear fed by one)
         for site, (r, alpha) in zip(sites, configs):
             a_path, b_path = f"{site.module}.lora_A", f"{site.module}.lora_B"
+            m_path = f"{site.module}.{MAGNITUDE}" if self.use_dora else None
+            scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             if site.module not in made:  # a module called twice shares its adapter
                 A, B = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen, lors, deferred)
                 set_parameter(gm, a_path, A)
                 set_parameter(gm, b_path, B)
+                if self.use_dora:
+                    set_parameter(gm, m_path, self._make_magnitude(gm, site, A, B, scale))
                 made[site.module] = (a_path, b_path)
-            scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             bias_path = site.bias.target if isinstance(site.bias, torch.fx.Node) and site.bias.op == "get_attr" else None
             record = LoraRecord(site=site.module, weight=site.weight.target, lora_A=a_path, lora_B=b_path, r=r,
                                 alpha=alpha, scale=scale, in_features=site.in_features,
                                 out_features=site.out_features, bias=bias_path, dropout=self.dropout,
-                                weight_transposed=site.weight_transposed)
+                                weight_transposed=site.weight_transposed, magnitude=m_path)
             x = replaced.get(site.x, site.x)
-            replaced[site.node] = replace_with_lora(gm, site.node, x, site.weight, site.bias, record,
-                                                    created_by=self.name)
+            if self.use_dora:
+                train = graph_record(gm).training is not False
+                replaced[site.node] = DORA.insert(gm, site, record, x, train=train, created_by=self.name)
+            else:
+                replaced[site.node] = replace_with_lora(gm, site.node, x, site.weight, site.bias, record,
+                                                        created_by=self.name)
         gm.graph.eliminate_dead_code()
         if deferred:
             graph_record(gm).deferred_init += (DeferredInit(seed, tuple(deferred)),)
@@ -298,6 +320,16 @@ def lors_directions(gm: torch.fx.GraphModule, ctx: CompileContext, sites, config
             else:
                 out[module] = torch.linalg.svd(G, full_matrices=False).Vh[:r].contiguous().float()
     return out
+
+
+def _refuse_dora_on_meta(gm: torch.fx.GraphModule, sites) -> None:
+    """use_dora needs the weights' values: DoRA's magnitude starts at ||W + s·B A||."""
+    meta = [s.module for s in sites if get_attr(gm, s.weight.target).is_meta]
+    if meta:
+        raise ValueError(f"use_dora=True needs the base weights' values: DoRA's magnitude starts at the row norms of "
+                         f"W + s·B·A, but {meta[0]}'s weight (and {len(meta) - 1} more) is on the meta device. "
+                         "Compile the model with real weights for DoRA (lorafx.materialize cannot draw DoRA "
+                         "magnitudes yet), or plan on the meta device without use_dora")
 
 
 def _warn_rank_above_limit(above) -> bool:
