@@ -11,6 +11,11 @@ Compiling a model with an adapter's configuration and loading its weights
 (``lorafx.load_adapter``) is the driver's ``lorafx.compiler.load_adapter``, built on
 ``read_adapter``, ``compile_settings`` and ``copy_adapter_weights`` here.
 
+DoRA adapters (``use_dora=True``) also save each site's magnitude vector under PEFT's key
+``base_model.model.<site>.lora_magnitude_vector`` (out_features,) and ``use_dora: true`` in the
+config; a DoRA adapter loads only into a model compiled with ``use_dora=True`` (and a plain one
+only without it), which ``lorafx.load_adapter`` does from the config.
+
 Shortcut adapters (``shortcuts=True``, HeteroLoRA's LoRA-adapted shortcut
 connections), which PEFT cannot express, go to a third file, ``lorafx_shortcuts.safetensors``:
 ``<site>.lora_A`` (r, dim) and ``<site>.lora_B`` (dim, r) per site (``shortcuts.3.attn_skip``),
@@ -75,7 +80,7 @@ PEFT_MASK_HINT = ("merge each of these sites as W + (s·B @ A) * (W != 0) on the
 logger = logging.getLogger("lorafx")
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
-_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
+_UNSUPPORTED = {"bias": ("none", None), "modules_to_save": (None, [], ()),
                 "layers_to_transform": (None,), "lora_bias": (False, None), "use_qalora": (False, None),
                 "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
                 "layer_replication": (None,), "target_parameters": (None, [], ()), "use_bdlora": (None, False),
@@ -141,6 +146,17 @@ def _expected_scale(config: dict, site: str) -> float:
     return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
 
 
+def _dora_flag(records) -> bool:
+    """PEFT's use_dora for these records (DoRA adapters carry a magnitude); PEFT has one flag
+    per adapter, so a mix of DoRA and plain LoRA sites cannot be saved as one."""
+    dora = {s for s, r in records.items() if r.magnitude}
+    if dora and len(dora) != len(records):
+        plain = sorted(set(records) - dora)
+        raise ValueError(f"cannot save the adapters in PEFT's format: {sorted(dora)[0]} is a DoRA adapter and "
+                         f"{plain[0]} is not, but PEFT's use_dora applies to every site of an adapter")
+    return bool(dora)
+
+
 def _peft_config(cm, records) -> dict:
     """The PEFT LoraConfig fields describing ``cm``'s adapters."""
     ranks = {s: r.r for s, r in records.items()}
@@ -166,7 +182,7 @@ def _peft_config(cm, records) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": _dora_flag(records),
         "revision": None,
     }
 
@@ -639,6 +655,8 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
         raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
                          f"but this model has {len(records)} linear adapter(s); load it with "
                          "lorafx.load_adapter(model, folder), which compiles its shortcut sites alone")
+    if config is not None and records:
+        _check_dora(cm, directory, records, config, tensors)
     missing = sorted({_site_of(k) for k in set(expected) - set(tensors)})
     extra = sorted({_site_of(k) for k in set(tensors) - set(expected)})
     if missing or extra:
@@ -669,6 +687,23 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
         cm.merge()
 
 
+def _check_dora(cm, directory: str, records, config: dict, tensors) -> None:
+    """A DoRA adapter loads into a DoRA model only (and a plain one into a plain model): the
+    same A and B compute something else with and without the magnitude."""
+    saved = bool(config.get("use_dora"))
+    mine = any(r.magnitude for r in records.values())
+    if saved != mine:
+        raise ValueError(f"the adapter in {directory} has use_dora={saved} but this model was compiled with "
+                         f"use_dora={mine}; compile with use_dora={saved}, or use lorafx.load_adapter(model, "
+                         "directory), which compiles with the adapter's settings")
+    if saved:
+        lacking = sorted(k for k in peft_keys(records) if k.endswith(".lora_magnitude_vector") and k not in tensors)
+        if lacking:
+            raise ValueError(f"the adapter in {directory} says use_dora=True but has no DoRA magnitude for "
+                             f"{_site_of(lacking[0])} ({len(lacking)} site(s) lack '<site>.lora_magnitude_vector'): "
+                             f"{_fix(directory)}")
+
+
 def compile_settings(config: dict) -> dict:
     """The ``lorafx.compile`` options that reproduce an adapter configuration."""
     targets = config.get("target_modules")
@@ -684,6 +719,7 @@ def compile_settings(config: dict) -> dict:
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
+        **({"use_dora": True} if config.get("use_dora") else {}),
     )
 
 
