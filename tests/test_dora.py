@@ -114,3 +114,273 @@ def test_merged_weight_in_stored_layout():
     torch.testing.assert_close(merged_dora_weight(W.t().contiguous(), A, B, mag, 0.7, transposed=True), merged.t())
     y = op(x.detach(), W, b.detach(), A, B, mag, 0.7)
     torch.testing.assert_close(y, torch.nn.functional.linear(x.detach(), merged, b.detach()))
+
+
+# -- models: PEFT parity, the PEFT format both ways, merging (slow; the fast tier has a small MLP below
+# and tests/test_peft_interop.py::test_dora_adapter_round_trip, LLaMA both ways) ----------------------
+import copy  # noqa: E402
+import json  # noqa: E402
+
+from conftest import ids  # noqa: E402
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-10)
+# family -> (LoraConfig-style settings shared by PEFT and lorafx)
+MODELS = {
+    "llama": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                  rank_pattern={"q_proj": 2}),  # r=4 > min(in, out)? no; rank 2 below, 4 at the MLP
+    "bert": dict(r=2, alpha=4, target_modules=["query", "value", "dense"]),
+}
+_PEFT = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_magnitude": "lora_magnitude_vector"}
+
+
+def _peft_param(site, which):
+    return f"base_model.model.{site}.{_PEFT[which]}.default.weight"
+
+
+def _logits(model, x):
+    out = model(input_ids=x)
+    return out.logits
+
+
+class Pair:
+    """A lorafx DoRA model and a PEFT DoRA model on the same base, holding the same random
+    A, B (B != 0) and magnitudes (perturbed away from their init)."""
+
+    def __init__(self, family, base):
+        peft = pytest.importorskip("peft")
+        settings = MODELS[family]
+        self.base, self.x = base, ids(3, 7, 96, seed=5)
+        self.cm = lorafx.compile(copy.deepcopy(base), example_inputs=(self.x,), dynamic=False, use_dora=True,
+                                 seed=0, **settings)
+        cfg = peft.LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], use_dora=True,
+                              target_modules=settings["target_modules"],
+                              rank_pattern=settings.get("rank_pattern", {}))
+        self.pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+        self.init_magnitudes = {n: p.detach().clone() for n, p in self.cm.trainable_parameters().items()
+                                if n.endswith("lora_magnitude")}
+        self.init_logits = _logits(self.cm.eval(), self.x).detach()
+        gen = torch.Generator().manual_seed(11)
+        pp = dict(self.pm.named_parameters())
+        with torch.no_grad():
+            for name, p in self.cm.trainable_parameters().items():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=DTYPE) * 0.3)
+                elif name.endswith("lora_magnitude"):
+                    p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen, dtype=DTYPE))
+                site, which = name.rsplit(".", 1)
+                pp[_peft_param(site, which)].copy_(p)
+        self.cm.eval()
+        self.pm.eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = Pair(family, tiny_model(family, DTYPE))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_peft_parity_logits_and_adapter_grads(pairs, family):
+    """Same logits as PEFT's use_dora=True, and the same gradients of every A, B and magnitude;
+    the magnitude starts where PEFT's does (||W|| row-wise, B = 0) and the model is the base
+    model at init."""
+    p = pairs(family)
+    cm, pm = p.cm, p.pm
+    peft_params = dict(pm.named_parameters())
+    for name, m0 in p.init_magnitudes.items():  # PEFT's init: ||W + s·B A|| with B = 0
+        site = name.rsplit(".", 1)[0]
+        W = p.base.get_submodule(site).weight
+        torch.testing.assert_close(m0, torch.linalg.norm(W, dim=1), **TOL)
+    torch.testing.assert_close(p.init_logits, _logits(p.base.eval(), p.x), **TOL)
+    assert {n.rsplit(".", 1)[1] for n in cm.trainable_parameters()} == set(_PEFT)
+    assert {r.kind for r in cm.lora_records().values()} == {"lora_dora"}
+
+    got, want = _logits(cm, p.x), _logits(pm, p.x)
+    torch.testing.assert_close(got, want, **TOL)
+    assert (got - p.init_logits).abs().max() > 1e-3
+    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    for model, out in ((cm, got), (pm, want)):
+        model.zero_grad(set_to_none=True)
+        (out * weight).sum().backward()
+    for name, param in cm.trainable_parameters().items():
+        ref = peft_params[_peft_param(*name.rsplit(".", 1))].grad
+        assert ref is not None and ref.abs().max() > 0, name
+        torch.testing.assert_close(param.grad, ref, **TOL, msg=lambda m: f"{name}: {m}")
+    for model in (cm, pm):
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_save_adapter_loads_in_peft_and_back(pairs, family, tmp_path):
+    """save_adapter -> PeftModel.from_pretrained, and PEFT's save_pretrained ->
+    lorafx.load_adapter, both give the same outputs."""
+    peft = pytest.importorskip("peft")
+    p = pairs(family)
+    want = _logits(p.cm, p.x)
+    p.cm.save_adapter(str(tmp_path / "lorafx"))
+    config = json.loads((tmp_path / "lorafx" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(p.base), str(tmp_path / "lorafx")).eval()
+    torch.testing.assert_close(_logits(loaded, p.x), want, **TOL)
+
+    p.pm.save_pretrained(str(tmp_path / "peft"))
+    cm = lorafx.load_adapter(copy.deepcopy(p.base), str(tmp_path / "peft"), example_inputs=(p.x,),
+                             dynamic=False).eval()
+    torch.testing.assert_close(_logits(cm, p.x), _logits(p.pm, p.x), **TOL)
+
+
+@pytest.mark.slow
+def test_merge_unmerge_and_unload_llama(pairs):
+    """merge() folds m / ||W + s·BA|| ⊙ (W + s·BA) into W; unmerge() restores it exactly;
+    merge_and_unload() and merged_state_dict() give the same model without adapters."""
+    p = pairs("llama")
+    cm = p.cm
+    want = _logits(cm, p.x).detach()
+    with torch.no_grad():
+        cm.merge()
+        assert not any(r.kind == "lora_dora" and not r.merged for r in cm.lora_records().values())
+        torch.testing.assert_close(_logits(cm, p.x), want, **TOL)
+        cm.unmerge()
+        assert torch.equal(_logits(cm, p.x), want)
+        plain = cm.merge_and_unload()
+        assert not [n for n in plain.graph.nodes if "lorafx" in str(n.target)]
+        assert not [n for n, _ in plain.named_parameters() if "lora_" in n]
+        torch.testing.assert_close(plain(input_ids=p.x).logits, want, **TOL)
+        merged = copy.deepcopy(p.base)
+        merged.load_state_dict(cm.merged_state_dict(), strict=True)
+        torch.testing.assert_close(_logits(merged.eval(), p.x), want, **TOL)
+
+
+# -- a small MLP: the fast tier (PEFT parity, merging, the passes DoRA meets, refusals) -------------
+class Block(torch.nn.Module):
+    """Two linears reading one input (siblings), a Conv1D-free stack, biases on and off."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(12, 8)
+        self.k = torch.nn.Linear(12, 8, bias=False)
+        self.out = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.q(x)) * self.k(x))
+
+
+def _block():
+    torch.manual_seed(0)
+    return Block().to(DTYPE)
+
+
+X = torch.randn(6, 12, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+TARGETS = ["q", "k", "out"]
+
+
+def _compile(base, **options):
+    return lorafx.compile(copy.deepcopy(base), example_inputs=(X,), dynamic=False, r=3, alpha=6,
+                          target_modules=TARGETS, use_dora=True, seed=0, **options)
+
+
+def _perturb(cm, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(cm.trainable_parameters().items()):
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+            elif name.endswith("lora_magnitude"):
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _out_and_grads(cm):
+    cm.zero_grad(set_to_none=True)
+    y = cm(X)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=DTYPE).view(y.shape)).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in cm.trainable_parameters().items()}
+
+
+def test_small_model_peft_parity_and_merge():
+    """PEFT's use_dora=True on the same block, same A/B/m: equal outputs and gradients of
+    every A, B and m; identity at init; merge/unmerge/merge_and_unload/merged_state_dict."""
+    peft = pytest.importorskip("peft")
+    base = _block()
+    cm = _compile(base)
+    torch.testing.assert_close(cm(X), base(X), **TOL)  # identity at init (B = 0, m = ||W||)
+    _perturb(cm)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS,
+                                                                   use_dora=True))
+    pp = dict(pm.named_parameters())
+    with torch.no_grad():
+        for name, p in cm.trainable_parameters().items():
+            pp[_peft_param(*name.rsplit(".", 1))].copy_(p)
+    y, grads = _out_and_grads(cm)
+    yp = pm(X)
+    (yp * torch.linspace(-1, 1, yp.numel(), dtype=DTYPE).view(yp.shape)).sum().backward()
+    torch.testing.assert_close(y, yp, **TOL)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, pp[_peft_param(*name.rsplit(".", 1))].grad, **TOL,
+                                   msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        cm.eval()
+        want = cm(X)
+        cm.merge()
+        torch.testing.assert_close(cm(X), want, **TOL)
+        cm.unmerge()
+        assert torch.equal(cm(X), want)
+        torch.testing.assert_close(cm.merge_and_unload()(X), want, **TOL)
+        merged = copy.deepcopy(base)
+        merged.load_state_dict(cm.merged_state_dict(), strict=True)
+        torch.testing.assert_close(merged(X), want, **TOL)
+
+
+@pytest.mark.parametrize("options", [dict(fold_a=True), dict(fuse_siblings=True), dict(schedule="f2b5")],
+                         ids=lambda o: next(iter(o)))
+def test_passes_leave_dora_adapters_exact(options):
+    """The rewrites keyed on lora_linear (FoldLoRAIntoBase, FuseSiblings, SelectSchedule) leave
+    lora_dora nodes as they are: the same outputs and gradients as the default pipeline."""
+    base = _block()
+    ref, cm = _compile(base), _compile(base, **options)
+    _perturb(ref), _perturb(cm)
+    y0, g0 = _out_and_grads(ref)
+    y1, g1 = _out_and_grads(cm)
+    assert torch.equal(y0, y1) and g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(target="cim"), "use_dora=True is not supported with target='cim'"),
+    (dict(sparsity=0.5, sparsity_method="magnitude"), "use_dora=True and sparsity= cannot be combined"),
+])
+def test_unsupported_combinations_are_refused(options, match):
+    base = _block()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(Exception, match=match):
+        _compile(base, **options)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_meta_device_is_refused():
+    with torch.device("meta"):
+        base = Block()
+    with pytest.raises(ValueError, match="use_dora=True needs the base weights' values"):
+        lorafx.compile(base, example_inputs=(torch.empty(6, 12, device="meta"),), dynamic=False, r=3,
+                       target_modules=TARGETS, use_dora=True)
+
+
+def test_other_layer_kinds_are_refused_by_name():
+    """Sites of another layer kind (an embedding, a convolution) with use_dora are refused,
+    naming them and their kind."""
+    from types import SimpleNamespace
+    from passes.insert_lora import _refuse_dora_on_other_layers
+    sites = [SimpleNamespace(module="q", kind="lora_linear", layer="Linear"),
+             SimpleNamespace(module="embed", kind="lora_embedding", layer="Embedding")]
+    with pytest.raises(ValueError, match=r"'embed' \(Embedding\).*lorafx does not yet"):
+        _refuse_dora_on_other_layers(sites)
+    _refuse_dora_on_other_layers(sites[:1])
