@@ -59,6 +59,40 @@ def test_lora_dora_gradcheck_and_opcheck(bias, mask):
     torch.library.opcheck(op.default, (x, W, b, A, B, mag, 0.5, keep, 0.3))
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_matches_peft_dora_layer_with_dropout(train):
+    """PEFT's own DoRA linear, its dropout replaced by a fixed mask: the same output and the same
+    gradients of x, A, B and m (in train mode PEFT keeps x Wᵀ on the undropped x and rescales the
+    dropped one; in eval it rescales x Wᵀ)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 4)).double(),
+                             peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.3, use_dora=True,
+                                             target_modules=["0"]))
+    layer = pm.base_model.model[0]
+    keep = torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(2)) > 0.3
+
+    class FixedMask(torch.nn.Module):
+        def forward(self, t):
+            return t * keep / 0.7
+
+    layer.lora_dropout["default"] = FixedMask()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+    pm.train(train)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag = layer.lora_magnitude_vector["default"].weight
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    want = layer(x)
+    got = op(x, layer.base_layer.weight, layer.base_layer.bias, A, B, mag, layer.scaling["default"],
+             keep if train else None, 0.3)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, w in zip(torch.autograd.grad(got, (x, A, B, mag), g), torch.autograd.grad(want, (x, A, B, mag), g)):
+        torch.testing.assert_close(a, w)
+
+
 def test_norm_never_forms_the_merged_weight():
     """dora_norm equals ||W + sBA|| row-wise, and allocates nothing of the size of W."""
     x, W, b, A, B, mag, _ = _args(m=64, n=96, r=4, dtype=torch.float32)
@@ -384,3 +418,48 @@ def test_other_layer_kinds_are_refused_by_name():
     with pytest.raises(ValueError, match=r"'embed' \(Embedding\).*lorafx does not yet"):
         _refuse_dora_on_other_layers(sites)
     _refuse_dora_on_other_layers(sites[:1])
+
+
+def test_conv1d_layout_peft_parity_and_merge():
+    """transformers' Conv1D (weight stored (in, out), PEFT's fan_in_fan_out=True): the same
+    outputs and gradients as PEFT, and a merged weight in the stored layout."""
+    peft = pytest.importorskip("peft")
+    from transformers.pytorch_utils import Conv1D
+
+    class Conv1DBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = Conv1D(16, 12)
+            self.c_proj = Conv1D(5, 16)
+
+        def forward(self, x):
+            return self.c_proj(torch.tanh(self.c_fc(x)))
+
+    torch.manual_seed(0)
+    base = Conv1DBlock().to(DTYPE)
+    cm = lorafx.compile(copy.deepcopy(base), example_inputs=(X,), dynamic=False, r=3, alpha=6,
+                        target_modules=["c_fc", "c_proj"], use_dora=True, seed=0)
+    assert all(r.weight_transposed for r in cm.lora_records().values())
+    torch.testing.assert_close(cm(X), base(X), **TOL)
+    _perturb(cm)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, use_dora=True,
+                                                                   target_modules=["c_fc", "c_proj"],
+                                                                   fan_in_fan_out=True))
+    pp = dict(pm.named_parameters())
+    with torch.no_grad():
+        for name, p in cm.trainable_parameters().items():
+            pp[_peft_param(*name.rsplit(".", 1))].copy_(p)
+    y, grads = _out_and_grads(cm)
+    yp = pm(X)
+    (yp * torch.linspace(-1, 1, yp.numel(), dtype=DTYPE).view(yp.shape)).sum().backward()
+    torch.testing.assert_close(y, yp, **TOL)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, pp[_peft_param(*name.rsplit(".", 1))].grad, **TOL)
+    with torch.no_grad():
+        cm.eval()
+        cm.merge()
+        torch.testing.assert_close(cm(X), y, **TOL)
+        cm.unmerge()
+        merged = copy.deepcopy(base)
+        merged.load_state_dict(cm.merged_state_dict(), strict=True)
+        torch.testing.assert_close(merged(X), y, **TOL)
