@@ -463,3 +463,30 @@ def test_conv1d_layout_peft_parity_and_merge():
         merged = copy.deepcopy(base)
         merged.load_state_dict(cm.merged_state_dict(), strict=True)
         torch.testing.assert_close(merged(X), y, **TOL)
+
+
+def test_rank_budget_allocates_dora_adapters_and_reallocation_is_refused():
+    """AllocateRanks gives DoRA adapters their ranks (identity at init); ReallocateRanks, which
+    would restart the learned magnitudes, refuses a DoRA model by name."""
+    base = _block()
+    cm = _compile(base, rank_budget=1.0, proxy="constant")
+    assert {r.kind for r in cm.lora_records().values()} == {"lora_dora"}
+    torch.testing.assert_close(cm(X), base(X), **TOL)
+    with pytest.raises(ValueError, match="ReallocateRanks does not support DoRA"):
+        lorafx.ReallocateRanks(cm)
+
+
+@pytest.mark.slow
+def test_program_save_and_load(tmp_path):
+    """save_program / load_program keep the lora_dora nodes and the magnitudes: same outputs
+    and gradients."""
+    cm = _compile(_block())
+    _perturb(cm)
+    y, grads = _out_and_grads(cm)
+    cm.save_program(str(tmp_path / "program"))
+    loaded = lorafx.load_program(str(tmp_path / "program"))
+    y2, grads2 = _out_and_grads(loaded)
+    torch.testing.assert_close(y2, y, **TOL)
+    assert grads2.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], **TOL)
