@@ -294,6 +294,26 @@ def test_merge_unmerge_and_unload_llama(pairs):
         torch.testing.assert_close(_logits(merged.eval(), p.x), want, **TOL)
 
 
+@pytest.mark.slow
+def test_activation_checkpointing_keeps_dora_gradients(tiny_model):
+    """CheckpointLayers (gradient_checkpointing_enable) recomputes each decoder layer, its
+    lora_dora nodes included: the same loss and adapter gradients."""
+    base = tiny_model("llama", DTYPE)
+    x = ids(2, 6, 96, seed=3)
+    grads = []
+    for checkpointing in (False, True):
+        cm = lorafx.compile(copy.deepcopy(base), example_kwargs={"input_ids": x, "labels": x}, dynamic=False,
+                            r=4, alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True, seed=0)
+        _perturb(cm)
+        if checkpointing:
+            cm.gradient_checkpointing_enable()
+        cm.train()
+        cm(input_ids=x, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in cm.trainable_parameters().items()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **TOL)
+
+
 # -- a small MLP: the fast tier (PEFT parity, merging, the passes DoRA meets, refusals) -------------
 class Block(torch.nn.Module):
     """Two linears reading one input (siblings), a Conv1D-free stack, biases on and off."""
