@@ -28,6 +28,12 @@ vectors, so the first step moves B along the gradient's top-r directions, s·G A
 B = 0 keeps the identity at init).  After AllocateRanks
 (``rank_budget=...``) it adapts exactly the sites the graph record's ``allocation`` gives
 a rank, at that rank.
+
+``use_dora=True`` (PEFT's option; DoRA, arXiv 2402.09353) builds ``lorafx.lora_dora`` nodes
+instead on linear sites (``lorafx/dialect/dora.py``), with a trainable magnitude
+``<site>.lora_magnitude`` (out_features,) that starts at ||W + s·B A|| row-wise as PEFT's does
+(||W|| while B = 0), so the model is still the identity at init.  Sites of other layer kinds
+and weights on the meta device are refused with use_dora (nothing is built).
 """
 from __future__ import annotations
 

@@ -510,3 +510,17 @@ def test_program_save_and_load(tmp_path):
     assert grads2.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(grads2[name], grads[name], **TOL)
+
+
+def test_cost_model_counts_what_flop_counter_counts():
+    """AnnotateCost's matmul FLOPs of a DoRA model (the kind's ``cost``) equal FlopCounterMode's
+    count of its forward and backward."""
+    from passes.cost_model import graph_cost
+    cm = _compile(_block())
+    _perturb(cm)
+    total = graph_cost(cm.graph_module)
+    with FlopCounterMode(display=False) as fwd:
+        y = cm(X)
+    with FlopCounterMode(display=False) as bwd:
+        y.sum().backward()
+    assert (int(total.fwd_flops), int(total.bwd_flops)) == (fwd.get_total_flops(), bwd.get_total_flops())
