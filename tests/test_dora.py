@@ -524,3 +524,15 @@ def test_cost_model_counts_what_flop_counter_counts():
     with FlopCounterMode(display=False) as bwd:
         y.sum().backward()
     assert (int(total.fwd_flops), int(total.bwd_flops)) == (fwd.get_total_flops(), bwd.get_total_flops())
+
+
+def test_adapter_dropout_on_in_train_off_in_eval():
+    """dropout= gives DoRA adapters PEFT's dropout: active in train() (the output changes with the
+    mask), the identity in eval() (the output of a model compiled without dropout)."""
+    base = _block()
+    plain, dropped = _compile(base), _compile(base, dropout=0.3)
+    _perturb(plain), _perturb(dropped)
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(X), plain.eval()(X), **TOL)
+        torch.manual_seed(0)
+        assert not torch.allclose(dropped.train()(X), plain.train()(X))
