@@ -345,6 +345,9 @@ class DoraKind(OpKind):
             return f"{self.name} node {node.name}'s LoraRecord names no magnitude (LoraRecord.magnitude)"
         return None
 
+    def describe(self, node) -> str:
+        return "dora"
+
     def adapter_tensors(self, node) -> List[str]:
         return [path for rec in self.adapters(node) for path in (rec.lora_A, rec.lora_B, rec.magnitude)]
 
