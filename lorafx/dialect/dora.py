@@ -26,9 +26,11 @@ W Aᵀ (out × r, 2·out·in·r FLOPs), G (2·r²·in) and B G (2·out·r²), re
 forms every step.  The sum is taken in float32 (or float64 for float64 weights); rounding can
 make n_i² slightly negative when V_i ≈ 0, so it is clamped at 0 before the square root.
 
-**What autograd saves**: the inputs x, W, b, A, B, m and the boolean mask, and the output y
-(which the next op usually saves anyway); n is recomputed in backward (the cheap form above,
-~r/tokens of the layer's GEMM work) instead of being kept.  With dy' = dy ⊙ c and
+**What autograd saves**: the inputs x, W, b, A, B, m and the boolean mask, the output y
+(which the next op usually saves anyway) and the norm vector n (out_features numbers).  A
+``custom_op``'s setup_context sees only inputs and outputs, so the kernel hands n to it
+through a per-thread slot tied to the output it returned; where that link is missing (a
+traced backward) n is recomputed in backward instead (the cheap form above).  With dy' = dy ⊙ c and
 u = x Wᵀ + s·(x Aᵀ) Bᵀ (the un-normalised output, u = (y − b) / c):
 
     dm_j = Σ_t dy_tj · u_tj / n_j = Σ_t dy_tj · (y_tj − b_j) / m_j
@@ -51,6 +53,8 @@ Canonical form: itself.  InsertLoRA creates it on linear sites with ``use_dora=T
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import sympy
@@ -105,6 +109,21 @@ def _unnormalised(x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, s:
     return torch.addmm(u, L.xa_t(x2, lora_A).t(), lora_B.t(), alpha=s, out=u)
 
 
+# The forward kernel's n for the setup_context that follows it: (weakref to the output, n).
+_LAST_NORM = threading.local()
+
+
+def _hand_over(y: Tensor, n: Tensor) -> None:
+    _LAST_NORM.value = (weakref.ref(y), n)
+
+
+def _take_norm(output) -> Optional[Tensor]:
+    """The n the forward kernel computed for ``output`` (None if it was not this output's)."""
+    last = getattr(_LAST_NORM, "value", None)
+    _LAST_NORM.value = None
+    return last[1] if last is not None and last[0]() is output else None
+
+
 def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  magnitude: Tensor, s: float, mask: Optional[Tensor], p: float) -> Tensor:
     """The forward kernel (formulas in the module docstring)."""
@@ -120,18 +139,22 @@ def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         y = _unnormalised(x2, weight, lora_A, lora_B, s).mul_(c)
         if bias is not None:
             y.add_(bias)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+    y = y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+    _hand_over(y, n)
+    return y
 
 
 def dora_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   magnitude: Tensor, mask: Optional[Tensor], y: Optional[Tensor], s: float, p: float,
-                  needs: Sequence[bool]):
+                  needs: Sequence[bool], n: Optional[Tensor] = None):
     """(dx, dW, dbias, dA, dB, dm), None where ``needs`` (the same six flags) says no gradient is
-    needed.  ``y``: the forward's output (None: u is recomputed)."""
+    needed.  ``y``: the forward's output (None: u is recomputed); ``n``: its norm vector (None:
+    recomputed)."""
     need_x, need_w, need_b, need_a, need_bb, need_m = needs
     x2, dy2 = L.flat(x), L.flat(dy)
     dropout = _dropout_on(mask)
-    n = dora_norm(weight, lora_A, lora_B, s)
+    if n is None:
+        n = dora_norm(weight, lora_A, lora_B, s)
     mag = magnitude.to(n.dtype)
     xd = L.dropped(x2, mask, p) if dropout else x2
     dm = None
@@ -162,12 +185,12 @@ def dora_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     return dx, dw, db, da, dbb, dm
 
 
-def _run_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, s, p, needs):
+def _run_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, n, s, p, needs):
     if L._traced(dy, x):
-        grads = torch.ops.lorafx.lora_dora_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, s, p,
-                                                    list(needs))
+        grads = torch.ops.lorafx.lora_dora_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, n, s,
+                                                    p, list(needs))
         return tuple(g if need else None for g, need in zip(grads, needs))
-    return dora_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, s, p, needs)
+    return dora_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, s, p, needs, n)
 
 
 # -- ops -------------------------------------------------------------------------------------------
@@ -202,16 +225,16 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout_mask=None, drop
 def _setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, magnitude, scale, mask, p = inputs
     ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
-    # The inputs and y (u = (y − b) / c); under dropout y does not give u, so it is not kept.
+    # The inputs, y (u = (y − b) / c; under dropout y does not give u, so it is not kept) and n.
     ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, mask,
-                          None if _dropout_on(mask) else output)
+                          None if _dropout_on(mask) else output, _take_norm(output))
 
 
 def _backward(ctx, dy):
-    x, weight, bias, lora_A, lora_B, magnitude, mask, y = ctx.saved_tensors
+    x, weight, bias, lora_A, lora_B, magnitude, mask, y, n = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
     needs = (need_x, need_w, need_b and ctx.has_bias, need_a, need_bb, need_m)
-    grads = _run_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, ctx.scale, ctx.p, needs)
+    grads = _run_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, n, ctx.scale, ctx.p, needs)
     return (*grads, None, None, None)
 
 
@@ -229,6 +252,7 @@ def lora_dora_backward(
     magnitude: Tensor,
     dropout_mask: Optional[Tensor],
     y: Optional[Tensor],
+    norm: Optional[Tensor],
     scale: float,
     dropout_p: float,
     needs: List[bool],
@@ -236,12 +260,12 @@ def lora_dora_backward(
     """The backward of lora_dora as one opaque op (for traced backwards): (dx, dW, dbias, dA,
     dB, dm), an empty tensor for each gradient not in ``needs``."""
     grads = dora_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, dropout_mask, y, scale, dropout_p,
-                          tuple(needs))
+                          tuple(needs), norm)
     return [g if g is not None else dy.new_empty((0,)) for g in grads]
 
 
 @lora_dora_backward.register_fake
-def _(dy, x, weight, bias, lora_A, lora_B, magnitude, dropout_mask, y, scale, dropout_p, needs):
+def _(dy, x, weight, bias, lora_A, lora_B, magnitude, dropout_mask, y, norm, scale, dropout_p, needs):
     likes = (x, weight, weight.new_empty((weight.shape[0],)), lora_A, lora_B, magnitude)
     return [t.new_empty(t.shape) if need else dy.new_empty((0,)) for t, need in zip(likes, needs)]
 
@@ -262,10 +286,11 @@ def lora_dora_reference(x, weight, bias, lora_A, lora_B, magnitude, scale, dropo
 
 def dora_flops(b, n, m, r, *, x_requires_grad: bool = True, w_requires_grad: bool = False,
                a_requires_grad: bool = True, b_requires_grad: bool = True, m_requires_grad: bool = True,
-               dropout: bool = False) -> Tuple:
+               dropout: bool = False, norm_saved: bool = True) -> Tuple:
     """``(forward, backward)`` matrix-product FLOPs of ``lora_dora`` for b tokens, in features n,
     out features m, rank r: what FlopCounterMode counts (the forward formula registered below,
-    the backward's aten GEMMs), when no magnitude entry is 0.
+    the backward's aten GEMMs), when no magnitude entry is 0.  ``norm_saved=False``: the
+    backward recomputes the norms (a traced backward).
 
     >>> from lorafx.dialect.dora import dora_flops
     >>> from lorafx.schedules import b, n, m, r
@@ -276,7 +301,7 @@ def dora_flops(b, n, m, r, *, x_requires_grad: bool = True, w_requires_grad: boo
     fwd = norm + 2 * b * n * m + 2 * b * n * r + 2 * b * r * m + (2 * b * n * m if dropout else 0)
     grads = x_requires_grad or w_requires_grad or a_requires_grad or b_requires_grad
     bwd = 0
-    if grads or m_requires_grad:
+    if (grads or m_requires_grad) and not norm_saved:
         bwd += norm
     if m_requires_grad and dropout:
         bwd += 2 * b * n * m + 2 * b * n * r + 2 * b * r * m  # u recomputed
@@ -298,12 +323,12 @@ def _forward_flops(x_shape, w_shape, b_shape, a_shape, bb_shape, m_shape, scale=
 
 
 @register_flop_formula(torch.ops.lorafx.lora_dora_backward)
-def _backward_flops(dy_shape, x_shape, w_shape, bias_shape, a_shape, bb_shape, m_shape, mask_shape, y_shape, scale,
-                    p, needs, *args, out_shape=None, **kwargs) -> int:
+def _backward_flops(dy_shape, x_shape, w_shape, bias_shape, a_shape, bb_shape, m_shape, mask_shape, y_shape,
+                    norm_shape, scale, p, needs, *args, out_shape=None, **kwargs) -> int:
     dropout = mask_shape is not None and math.prod(mask_shape) > 0
     return int(dora_flops(math.prod(x_shape[:-1]), w_shape[1], w_shape[0], a_shape[0], x_requires_grad=needs[0],
                           w_requires_grad=needs[1], a_requires_grad=needs[3], b_requires_grad=needs[4],
-                          m_requires_grad=needs[5], dropout=dropout)[1])
+                          m_requires_grad=needs[5], dropout=dropout, norm_saved=norm_shape is not None)[1])
 
 
 # -- merging ---------------------------------------------------------------------------------------
