@@ -120,7 +120,7 @@ def _as_tuple(v):
 class InsertLoRA(Pass):
     r: int = 8
     alpha: float = 16.0
-    target_modules: Union[str, Tuple[str, ...], None] = ALL_LINEAR
+    target_modules: Union[str, Tuple[str, ...], None] = None  # None: all-linear, or none with target_parameters
     exclude_modules: Union[str, Tuple[str, ...], None] = None
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
@@ -139,10 +139,11 @@ class InsertLoRA(Pass):
     options = (
         Option("r", int, 8, "LoRA rank", check=O.check_positive_int),
         Option("alpha", float, 16.0, "LoRA alpha; scale = alpha / r", check=_check_alpha),
-        Option("target_modules", (str, list), ALL_LINEAR,
+        Option("target_modules", (str, list, type(None)), None,
                "'all-linear' (every linear but the output layer), a list of module names (PEFT's suffix rule) "
-               "or a regex; [] or None with target_parameters: no modules",
-               check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
+               "or a regex; None (PEFT's default): 'all-linear', or no modules when target_parameters is given",
+               check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True),
+               default_text="None ('all-linear')"),
         Option("exclude_modules", (str, list, type(None)), None, "module names or a regex to leave alone",
                check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
         Option("rank_pattern", dict, {}, "PEFT-style {regex: rank}",
@@ -169,8 +170,10 @@ class InsertLoRA(Pass):
     )
 
     def __post_init__(self):
-        super().__post_init__()  # validate the options as given, then normalise them
         put = lambda name, value: object.__setattr__(self, name, value)
+        if self.target_modules is None and not self.target_parameters:  # PEFT: None adapts parameters only
+            put("target_modules", ALL_LINEAR)
+        super().__post_init__()  # validate the options as given, then normalise them
         put("r", int(self.r))
         put("alpha", float(self.alpha))
         put("dropout", float(self.dropout))
