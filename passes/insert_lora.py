@@ -48,6 +48,7 @@ from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, grap
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
+from .modules_to_save import is_saved_module
 from .score_sites import Candidate, mean_weight_gradients
 
 __all__ = ["InsertLoRA", "draw_A", "freeze_base", "select_linear_sites", "shared_weight_user"]
@@ -217,7 +218,8 @@ class InsertLoRA(Pass):
         return torch.nn.Parameter(A), torch.nn.Parameter(B)
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        sites = select_linear_sites(gm, find_linear_sites(gm), self.target_modules, self.exclude_modules)
+        found = [s for s in find_linear_sites(gm) if not is_saved_module(gm, s.module)]  # modules_to_save wins (PEFT)
+        sites = select_linear_sites(gm, found, self.target_modules, self.exclude_modules)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
@@ -335,7 +337,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
         holding.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     bad = [(path, mtype) for path, mtype in _module_types(gm).items()
            if path in holding and path not in linear and module_matches(path, target_modules)
-           and not module_matches(path, exclude_modules)]
+           and not module_matches(path, exclude_modules) and not is_saved_module(gm, path)]
     if not bad:
         return
     shown = ", ".join(f"{p!r} ({t})" for p, t in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
@@ -431,12 +433,15 @@ def replace_with_lora(gm, node, x, weight_node, bias, record: LoraRecord, create
 
 def freeze_base(gm: torch.nn.Module) -> int:
     """Replace every parameter by a frozen one sharing its storage (the caller's
-    model keeps its own Parameter objects and flags).  Returns how many."""
+    model keeps its own Parameter objects and flags).  Returns how many.  The
+    parameters of the graph record's ``saved_modules`` (modules_to_save) stay as they are."""
     seen: Dict[int, torch.nn.Parameter] = {}
     count = 0
+    saved = graph_record(gm).saved_modules if isinstance(gm, torch.fx.GraphModule) else ()
+    kept = {id(p) for path in saved for p in gm.get_submodule(path).parameters()}
     for module in gm.modules():
         for name, p in list(module._parameters.items()):
-            if p is None:
+            if p is None or id(p) in kept:
                 continue
             if id(p) not in seen:
                 seen[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=False)
