@@ -259,7 +259,7 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
     shortcut = adapter_io.shortcut_settings(files.shortcuts)
     if files.weights:
         settings = {**adapter_io.compile_settings(files.config), **shortcut, **adapter_io.sparsity_settings(files),
-                    **options}
+                    **adapter_io.trained_settings(files), **options}
         cm = compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
     else:  # shortcut adapters only: the default pipeline without InsertLoRA and the passes that need it
         mine = {k: v for k, v in options.items() if k in COMPILE_KEYWORDS}
@@ -272,7 +272,7 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
     # Options that change the scales were chosen on purpose: check the scales only otherwise.
     scales_chosen = any(k in options for k in adapter_io.SCALE_OPTIONS)
     adapter_io.copy_adapter_weights(cm, directory, files.weights, None if scales_chosen else files.config,
-                                    files.shortcuts)
+                                    files.shortcuts, files.trained)
     return cm
 
 

@@ -84,7 +84,7 @@ def merged_weights(gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
         rec = get_record(node, LoraRecord)
         if rec is not None and not rec.merged:
             out.setdefault(rec.weight, kind_of(node).merged_weight(gm, node))
-    out.update(merged_token_weights(gm))  # trainable_token_indices: W with its rows written
+    out.update(merged_token_weights(gm, aliases=True))  # trainable_token_indices: W with its rows written
     return out
 
 

@@ -27,7 +27,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.fx
 
-from lorafx import options as O
 from lorafx.context import CompileContext
 from lorafx.meta import graph_record
 from lorafx.options import Option

@@ -348,12 +348,26 @@ def _merged(gm, rec: TokensRecord) -> torch.Tensor:
     return W.detach().index_copy(0, index, delta.to(W.dtype))
 
 
-def merged_token_weights(gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
-    """{weight path: W with the trainable rows written} for every unmerged layer of ``gm``."""
+def _rebind(gm: torch.nn.Module, old: torch.Tensor, new: torch.nn.Parameter) -> None:
+    """Bind ``new`` in every slot of ``gm`` holding ``old`` (a tied weight's other names too)."""
+    for module in gm.modules():
+        for key, p in module._parameters.items():
+            if p is old:
+                module._parameters[key] = new
+
+
+def merged_token_weights(gm: torch.fx.GraphModule, aliases: bool = False) -> Dict[str, torch.Tensor]:
+    """{weight path: W with the trainable rows written} for every unmerged layer of ``gm``;
+    ``aliases``: under every path of a tied W too (``merged_state_dict``)."""
     out = {}
     for _, rec in token_records(gm):
         if not rec.merged:
             out.setdefault(rec.weight, _merged(gm, rec))
+    if aliases and out:
+        held = {id(get_attr(gm, path)): path for path in out}
+        for path, p in gm.named_parameters(remove_duplicate=False):
+            if id(p) in held:
+                out.setdefault(path, out[held[id(p)]])
     return out
 
 
@@ -368,9 +382,10 @@ def merge_tokens(gm: torch.fx.GraphModule, unload: bool = False, rebind: bool = 
             owner, name = owner_and_name(gm, path)
             if hasattr(owner, name + _KEPT):
                 continue
+            old = owner._parameters[name]
             if not unload:
-                owner.register_buffer(name + _KEPT, owner._parameters[name].data, persistent=False)
-            owner._parameters[name] = torch.nn.Parameter(merged, requires_grad=False)
+                owner.register_buffer(name + _KEPT, old.data, persistent=False)
+            _rebind(gm, old, torch.nn.Parameter(merged, requires_grad=False))
     for node, rec in done:
         if rec.merged:
             continue
@@ -397,14 +412,15 @@ def merge_tokens(gm: torch.fx.GraphModule, unload: bool = False, rebind: bool = 
 
 
 def kept_token_weights(gm: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """{weight path: the unmerged W} of every merged layer with trainable rows."""
+    """{weight path: the unmerged W} of every merged layer with trainable rows (every name of a tied W)."""
     out = {}
     graph_module = gm.graph_module if hasattr(gm, "graph_module") else gm
     for _, rec in token_records(graph_module):
         owner, name = owner_and_name(gm, rec.weight)
         kept = getattr(owner, name + _KEPT, None)
         if kept is not None:
-            out[rec.weight] = kept
+            merged = owner._parameters[name]
+            out.update({path: kept for path, p in gm.named_parameters(remove_duplicate=False) if p is merged})
     return out
 
 
@@ -415,7 +431,7 @@ def unmerge_token_weights(gm: torch.nn.Module, graph_module: Optional[torch.fx.G
         owner, name = owner_and_name(gm, rec.weight)
         kept = getattr(owner, name + _KEPT, None)
         if kept is not None:
-            owner._parameters[name] = torch.nn.Parameter(kept, requires_grad=False)
+            _rebind(gm, owner._parameters[name], torch.nn.Parameter(kept, requires_grad=False))
             delattr(owner, name + _KEPT)
 
 
