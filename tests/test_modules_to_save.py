@@ -117,7 +117,7 @@ def _check_merge_and_state(cm, source, x):
 
 # -- modules_to_save ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=sorted(HEADS))
+@pytest.fixture(scope="module", params=["bert", pytest.param("llama", marks=pytest.mark.slow)])
 def head_case(request):
     family = request.param
     head = HEADS[family]
@@ -197,6 +197,7 @@ def test_peft_seq_cls_adapter_loads_with_its_head(tmp_path):
     torch.testing.assert_close(cm(input_ids=x).logits, pm(input_ids=x).logits, **TOL)
 
 
+@pytest.mark.slow
 def test_modules_to_save_trains_without_touching_the_source():
     base = _classifier("bert")
     before = _snapshot(base)
@@ -271,7 +272,8 @@ TOKEN_CASES = {  # name -> (tie_word_embeddings, trainable_token_indices)
 }
 
 
-@pytest.fixture(scope="module", params=sorted(TOKEN_CASES))
+@pytest.fixture(scope="module", params=["list", pytest.param("tied", marks=pytest.mark.slow),
+                                        pytest.param("dict-lm_head", marks=pytest.mark.slow)])
 def token_case(request):
     tie, indices = TOKEN_CASES[request.param]
     base = _llama(tie)
@@ -340,6 +342,7 @@ def test_trainable_tokens_round_trip_with_peft(token_case, tmp_path):
     torch.testing.assert_close(back(input_ids=x).logits, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_trainable_tokens_train_without_touching_the_source(tie):
     base = _llama(tie)
@@ -375,16 +378,16 @@ def test_row_replacement_equals_embedding_of_replaced_weight(ids, rows):
     gen = torch.Generator().manual_seed(len(ids) + 7 * len(rows))
     root = torch.nn.Module()
     root.register_buffer("W", torch.randn(48, 5, generator=gen, dtype=DTYPE))
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    base = g.call_function(torch.ops.aten.embedding.default, (g.get_attr("W"), x))
+    g.output(base)
+    gm = root = torch.fx.GraphModule(root, g)
     root.delta = torch.nn.Parameter(torch.randn(len(rows), 5, generator=gen, dtype=DTYPE))
     lookup = torch.full((48,), -1, dtype=torch.long)
     lookup[rows] = torch.arange(len(rows))
     root.register_buffer("lookup", lookup)
     root.register_buffer("idx", torch.tensor(rows))
-    g = torch.fx.Graph()
-    x = g.placeholder("x")
-    base = g.call_function(torch.ops.aten.embedding.default, (g.get_attr("W"), x))
-    g.output(base)
-    gm = torch.fx.GraphModule(root, g)
     apply_tokens(gm, base, TokensRecord(module="", weight="W", delta="delta", indices="idx", lookup="lookup",
                                         tokens=tuple(rows), layer="Embedding"))
     gm.recompile()
@@ -412,6 +415,7 @@ def test_bad_trainable_token_indices_are_refused(value, exc, match):
                        trainable_token_indices=value)
 
 
+@pytest.mark.slow
 def test_adapters_that_do_not_fit_are_refused(tmp_path):
     """Rows named in the config but not saved, and a head or rows the model was not compiled
     to train: refused on both paths, naming the option."""
