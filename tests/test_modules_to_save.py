@@ -43,7 +43,8 @@ def _classifier(family):
 def _llama(tie=False):
     torch.manual_seed(0)
     cfg = T.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie,
+                        pad_token_id=0)  # a trainable row is the padding row: it gets no gradient, as in PEFT
     return T.LlamaForCausalLM(cfg).to(DTYPE).eval()
 
 
@@ -369,9 +370,11 @@ def test_trainable_tokens_train_without_touching_the_source(tie):
 
 
 @given(st.lists(st.integers(0, 47), min_size=1, max_size=20), st.lists(st.integers(0, 47), min_size=1,
-                                                                       max_size=6, unique=True))
-def test_row_replacement_equals_embedding_of_replaced_weight(ids, rows):
-    """The rewrite (lookup, where) computes embedding(W.index_copy(0, idx, delta), ids) and its gradient."""
+                                                                       max_size=6, unique=True),
+       st.sampled_from([-1, 0, 7]))
+def test_row_replacement_equals_embedding_of_replaced_weight(ids, rows, pad):
+    """The rewrite (lookup, where) computes embedding(W.index_copy(0, idx, delta), ids, padding_idx) and its
+    gradient (none for the padding row)."""
     import torch.fx
     from lorafx.passes.trainable_tokens import TokensRecord, apply_tokens
 
@@ -380,7 +383,7 @@ def test_row_replacement_equals_embedding_of_replaced_weight(ids, rows):
     root.register_buffer("W", torch.randn(48, 5, generator=gen, dtype=DTYPE))
     g = torch.fx.Graph()
     x = g.placeholder("x")
-    base = g.call_function(torch.ops.aten.embedding.default, (g.get_attr("W"), x))
+    base = g.call_function(torch.ops.aten.embedding.default, (g.get_attr("W"), x, pad))
     g.output(base)
     gm = root = torch.fx.GraphModule(root, g)
     root.delta = torch.nn.Parameter(torch.randn(len(rows), 5, generator=gen, dtype=DTYPE))
@@ -394,7 +397,8 @@ def test_row_replacement_equals_embedding_of_replaced_weight(ids, rows):
     t = torch.tensor(ids)
     got = gm(t)
     delta_ref = root.delta.detach().clone().requires_grad_(True)
-    want = torch.nn.functional.embedding(t, root.W.index_copy(0, torch.tensor(rows), delta_ref))
+    want = torch.nn.functional.embedding(t, root.W.index_copy(0, torch.tensor(rows), delta_ref),
+                                         padding_idx=None if pad < 0 else pad)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     w = torch.randn(got.shape, generator=gen, dtype=DTYPE)
     (got * w).sum().backward()
