@@ -57,7 +57,7 @@ from lorafx.passes.modules_to_save import saved_tensors
 from lorafx.passes.trainable_tokens import PEFT_DELTA, token_records, token_tensors
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
-           "compile_settings", "peft_keys", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "compile_settings", "peft_keys", "trainable_tensors", "trained_settings", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
            "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -746,9 +746,12 @@ def _check_trained(path: str, config: dict, trained: Dict[str, torch.Tensor]) ->
                              f"parameters of modules_to_save {names})")
 
 
-def _trainable_tensors(cm) -> Dict[str, str]:
+def trainable_tensors(cm) -> Dict[str, str]:
     """{PEFT key without base_model.model.: parameter path} of cm's modules_to_save and trainable rows."""
     return {**saved_tensors(cm), **token_tensors(cm)}
+
+
+_trainable_tensors = trainable_tensors
 
 
 def _trainable_config(cm) -> dict:
