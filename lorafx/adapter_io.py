@@ -52,10 +52,12 @@ import torch
 from ._version import __version__
 from .dialect import SparseRecord
 from .graph_utils import get_attr, pattern_value
-from .meta import LoraRecord, get_record
+from .meta import LoraRecord, get_record, graph_record
+from lorafx.passes.modules_to_save import saved_tensors
+from lorafx.passes.trainable_tokens import PEFT_DELTA, token_records, token_tensors
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
-           "compile_settings", "peft_keys", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "compile_settings", "peft_keys", "trainable_tensors", "trained_settings", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
            "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -77,9 +79,9 @@ PARAMETER_KIND = "lora_parameter"  # the op kind of target_parameters adapters (
 EMBEDDING_KIND = "lora_embedding"  # the op kind of embedding adapters (lorafx.dialect.embedding)
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
-_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
+_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None),
                 "layers_to_transform": (None,), "lora_bias": (False, None), "use_qalora": (False, None),
-                "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
+                "alora_invocation_tokens": (None,),
                 "layer_replication": (None,), "use_bdlora": (None, False),
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
@@ -191,6 +193,7 @@ def _peft_config(cm, records) -> dict:
         "inference_mode": True,
         "modules_to_save": None,
         "use_dora": False,
+        **_trainable_config(cm),  # modules_to_save, trainable_token_indices
         "revision": None,
     }
 
@@ -265,7 +268,8 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
     if records:
         config = _peft_config(cm, records)
         extra = {SPARSITY_KEY: json.dumps({"sites": sparse, "merge": PEFT_MASK_HINT})} if sparse else {}
-        files[WEIGHTS_NAME] = ({f"{PREFIX}{key}": tensor(path) for key, path in peft_keys(records).items()}, extra)
+        keys = {**peft_keys(records), **_trainable_tensors(cm)}  # LoRA, modules_to_save, trainable rows
+        files[WEIGHTS_NAME] = ({f"{PREFIX}{key}": tensor(path) for key, path in keys.items()}, extra)
     else:
         config = _shortcuts_only_config(cm, shortcuts)
     if shortcuts:
@@ -574,6 +578,7 @@ def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFil
     else:
         try:
             weights, metas[_weights_file(directory)] = _read_weights(directory, trust_pickle)
+            _check_trained(_weights_file(directory), config, _trained_part(weights))
         except FileNotFoundError:
             raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_NAME}"
                                     + (f" (it has {SHORTCUTS_NAME}, but its {CONFIG_NAME} names linear adapters)"
@@ -681,6 +686,8 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
     ``config`` is given, must match; nothing is copied otherwise)."""
     records = cm.lora_records()
     expected = peft_keys(records)
+    trained = _trained_part(tensors, _trainable_tensors(cm))  # modules_to_save, trainable rows
+    tensors = {k: v for k, v in tensors.items() if k not in trained}
     tensors = _without_saved_tables(cm, directory, records, tensors)
     if records and not tensors and shortcuts:
         raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
@@ -704,7 +711,7 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
                              f"{_expected_scale(config, _pattern_name(rec)):g} (from r, lora_alpha, rank/alpha_pattern, "
                              f"use_rslora) but this model was compiled with scale {rec.scale:g}; compile with "
                              "the adapter's settings or use lorafx.load_adapter(model, directory)")
-    copies = _shortcut_copies(cm, directory, shortcuts or {})
+    copies = _shortcut_copies(cm, directory, shortcuts or {}) + _trained_copies(cm, directory, trained, config)
     was_merged = cm.merged
     cm.unmerge()
     with torch.no_grad():
@@ -734,6 +741,111 @@ def compile_settings(config: dict) -> dict:
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
         **({"target_parameters": tuple(parameters)} if parameters else {}),
     )
+
+
+def trained_settings(files: "AdapterFiles") -> dict:
+    """The ``lorafx.compile`` options for the adapter's modules_to_save (the names whose
+    tensors it holds: PEFT's SEQ_CLS lists both 'classifier' and 'score') and
+    trainable_token_indices ({} for none)."""
+    out = {}
+    names = files.config.get("modules_to_save") or []
+    held = [n for n in names if any(_under(key, n) for key in _trained_part(files.tensors) if not _is_token_key(key))]
+    if held:
+        out["modules_to_save"] = held
+    if files.config.get("trainable_token_indices") is not None:
+        out["trainable_token_indices"] = files.config["trainable_token_indices"]
+    return out
+
+
+def _trained_part(tensors: Dict[str, torch.Tensor], mine=()) -> Dict[str, torch.Tensor]:
+    """The tensors (by PEFT key) that belong to modules_to_save or trainable rows: the keys of no LoRA
+    tensor (no ".lora_" in them), and ``mine`` (a model's own modules_to_save / row keys)."""
+    return {k: v for k, v in tensors.items() if ".lora_" not in k or k in mine}
+
+
+def _is_token_key(key: str) -> bool:
+    return key.endswith("." + PEFT_DELTA) or re.search(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", key) \
+        is not None
+
+
+def _token_module(key: str) -> str:
+    return re.sub(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", "", key)
+
+
+def _under(key: str, name: str) -> bool:
+    """Whether parameter ``key`` belongs to a module whose path ends with ``name`` (PEFT's rule)."""
+    parts = key.split(".")[:-1]
+    return any(".".join(parts[:i]).endswith(name) for i in range(1, len(parts) + 1))
+
+
+def _check_trained(path: str, config: dict, trained: Dict[str, torch.Tensor]) -> None:
+    """Every tensor of the weights file that is no LoRA pair is a modules_to_save parameter or
+    trainable rows the config names (else the file is refused as before)."""
+    names = config.get("modules_to_save") or []
+    if config.get("trainable_token_indices") is not None and not any(_is_token_key(k) for k in trained):
+        raise ValueError(f"{path}: the config has trainable_token_indices={config['trainable_token_indices']!r} but "
+                         f"the weights hold no trainable rows (...{PEFT_DELTA}); save the adapter again")
+    for key in trained:
+        if _is_token_key(key):
+            if config.get("trainable_token_indices") is None:
+                raise ValueError(f"{path}: unexpected entry {key!r}: trainable rows (token_adapter) but the config has "
+                                 "no trainable_token_indices; save the adapter again")
+        elif not any(_under(key, n) for n in names):
+            raise ValueError(f"{path}: unexpected entry {PREFIX + key!r} (lorafx loads lora_A/lora_B weights, and the "
+                             f"parameters of modules_to_save {names})")
+
+
+def trainable_tensors(cm) -> Dict[str, str]:
+    """{PEFT key without base_model.model.: parameter path} of cm's modules_to_save and trainable rows."""
+    return {**saved_tensors(cm), **token_tensors(cm)}
+
+
+_trainable_tensors = trainable_tensors
+
+
+def _trainable_config(cm) -> dict:
+    """The LoraConfig fields for cm's modules_to_save and trainable_token_indices."""
+    rec = graph_record(cm.graph_module)
+    out = {}
+    if rec.modules_to_save:
+        out["modules_to_save"] = list(rec.modules_to_save)
+    owners = [r for _, r in token_records(cm.graph_module) if not r.tied]
+    if owners:
+        if all(r.name is None for r in owners) and len({r.tokens for r in owners}) == 1:
+            out["trainable_token_indices"] = list(owners[0].tokens)
+        else:
+            out["trainable_token_indices"] = {r.name or r.module: list(r.tokens) for r in owners}
+    return out
+
+
+def _trained_copies(cm, directory: str, trained: Dict[str, torch.Tensor], config=None):
+    """[(parameter path, tensor)] that load ``trained`` into cm's modules_to_save and trainable
+    rows; ValueError, naming the fix, when they do not fit."""
+    mine = _trainable_tensors(cm)
+    missing, extra = sorted(set(mine) - set(trained)), sorted(set(trained) - set(mine))
+    if missing or extra:
+        raise ValueError(f"the adapter in {directory} does not fit this model's modules_to_save / "
+                         f"trainable_token_indices: tensors this model trains that it lacks {missing[:10]}, tensors it "
+                         f"holds that this model does not train {extra[:10]}; load it with lorafx.load_adapter(model, "
+                         "folder), which compiles with the adapter's modules_to_save and trainable_token_indices")
+    out = []
+    for key, path in mine.items():
+        have, saved = get_attr(cm, path), trained[key]
+        if tuple(have.shape) != tuple(saved.shape):
+            raise ValueError(f"{key}: saved shape {tuple(saved.shape)} does not match this model's {tuple(have.shape)}")
+        out.append((path, saved))
+    if config is not None and config.get("trainable_token_indices") is not None:
+        given = config["trainable_token_indices"]
+        for _, rec in token_records(cm.graph_module):
+            if rec.tied:
+                continue
+            want = given if not isinstance(given, dict) else next(
+                (v for k, v in given.items() if rec.module.endswith(k)), None)
+            if want is None or tuple(int(i) for i in want) != rec.tokens:
+                raise ValueError(f"{rec.module}: the adapter in {directory} trains rows {want} but this model was "
+                                 f"compiled with trainable_token_indices rows {list(rec.tokens)}; compile with the "
+                                 "adapter's trainable_token_indices or use lorafx.load_adapter(model, folder)")
+    return out
 
 
 def shortcut_settings(shortcuts: Dict[str, SavedShortcut]) -> dict:

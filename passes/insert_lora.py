@@ -49,6 +49,7 @@ from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, grap
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
+from .modules_to_save import is_saved_module
 from .score_sites import Candidate, mean_weight_gradients
 
 __all__ = ["InsertLoRA", "draw_A", "freeze_base", "find_adapter_sites", "select_linear_sites", "shared_weight_user"]
@@ -248,8 +249,8 @@ class InsertLoRA(Pass):
         return out
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        sites = select_linear_sites(gm, find_adapter_sites(gm), self.target_modules, self.exclude_modules) \
-            if self.target_modules else []
+        found = [s for s in find_adapter_sites(gm) if not is_saved_module(gm, s.module)]  # modules_to_save wins (PEFT)
+        sites = select_linear_sites(gm, found, self.target_modules, self.exclude_modules) if self.target_modules else []
         if self.target_parameters:  # PEFT's target_parameters: bare parameters, adapted where they are read
             sites = _with_parameter_sites(gm, sites, self.target_parameters, self.dropout)
         _refuse_kind_limits(sites)
@@ -432,7 +433,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
         holding.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     bad = [(path, mtype) for path, mtype in _module_types(gm).items()
            if path in holding and path not in linear and module_matches(path, target_modules)
-           and not module_matches(path, exclude_modules)]
+           and not module_matches(path, exclude_modules) and not is_saved_module(gm, path)]
     if not bad:
         return
     shown = ", ".join(f"{p!r} ({t})" for p, t in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
@@ -520,12 +521,15 @@ def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
 
 def freeze_base(gm: torch.nn.Module) -> int:
     """Replace every parameter by a frozen one sharing its storage (the caller's
-    model keeps its own Parameter objects and flags).  Returns how many."""
+    model keeps its own Parameter objects and flags).  Returns how many.  The
+    parameters of the graph record's ``saved_modules`` (modules_to_save) stay as they are."""
     seen: Dict[int, torch.nn.Parameter] = {}
     count = 0
+    saved = graph_record(gm).saved_modules if isinstance(gm, torch.fx.GraphModule) else ()
+    kept = {id(p) for path in saved for p in gm.get_submodule(path).parameters()}
     for module in gm.modules():
         for name, p in list(module._parameters.items()):
-            if p is None:
+            if p is None or id(p) in kept:
                 continue
             if id(p) not in seen:
                 seen[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=False)
