@@ -444,10 +444,12 @@ class CompiledModel(torch.nn.Module):
         """Undo ``merge()`` exactly: the unmerged weights and graphs were kept."""
         from lorafx.passes import UnmergeLoRA, set_training_mode
         from lorafx.passes.merge_lora import unmerge_site_weight
+        from lorafx.passes.trainable_tokens import unmerge_token_weights
         if self._merged:
             saved = self.__dict__.pop("_unmerged_graphs", {})
             for rec in self.lora_records().values():
                 unmerge_site_weight(self.graph_module, rec)
+            unmerge_token_weights(self.graph_module)  # trainable_token_indices
             for key, gm in self._variants.items():
                 if key in saved:
                     gm.graph = saved[key]
@@ -559,12 +561,16 @@ class CompiledModel(torch.nn.Module):
         """The unmerged state: base weights as compiled (also while merged, so a state dict
         always loads into a merged or unmerged model alike) plus ``lora_A``/``lora_B``."""
         from lorafx.passes.merge_lora import kept_unmerged_weight
+        from lorafx.passes.trainable_tokens import kept_token_weights
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         if self._merged:
             for rec in self.lora_records().values():
                 kept = kept_unmerged_weight(self, rec)
                 if kept is not None and prefix + rec.weight in out:
                     out[prefix + rec.weight] = kept if keep_vars else kept.detach()
+            for path, kept in kept_token_weights(self).items():  # trainable_token_indices
+                if prefix + path in out:
+                    out[prefix + path] = kept if keep_vars else kept.detach()
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -165,7 +165,7 @@ class _Mixed(torch.nn.Module):
         return self.fc(self.pre(h))
 
 
-@pytest.mark.parametrize("targets,named", [(["emb", "fc"], "'emb' (Embedding)"), (["conv", "fc"], "'conv' (Conv1d)"),
+@pytest.mark.parametrize("targets,named", [(["conv", "fc"], "'conv' (Conv1d)"),
                                            (["mha", "fc"], "'mha' (MultiheadAttention)"),
                                            (r"(conv|fc)", "'conv' (Conv1d)")])
 def test_targets_lorafx_cannot_adapt_are_refused_naming_them(targets, named, tiny_model):

@@ -15,6 +15,8 @@ One module per kind, each registering itself on import:
   programmed chip) and ``lora_sram`` (its adapter in exact SRAM): the compute-in-memory lowering;
 * ``dora``       ``lora_dora``, weight-decomposed LoRA (DoRA): the adapted linear's rows rescaled to a
   trained magnitude, with the row norms of W + s·B A computed without forming it;
+* ``embedding``  ``lora_embedding``, an adapted ``nn.Embedding`` (a lookup into A, then B);
+* ``parameter``  ``lora_parameter``, an adapted bare parameter (PEFT's ``target_parameters``): W + s·B A;
 * ``shortcut``   ``lora_shortcut``, a LoRA-adapted shortcut connection (HeteroLoRA):
   y + s·(h Aᵀ) Bᵀ between two points of the residual stream, with its ``ShortcutRecord``.
 
@@ -34,9 +36,11 @@ from .shortcut import SHORTCUT, ShortcutRecord
 from .sparse import SPARSE, SparseRecord
 from .cim import RRAM, SRAM_ADAPTER
 from .dora import DORA
+from .embedding import EMBEDDING
+from .parameter import PARAMETER
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
     "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "replace_node", "set_args",
-    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "DORA", "lora_linear_reference", "schedule_counts",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "EMBEDDING", "PARAMETER", "DORA", "lora_linear_reference", "schedule_counts",
 ]
