@@ -377,10 +377,10 @@ def _refuse_dora_on_other_layers(sites) -> None:
     if other:
         shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:6]) + (
             f" and {len(other) - 6} more" if len(other) > 6 else "")
-        raise ValueError(f"InsertLoRA: use_dora=True adapts linear layers only, but target_modules also selects "
-                         f"{len(other)} other layer(s): {shown}. PEFT supports DoRA on embeddings and convolutions; "
-                         "lorafx does not yet, and nothing was compiled. Leave them out of target_modules (or add "
-                         "them to exclude_modules), or compile without use_dora")
+        raise ValueError(f"InsertLoRA: use_dora=True adapts linear layers only, but {len(other)} other site(s) "
+                         f"are selected: {shown}. PEFT supports DoRA on embeddings and convolutions; lorafx does "
+                         "not yet, and nothing was compiled. Leave them out of target_modules (or add them to "
+                         "exclude_modules) and target_parameters, or compile without use_dora")
 
 
 def _refuse_dora_on_meta(gm: torch.fx.GraphModule, sites) -> None:

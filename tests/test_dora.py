@@ -430,13 +430,27 @@ def test_meta_device_is_refused():
 
 
 def test_other_layer_kinds_are_refused_by_name():
-    """Sites of another layer kind (an embedding, a convolution) with use_dora are refused,
-    naming them and their kind."""
+    """An embedding selected with use_dora is refused, naming it and its kind, and nothing is
+    compiled (PEFT adapts embeddings with DoRA; lorafx's DoRA op is a linear one)."""
     from types import SimpleNamespace
     from passes.insert_lora import _refuse_dora_on_other_layers
+
+    class EmbLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 6)
+            self.lin = torch.nn.Linear(6, 3)
+
+        def forward(self, i):
+            return self.lin(self.emb(i))
+
+    i = torch.randint(0, 10, (2, 4))
+    with pytest.raises(Exception, match=r"use_dora=True adapts linear layers only.*'emb' \(Embedding\)"):
+        lorafx.compile(EmbLinear(), example_inputs=(i,), dynamic=False, r=2, target_modules=["emb", "lin"],
+                       use_dora=True)
     sites = [SimpleNamespace(module="q", kind="lora_linear", layer="Linear"),
-             SimpleNamespace(module="embed", kind="lora_embedding", layer="Embedding")]
-    with pytest.raises(ValueError, match=r"'embed' \(Embedding\).*lorafx does not yet"):
+             SimpleNamespace(module="c", kind="lora_conv", layer="Conv2d")]
+    with pytest.raises(ValueError, match=r"'c' \(Conv2d\).*lorafx does\s+not yet"):
         _refuse_dora_on_other_layers(sites)
     _refuse_dora_on_other_layers(sites[:1])
 
