@@ -33,7 +33,8 @@ a rank, at that rank.
 instead on linear sites (``lorafx/dialect/dora.py``), with a trainable magnitude
 ``<site>.lora_magnitude`` (out_features,) that starts at ||W + s·B A|| row-wise as PEFT's does
 (||W|| while B = 0), so the model is still the identity at init.  Sites of other layer kinds
-and weights on the meta device are refused with use_dora (nothing is built).
+are refused with use_dora (nothing is built).  On the meta device the magnitude is planned
+empty and ``lorafx.materialize`` computes it from the loaded W and the drawn A and B.
 """
 from __future__ import annotations
 
@@ -280,7 +281,6 @@ class InsertLoRA(Pass):
         _refuse_shared_weights(gm, [s for s in sites if s.kind != PARAMETER.name])  # (parameter_sites checks those)
         if self.use_dora:
             _refuse_dora_on_other_layers(sites)
-            _refuse_dora_on_meta(gm, sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
         above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
         if above:
@@ -381,16 +381,6 @@ def _refuse_dora_on_other_layers(sites) -> None:
                          f"are selected: {shown}. PEFT supports DoRA on embeddings and convolutions; lorafx does "
                          "not yet, and nothing was compiled. Leave them out of target_modules (or add them to "
                          "exclude_modules) and target_parameters, or compile without use_dora")
-
-
-def _refuse_dora_on_meta(gm: torch.fx.GraphModule, sites) -> None:
-    """use_dora needs the weights' values: DoRA's magnitude starts at ||W + s·B A||."""
-    meta = [s.module for s in sites if get_attr(gm, s.weight.target).is_meta]
-    if meta:
-        raise ValueError(f"use_dora=True needs the base weights' values: DoRA's magnitude starts at the row norms of "
-                         f"W + s·B·A, but {meta[0]}'s weight (and {len(meta) - 1} more) is on the meta device. "
-                         "Compile the model with real weights for DoRA (lorafx.materialize cannot draw DoRA "
-                         "magnitudes yet), or plan on the meta device without use_dora")
 
 
 def _warn_rank_above_limit(above) -> bool:

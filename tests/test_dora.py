@@ -421,12 +421,22 @@ def test_unsupported_combinations_are_refused(options, match):
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
-def test_meta_device_is_refused():
+def test_planned_on_meta_then_materialized_equals_compiling_the_loaded_model():
+    """use_dora=True on the meta device plans the magnitudes; lorafx.materialize computes them
+    from the loaded W and the drawn A and B: the same model as compiling the loaded one."""
+    torch.manual_seed(0)
+    real = Block()
     with torch.device("meta"):
-        base = Block()
-    with pytest.raises(ValueError, match="use_dora=True needs the base weights' values"):
-        lorafx.compile(base, example_inputs=(torch.empty(6, 12, device="meta"),), dynamic=False, r=3,
-                       target_modules=TARGETS, use_dora=True)
+        planned_base = Block()
+    options = dict(dynamic=False, r=3, target_modules=TARGETS, use_dora=True, seed=0)
+    planned = lorafx.compile(planned_base, example_inputs=(torch.empty(6, 12, device="meta"),), **options)
+    assert all(p.is_meta for p in planned.trainable_parameters().values())
+    lorafx.materialize(planned, real.state_dict())
+    direct = lorafx.compile(copy.deepcopy(real), example_inputs=(X.float(),), **options)
+    sa, sb = planned.state_dict(), direct.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(k.endswith("lora_magnitude") for k in sa)
+    torch.testing.assert_close(planned(X.float()), real(X.float()))
 
 
 def test_other_layer_kinds_are_refused_by_name():
