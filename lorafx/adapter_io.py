@@ -194,7 +194,7 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) -> None:
+def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None, records=None) -> None:
     """Write ``cm``'s adapters to ``directory`` in PEFT's format, and its shortcut adapters
     (if any) to ``lorafx_shortcuts.safetensors`` beside them.  ``tensors``: a state dict to
     take the adapter values from (by parameter name) instead of ``cm``'s parameters; adapters
@@ -202,10 +202,12 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
 
     Atomic: if any step fails, the adapter already in ``directory`` stays as it was
     and no staging files remain.  Other files in ``directory`` are left alone.
-    ``overwrite=False`` refuses to replace an adapter already there.
+    ``overwrite=False`` refuses to replace an adapter already there.  ``records``: the
+    {site: LoraRecord} of the adapter to save (one named adapter, ``cm.adapter_records(name)``;
+    default ``cm.lora_records()`` and the shortcut adapters).
     """
-    records = cm.lora_records()
-    shortcuts = cm.shortcut_records()
+    shortcuts = cm.shortcut_records() if records is None else {}
+    records = cm.lora_records() if records is None else records
     if not records and not shortcuts:
         raise ValueError("this model has no LoRA adapters to save")
     paths = {site: (r.lora_A, r.lora_B) for site, r in [*records.items(), *shortcuts.items()]}
@@ -594,11 +596,12 @@ def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
     return out
 
 
-def _copy_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
-    """Copy ``weights`` (site -> (A, B)) into ``cm``'s adapters and ``shortcuts`` (site ->
-    SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
-    ``config`` is given, must match; nothing is copied otherwise)."""
-    records = cm.lora_records()
+def _copy_weights(cm, directory: str, weights, config=None, shortcuts=None, records=None) -> None:
+    """Copy ``weights`` (site -> (A, B)) into ``cm``'s adapters (``records``, default
+    ``cm.lora_records()``) and ``shortcuts`` (site -> SavedShortcut) into its shortcut adapters
+    (shapes, and the scales of the linear ones when ``config`` is given, must match; nothing is
+    copied otherwise)."""
+    records = cm.lora_records() if records is None else records
     missing = sorted(set(records) - set(weights))
     extra = sorted(set(weights) - set(records))
     if records and not weights and shortcuts:
@@ -666,8 +669,9 @@ def read_adapter(directory: str, trust_pickle: bool = False):
     return _read_adapter(directory, trust_pickle)
 
 
-def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
+def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None, records=None) -> None:
     """Copy ``weights`` (from ``read_adapter``) and ``shortcuts`` (``AdapterFiles.shortcuts``;
-    None: no shortcut adapters) into ``cm``'s adapters; with ``config``, first check that it
-    gives every site the scale ``cm`` was compiled with."""
-    _copy_weights(cm, directory, weights, config, shortcuts)
+    None: no shortcut adapters) into ``cm``'s adapters (``records``: one named adapter's, default
+    ``cm.lora_records()``); with ``config``, first check that it gives every site the scale ``cm``
+    was compiled with."""
+    _copy_weights(cm, directory, weights, config, shortcuts, records)
