@@ -51,6 +51,7 @@ import torch.fx
 
 from lorafx.passes.insert_lora import InsertLoRA, draw_A, replace_with_lora, select_linear_sites
 from lorafx.passes.merge_lora import _KEPT
+from lorafx.passes.set_training_mode import set_training_mode
 
 from .adapter_io import copy_adapter_weights, read_adapter_files, save_adapter as _save_one, compile_settings
 from .dialect import LINEAR, canonicalize, kind_named, kind_of, kinds
@@ -356,13 +357,22 @@ def disable_adapters(cm):
     was_merged = cm.merged
     merged_names = list(st.active) if was_merged else None
     cm.unmerge()
+    kept = {key: copy.deepcopy(gm.graph) for key, gm in cm._variants.items()}  # put back exactly on exit
     st.disabled = True
     try:
         _apply(cm, st)
         yield cm
     finally:
         st.disabled = False
-        _apply(cm, st)
+        for key, gm in cm._variants.items():
+            if key in kept:
+                gm.graph = kept[key]
+                gm.recompile()
+                set_training_mode(gm, _mode(cm, key))
+            else:  # captured inside the block
+                apply_graph(gm, st.wanted(), st.owner())
+        st.train_problem = _train_problem(st.wanted())
+        cm._compiled.clear()
         if was_merged:
             merge(cm, merged_names)
 
@@ -415,10 +425,16 @@ def _apply(cm, st: AdapterState) -> None:
         if pristine and key in st.optimised:
             gm.graph = copy.deepcopy(st.optimised[key])
             gm.recompile()
+            set_training_mode(gm, _mode(cm, key))
             continue
         apply_graph(gm, wanted, owner)
     st.train_problem = _train_problem(wanted)
     cm._compiled.clear()
+
+
+def _mode(cm, key) -> bool:
+    """The training mode of the graph under ``key`` (fixed for a model with batch norm)."""
+    return key[1] if key[1] is not None else cm.training
 
 
 def _runs_default_only(gm, owner) -> bool:
