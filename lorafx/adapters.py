@@ -53,6 +53,7 @@ from lorafx.passes.insert_lora import InsertLoRA, draw_A, replace_with_lora, sel
 from lorafx.passes.merge_lora import _KEPT
 from lorafx.passes.set_training_mode import set_training_mode
 
+from .capture import capture
 from .adapter_io import copy_adapter_weights, read_adapter_files, save_adapter as _save_one, compile_settings
 from .dialect import LINEAR, canonicalize, kind_named, kind_of, kinds
 from .dialect.registry import copy_meta, set_args
@@ -248,13 +249,10 @@ def _sites_of(gm: torch.fx.GraphModule) -> list:
 
 
 def _fresh_capture(cm) -> torch.fx.GraphModule:
-    from .capture import capture
-    from .compiled import own_base
+    """The source model captured as compile captured it (its sites are read, nothing runs)."""
     ctx = cm._context
     training = graph_record(cm.graph_module).captured_training if cm._mode_dependent else None
-    gm = capture(cm._source, ctx.example_args, ctx.example_kwargs, dynamic=cm.dynamic, training=training)
-    own_base(gm, cm._source)
-    return gm
+    return capture(cm._source, ctx.example_args, ctx.example_kwargs, dynamic=cm.dynamic, training=training)
 
 
 def _new_adapter(cm, name: str, ilora: InsertLoRA, seed: int):
@@ -666,12 +664,8 @@ def after_unmerge(cm) -> None:
 
 def merge_and_unload(cm, names: Optional[Sequence[str]] = None) -> torch.fx.GraphModule:
     """A plain GraphModule with adapters ``names`` (default: the active ones) merged into its
-    weights and no adapters; this model is left as it was."""
-    from .compiled import _source_state_dict_keys
-    from lorafx.passes import set_training_mode
-    st = _state(cm)
-    if st is None and (names is None or list([names] if isinstance(names, str) else names) == [DEFAULT]):
-        return cm._merge_and_unload_active()
+    weights and no adapters (``CompiledModel.merge_and_unload`` gives it the source model's
+    state-dict keys); this model is left as it was."""
     st = _state(cm, create=True)
     names = list(st.active) if names is None else ([names] if isinstance(names, str) else list(names))
     was_merged = list(st.active) if cm.merged else None
@@ -689,7 +683,6 @@ def merge_and_unload(cm, names: Optional[Sequence[str]] = None) -> torch.fx.Grap
         set_training_mode(gm, False)
         gm.graph.lint()
         gm.recompile()
-        _source_state_dict_keys(gm, cm._source)
     finally:
         cm.unmerge()
         if was_merged is not None:

@@ -465,9 +465,14 @@ class CompiledModel(torch.nn.Module):
         return self
 
     def merge_and_unload(self, names=None) -> torch.fx.GraphModule:
-        """``_merge_and_unload_active`` of the active adapters, or of the named adapters ``names``."""
+        """``_merge_and_unload_active`` of the active adapters, or of the named adapters ``names``
+        (``add_adapter``; lorafx/adapters.py)."""
+        if self.__dict__.get("_adapter_state") is None and names in (None, "default", ["default"]):
+            return self._merge_and_unload_active()
         from .adapters import merge_and_unload
-        return merge_and_unload(self, names)
+        gm = merge_and_unload(self, names)
+        _source_state_dict_keys(gm, self._source)
+        return gm
 
     def _merge_and_unload_active(self) -> torch.fx.GraphModule:
         """A new plain GraphModule with merged weights and no lorafx ops or adapters,

@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import lorafx
+import lorafx.adapters
 from lorafx.graph_utils import get_attr
 
 from conftest import ids
@@ -176,6 +177,7 @@ def test_switching_outputs_and_no_capture(monkeypatch):
 
     monkeypatch.setattr(lorafx.compiled, "capture", no_capture)
     monkeypatch.setattr(sys.modules["lorafx.capture"], "capture", no_capture)
+    monkeypatch.setattr(lorafx.adapters, "capture", no_capture)
     assert torch.allclose(y_default, reference(model, x, [(cm, "default")]), rtol=1e-12, atol=1e-12)
     cm.set_adapter("other")
     assert torch.allclose(cm(x), reference(model, x, [(cm, "other")]), rtol=1e-12, atol=1e-12)
