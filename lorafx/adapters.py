@@ -183,14 +183,14 @@ def _tensor_paths(rec: LoraRecord) -> List[str]:
     return [rec.lora_A, rec.lora_B] + [p for p in extra if p]
 
 
-def _set_trainable(cm, st: AdapterState) -> None:
-    """PEFT's rule: the active adapters' tensors train, the others are frozen."""
+def _set_trainable(cm, st: AdapterState, frozen: bool = False) -> None:
+    """PEFT's rule: the active adapters' tensors train (unless ``frozen``), the others are frozen."""
     for name, recs in st.records.items():
         for rec in recs.values():
             for path in _tensor_paths(rec):
                 t = get_attr(cm, path)
                 if isinstance(t, torch.nn.Parameter):
-                    t.requires_grad_(name in st.active)
+                    t.requires_grad_(name in st.active and not frozen)
 
 
 # -- adding ---------------------------------------------------------------------------------------
@@ -304,10 +304,11 @@ def _refuse_taken(cm, path: str) -> None:
 
 # -- switching ------------------------------------------------------------------------------------
 
-def set_adapter(cm, names: Union[str, Sequence[str]]) -> None:
+def set_adapter(cm, names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
     """Make ``names`` (one adapter, or several whose deltas add) the active adapters: they run
-    and train, the others are frozen and skipped.  Unmerges a merged model first, as PEFT does
-    (with a warning).  The graphs are rewritten in place, never captured again."""
+    and train (frozen too with ``inference_mode=True``, PEFT's option), the others are frozen and
+    skipped.  Unmerges a merged model first, as PEFT does (with a warning).  The graphs are
+    rewritten in place, never captured again."""
     wanted = [names] if isinstance(names, str) else list(names)
     st = _state(cm)
     for n in wanted:
@@ -315,7 +316,7 @@ def set_adapter(cm, names: Union[str, Sequence[str]]) -> None:
             raise KeyError(f"set_adapter: this model has no adapter named {n!r}; its adapters: {_names(st)}")
     if not wanted or len(set(wanted)) != len(wanted):
         raise ValueError(f"set_adapter: name one adapter or several distinct ones, got {names!r}")
-    if st is None and wanted == [DEFAULT]:
+    if st is None and wanted == [DEFAULT] and not inference_mode:
         return
     _refuse_unsupported(cm, "set_adapter")
     st = _state(cm, create=True)
@@ -325,7 +326,7 @@ def set_adapter(cm, names: Union[str, Sequence[str]]) -> None:
         cm.unmerge()
     st.active = wanted
     _apply(cm, st)
-    _set_trainable(cm, st)
+    _set_trainable(cm, st, frozen=inference_mode)
 
 
 def _check_combinable(st: AdapterState, active: List[str]) -> None:
@@ -356,18 +357,20 @@ def disable_adapters(cm):
     merged_names = list(st.active) if was_merged else None
     cm.unmerge()
     kept = {key: copy.deepcopy(gm.graph) for key, gm in cm._variants.items()}  # put back exactly on exit
+    before = (list(st.active), list(st.records))
     st.disabled = True
     try:
         _apply(cm, st)
         yield cm
     finally:
         st.disabled = False
+        unchanged = before == (list(st.active), list(st.records))  # no set/add/delete_adapter inside
         for key, gm in cm._variants.items():
-            if key in kept:
+            if key in kept and unchanged:
                 gm.graph = kept[key]
                 gm.recompile()
                 set_training_mode(gm, _mode(cm, key))
-            else:  # captured inside the block
+            else:  # captured inside the block, or the adapters changed there
                 apply_graph(gm, st.wanted(), st.owner())
         st.train_problem = _train_problem(st.wanted())
         cm._compiled.clear()

@@ -581,12 +581,12 @@ class CompiledModel(torch.nn.Module):
         add_adapter(self, adapter_name, **options)
         return self
 
-    def set_adapter(self, adapter_name) -> "CompiledModel":
-        """Make one adapter, or a list of adapters whose deltas add, the active (and only trainable)
-        ones.  The graphs are rewritten in place, never captured again (lorafx/adapters.py says what
-        a switch costs)."""
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> "CompiledModel":
+        """Make one adapter, or a list of adapters whose deltas add, the active (and only trainable;
+        none with ``inference_mode=True``) ones.  The graphs are rewritten in place, never captured
+        again (lorafx/adapters.py says what a switch costs)."""
         from .adapters import set_adapter
-        set_adapter(self, adapter_name)
+        set_adapter(self, adapter_name, inference_mode=inference_mode)
         return self
 
     def disable_adapters(self):

@@ -631,3 +631,44 @@ def test_round_trip_lorafx_to_lorafx(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fresh.set_adapter(["default", "other"])
+
+
+def test_set_adapter_inside_disable_adapters_takes_effect_on_exit():
+    cm, model, x = two_adapters()
+    randomise(cm, "default", 1)
+    randomise(cm, "other", 2)
+    cm.eval()
+    with cm.disable_adapters():
+        cm.set_adapter("other")
+        assert torch.equal(cm(x), model(x))
+    assert cm.active_adapters == ["other"]
+    assert torch.allclose(cm(x), reference(model, x, [(cm, "other")]), rtol=1e-12, atol=1e-12)
+
+
+def test_train_eval_switching_with_a_dropout_adapter():
+    """An added adapter with dropout: masks on in train(), off in eval(), also after switches."""
+    cm, model, x = two_adapters()
+    cm.add_adapter("drop", r=2, alpha=2, target_modules=["b"], dropout=0.5, seed=3)
+    randomise(cm, "drop", 3)
+    cm.set_adapter("drop")
+    cm.eval()
+    want = reference(model, x, [(cm, "drop")])
+    assert torch.allclose(cm(x), want, rtol=1e-12, atol=1e-12)
+    cm.train()
+    with torch.no_grad():
+        assert not torch.allclose(cm(x), want)  # dropout on the adapter's input
+    cm.set_adapter("default")
+    cm.set_adapter("drop")  # rebuilt in train mode
+    with torch.no_grad():
+        assert not torch.allclose(cm(x), want)
+    cm.eval()
+    assert torch.allclose(cm(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_set_adapter_inference_mode_freezes_the_active_adapters():
+    cm, _, _ = two_adapters()
+    cm.set_adapter(["default", "other"], inference_mode=True)
+    assert not any(p.requires_grad for p in cm.parameters())
+    cm.set_adapter("other")
+    assert {n for n, p in cm.named_parameters() if p.requires_grad} == {
+        "a.lora_A_other", "a.lora_B_other", "c.lora_A_other", "c.lora_B_other"}
