@@ -49,15 +49,15 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.fx
 
-from lorafx.passes.insert_lora import InsertLoRA, draw_A, replace_with_lora, select_linear_sites
+from lorafx.passes.insert_lora import InsertLoRA, draw_A, find_adapter_sites, select_linear_sites
 from lorafx.passes.merge_lora import _KEPT
 from lorafx.passes.set_training_mode import set_training_mode
 
 from .capture import capture
 from .adapter_io import copy_adapter_weights, read_adapter_files, save_adapter as _save_one, compile_settings
-from .dialect import LINEAR, canonicalize, kind_named, kind_of, kinds
+from .dialect import LINEAR, canonicalize, kind_named, kind_of
 from .dialect.registry import copy_meta, set_args
-from .graph_utils import del_attr, find_linear_sites, get_attr, owner_and_name, set_parameter
+from .graph_utils import del_attr, get_attr, owner_and_name, set_parameter
 from .meta import LoraRecord, get_record, graph_record, records as node_records, set_record
 
 __all__ = ["DEFAULT", "ADD_OPTIONS", "ActiveAdapters", "AdapterSlot", "AdapterState", "add_adapter", "set_adapter",
@@ -179,8 +179,7 @@ def _check_exists(st: AdapterState, name) -> None:
 
 def _tensor_paths(rec: LoraRecord) -> List[str]:
     """The attribute paths of an adapter's trainable tensors at one site."""
-    extra = [getattr(rec, f, None) for f in ("magnitude", "lora_bias")]
-    return [rec.lora_A, rec.lora_B] + [p for p in extra if p]
+    return list(dict.fromkeys([rec.lora_A, rec.lora_B, *kind_named(rec.kind).peft_tensors(rec).values()]))
 
 
 def _set_trainable(cm, st: AdapterState, frozen: bool = False) -> None:
@@ -238,16 +237,6 @@ def _refuse_unsupported(cm, what: str) -> None:
                          "model to use several adapters")
 
 
-def _sites_of(gm: torch.fx.GraphModule) -> list:
-    """Every site a kind can adapt in a captured graph, in graph order (the kinds' ``find_sites``
-    where they have one, else the linear sites)."""
-    found = [s for k in kinds() if getattr(k, "layer", "") and hasattr(k, "find_sites") for s in k.find_sites(gm)]
-    if not found:
-        return find_linear_sites(gm)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(found, key=lambda s: order[s.node])
-
-
 def _fresh_capture(cm) -> torch.fx.GraphModule:
     """The source model captured as compile captured it (its sites are read, nothing runs)."""
     ctx = cm._context
@@ -258,10 +247,9 @@ def _fresh_capture(cm) -> torch.fx.GraphModule:
 def _new_adapter(cm, name: str, ilora: InsertLoRA, seed: int):
     """({site: record}, {path: Parameter}) of a new adapter, drawn as InsertLoRA draws them."""
     gm = _fresh_capture(cm)
-    sites = select_linear_sites(gm, _sites_of(gm), ilora.target_modules, ilora.exclude_modules,
+    sites = select_linear_sites(gm, find_adapter_sites(gm), ilora.target_modules, ilora.exclude_modules,
                                 where="add_adapter")
     configs = [ilora.site_config(s) for s in sites]
-    fields = {f.name for f in dataclasses.fields(LoraRecord)}
     gen = torch.Generator().manual_seed(seed)
     recs: Dict[str, LoraRecord] = {}
     tensors: Dict[str, torch.nn.Parameter] = {}
@@ -271,26 +259,21 @@ def _new_adapter(cm, name: str, ilora: InsertLoRA, seed: int):
         W = get_attr(cm, site.weight.target)
         if W.is_meta:
             raise ValueError("add_adapter: the base weights are on the meta device; load them first")
-        kind_name = getattr(site, "kind", "lora_linear")
-        kind = kind_named(kind_name)
-        init = kind.adapter_init(site, r, ilora.init) if hasattr(kind, "adapter_init") else {
-            "lora_A": ((r, site.in_features), ilora.init), "lora_B": ((site.out_features, r), "zeros")}
         paths = {}
-        for tname, (shape, rule) in init.items():
-            value = torch.zeros(tuple(shape), dtype=torch.float32) if rule == "zeros" else draw_A(shape, rule, r, gen)
+        for tname, (shape, rule) in kind_named(site.kind).adapter_init(site, r, ilora.init).items():
+            value = draw_A(shape, rule, r, gen)
             path = f"{site.module}.{tname}" if name == DEFAULT else f"{site.module}.{tname}_{name}"
             _refuse_taken(cm, path)
             tensors[path] = torch.nn.Parameter(value.to(dtype=ilora.dtype_for(W.dtype), device=W.device),
                                                requires_grad=False)
             paths[tname] = path
-        a_path, b_path = list(paths.values())[:2]
         scale = alpha / r ** 0.5 if ilora.use_rslora else alpha / r
         bias = site.bias.target if isinstance(site.bias, torch.fx.Node) and site.bias.op == "get_attr" else None
-        values = dict(site=site.module, weight=site.weight.target, lora_A=a_path, lora_B=b_path, r=r, alpha=alpha,
-                      scale=scale, in_features=site.in_features, out_features=site.out_features, bias=bias,
-                      dropout=ilora.dropout, weight_transposed=site.weight_transposed,
-                      kind=kind_name, layer=getattr(site, "layer", "Linear"), adapter=name)
-        recs[site.module] = LoraRecord(**{k: v for k, v in values.items() if k in fields})
+        recs[site.module] = LoraRecord(site=site.module, weight=site.weight.target, lora_A=paths["lora_A"],
+                                       lora_B=paths["lora_B"], r=r, alpha=alpha, scale=scale,
+                                       in_features=site.in_features, out_features=site.out_features, bias=bias,
+                                       dropout=ilora.dropout, weight_transposed=site.weight_transposed,
+                                       kind=site.kind, layer=site.layer, adapter=name)
     return recs, tensors
 
 
@@ -336,7 +319,13 @@ def _check_combinable(st: AdapterState, active: List[str]) -> None:
             by_site.setdefault(site, []).append((name, rec))
     for site, recs in by_site.items():
         if len(recs) > 1:
-            kind = kind_named(getattr(recs[0][1], "kind", "lora_linear"))
+            kind = kind_named(recs[0][1].kind)
+            extra = next((r for _, r in recs if r.magnitude or r.lora_bias), None)
+            if extra is not None:
+                raise ValueError(f"set_adapter: adapters {[n for n, _ in recs]} all adapt {site}, and "
+                                 f"{extra.adapter!r} has {'a DoRA magnitude' if extra.magnitude else 'a lora_bias'}: "
+                                 "lorafx runs several adapters at one site together only as plain LoRA deltas; "
+                                 "activate one of them")
             if not getattr(kind, "combinable", kind is LINEAR):
                 raise ValueError(f"set_adapter: adapters {[n for n, _ in recs]} all adapt {site} ({kind.name}), and "
                                  f"lorafx cannot run several {kind.name} adapters at one site together; activate "
@@ -482,11 +471,7 @@ def _base_op(gm, kind, node) -> torch.fx.Node:
     """The kind's plain base op for ``node`` (before it), given node's users, tagged as a slot."""
     g = gm.graph
     with g.inserting_before(node):
-        if type(kind).__dict__.get("base_op") is not None or (hasattr(kind, "base_op") and kind is not LINEAR):
-            base = kind.base_op(g, node)
-        else:
-            v = kind.view(node)
-            base = g.call_function(aten.linear.default, (v.x, v.weight, v.bias))
+        base = kind.base_op(g, node)
     copy_meta(node, base)
     if "val" in node.meta:
         base.meta["val"] = node.meta["val"]
@@ -543,7 +528,7 @@ def apply_graph(gm: torch.fx.GraphModule, wanted: Dict[str, List[Tuple[str, Lora
         if not recs:
             continue
         rec = recs[0][1]
-        kind = kind_named(getattr(rec, "kind", "lora_linear"))
+        kind = kind_named(rec.kind)
         with g.inserting_before(base):
             new = kind.unmerge(g, base, rec, train=train, created_by="set_adapter")
         for key in ("nn_module_stack", "stack_trace", "val"):
@@ -556,18 +541,13 @@ def apply_graph(gm: torch.fx.GraphModule, wanted: Dict[str, List[Tuple[str, Lora
     missing = set(wanted) - seen
     if missing:
         replaced: Dict[torch.fx.Node, torch.fx.Node] = {}
-        for site in _sites_of(gm):
+        for site in find_adapter_sites(gm):
             recs = wanted.get(site.module) if site.module in missing else None
             if not recs or get_record(site.node, AdapterSlot) is not None:
                 continue
             rec = recs[0][1]
-            kind = kind_named(getattr(rec, "kind", "lora_linear"))
             x = replaced.get(site.x, site.x)
-            if hasattr(kind, "insert"):
-                new = kind.insert(gm, site, rec, x, train=train, created_by="add_adapter")
-            else:
-                new = replace_with_lora(gm, site.node, x, site.weight, site.bias, rec, created_by="add_adapter",
-                                        train=train)
+            new = kind_named(rec.kind).insert(gm, site, rec, x, train=train, created_by="add_adapter")
             replaced[site.node] = new
             if len(recs) > 1:
                 _combine(gm, new, recs)
@@ -647,7 +627,7 @@ def merge_weights(cm) -> None:
         original = owner._parameters[pname]
         owner.register_buffer(pname + _KEPT, original.data, persistent=False)
         for _, rec in recs:
-            kind = kind_named(getattr(rec, "kind", "lora_linear"))
+            kind = kind_named(rec.kind)
             probe = torch.fx.Graph().placeholder("site")
             set_record(probe, rec)
             merged = kind.merged_weight(cm, probe)
