@@ -709,9 +709,13 @@ def load_adapter(cm, directory: str, adapter_name: str, *, trust_pickle: bool = 
     created = adapter_name not in _names(st)
     if created:
         settings = compile_settings(files.config)
-        add_adapter(cm, adapter_name, **settings)
+        other = {k: v for k, v in settings.items() if k not in ADD_OPTIONS and v not in (None, False, (), [], {})}
+        if other:
+            raise ValueError(f"{directory}: the adapter uses {other}, which a named adapter (add_adapter) does not "
+                             "support yet; load it with lorafx.load_adapter(model, folder) into its own model")
+        add_adapter(cm, adapter_name, **{k: v for k, v in settings.items() if k in ADD_OPTIONS})
     try:
-        copy_adapter_weights(cm, directory, files.weights, files.config, records=adapter_records(cm, adapter_name))
+        copy_adapter_weights(cm, directory, files.tensors, files.config, records=adapter_records(cm, adapter_name))
     except BaseException:
         if created:
             delete_adapter(cm, adapter_name)
