@@ -108,10 +108,11 @@ class AdapterState:
     before_merge: Optional[List[str]] = None  # the active adapters before merge(names) switched
     optimised: Dict[tuple, torch.fx.Graph] = field(default_factory=dict)  # variant key -> the compile's graph
     train_problem: Optional[str] = None  # why the graphs cannot train now (several adapters with dropout)
+    default_compiled: bool = True  # "default" is the compile's own adapter (not deleted and loaded again)
 
-    def owner(self) -> Dict[str, str]:
-        """{lora_A path: adapter name}."""
-        return {rec.lora_A: name for name, recs in self.records.items() for rec in recs.values()}
+    def owner(self) -> Dict[str, Tuple[str, LoraRecord]]:
+        """{lora_A path: (adapter name, its record)}."""
+        return {rec.lora_A: (name, rec) for name, recs in self.records.items() for rec in recs.values()}
 
     def wanted(self) -> Dict[str, List[Tuple[str, LoraRecord]]]:
         """{site: [(adapter, record)]} of the active adapters (none while disabled)."""
@@ -395,6 +396,7 @@ def delete_adapter(cm, name: str) -> None:
     st.options.pop(name, None)
     if name == DEFAULT:
         st.optimised.clear()
+        st.default_compiled = False
     for rec in recs.values():
         for path in _tensor_paths(rec):
             try:
@@ -433,7 +435,7 @@ def _runs_default_only(gm, owner) -> bool:
             return False
         kind = kind_of(node)
         for rec in (kind.adapters(node) if kind is not None else ()):
-            if owner.get(rec.lora_A, DEFAULT) != DEFAULT:
+            if owner.get(rec.lora_A, (DEFAULT,))[0] != DEFAULT:
                 return False
     return True
 
@@ -456,15 +458,19 @@ def check_training(cm) -> None:
 
 
 def _node_adapters(node, kind, owner) -> Optional[Tuple[str, Tuple[str, ...]]]:
-    """(site, active adapter names) of an adapter node; None for nodes without named adapters."""
+    """(site, active adapter names) of an adapter node; None for nodes without adapters (a
+    shortcut).  A node of no current adapter (a new signature's "default" after "default" was
+    deleted) is named "" (it never matches, so it is replaced)."""
     multi = get_record(node, ActiveAdapters)
     recs = kind.adapters(node)
     if not recs:
         return None
     if multi is not None:
         return recs[0].site, multi.names
-    name = owner.get(recs[0].lora_A)
-    return (recs[0].site, (name,)) if name is not None else None
+    rec = recs[0]
+    name, expected = owner.get(rec.lora_A, ("", None))
+    same = expected is not None and dataclasses.replace(rec, merged=False) == expected
+    return rec.site, (name if same else "",)
 
 
 def _base_op(gm, kind, node) -> torch.fx.Node:
@@ -551,16 +557,24 @@ def apply_graph(gm: torch.fx.GraphModule, wanted: Dict[str, List[Tuple[str, Lora
             replaced[site.node] = new
             if len(recs) > 1:
                 _combine(gm, new, recs)
+    _drop_unused_get_attrs(g)  # first: a deleted adapter's (eliminate_dead_code lints the targets)
     g.eliminate_dead_code()
+    _drop_unused_get_attrs(g)
     g.lint()
     gm.recompile()
+
+
+def _drop_unused_get_attrs(g: torch.fx.Graph) -> None:
+    for node in list(g.nodes):
+        if node.op == "get_attr" and not node.users:
+            g.erase_node(node)
 
 
 def prepare_variant(cm, gm: torch.fx.GraphModule) -> None:
     """A graph captured for a new call signature: run the model's active adapters (it was
     built with "default")."""
     st = _state(cm)
-    if st is not None and (st.active != [DEFAULT] or st.disabled or len(st.records) > 1):
+    if st is not None and not (st.active == [DEFAULT] and not st.disabled and st.default_compiled):
         apply_graph(gm, st.wanted(), st.owner())
 
 

@@ -305,6 +305,9 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(gm, "_modules", {**primary._modules, **{k: v for k, v in own.items()
                                                                    if k not in primary._modules or k == "_guards_fn"}})
         _share_tensors(gm, primary)
+        if self.__dict__.get("_adapter_state") is not None:
+            from .adapters import prepare_variant
+            prepare_variant(self, gm)  # the active adapters (named adapters, lorafx/adapters.py)
         if device is not None:
             unbound = next((n for n, t in gm.state_dict(keep_vars=True).items() if t.is_meta), None)
             if unbound is not None:
@@ -313,9 +316,6 @@ class CompiledModel(torch.nn.Module):
                                    "with these inputs (on meta) before materialize")
         _privatize_mutated_buffers(gm, self._source)
         lint_graph(gm)
-        if self.__dict__.get("_adapter_state") is not None:
-            from .adapters import prepare_variant
-            prepare_variant(self, gm)  # the active adapters (named adapters, lorafx/adapters.py)
         if self._merged:
             MergeLoRA()(gm)
         set_training_mode(gm, self.training)

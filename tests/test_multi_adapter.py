@@ -672,3 +672,23 @@ def test_set_adapter_inference_mode_freezes_the_active_adapters():
     cm.set_adapter("other")
     assert {n for n, p in cm.named_parameters() if p.requires_grad} == {
         "a.lora_A_other", "a.lora_B_other", "c.lora_A_other", "c.lora_B_other"}
+
+
+def test_default_deleted_and_added_again_with_other_sites():
+    """A signature captured later builds the compile's "default"; after "default" was deleted and added
+    again with other sites and rank, those stale nodes are replaced by the current adapters."""
+    cm, model, x = two_adapters()
+    cm.set_adapter("other")
+    cm.delete_adapter("default")
+    cm.add_adapter("default", r=1, alpha=3, target_modules=["b", "c"], seed=5)
+    randomise(cm, "default", 1)
+    randomise(cm, "other", 2)
+    cm.set_adapter(["default", "other"])
+    cm.eval()
+    assert torch.allclose(cm(x), reference(model, x, [(cm, "default"), (cm, "other")]), rtol=1e-12, atol=1e-12)
+    shift = torch.full((7, 5), -0.5, dtype=DTYPE)
+    assert torch.allclose(cm(x, shift=shift), reference_with_shift(model, x, shift, [(cm, "default"), (cm, "other")]),
+                          rtol=1e-12, atol=1e-12)
+    cm.set_adapter("default")
+    assert torch.allclose(cm(x, shift=shift), reference_with_shift(model, x, shift, [(cm, "default")]),
+                          rtol=1e-12, atol=1e-12)
