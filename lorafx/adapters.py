@@ -105,7 +105,6 @@ class AdapterState:
     options: Dict[str, dict]  # adapter -> the options it was created with ({} for the compile's)
     active: List[str]
     disabled: bool = False
-    before_merge: Optional[List[str]] = None  # the active adapters before merge(names) switched
     optimised: Dict[tuple, torch.fx.Graph] = field(default_factory=dict)  # variant key -> the compile's graph
     train_problem: Optional[str] = None  # why the graphs cannot train now (several adapters with dropout)
     default_compiled: bool = True  # "default" is the compile's own adapter (not deleted and loaded again)
@@ -595,8 +594,10 @@ def check_rebuild(cm) -> None:
 
 def merge(cm, names: Optional[Sequence[str]] = None) -> None:
     """Fold adapters ``names`` (default: the active ones) into the frozen weights: the model
-    then computes W + Σ scale_i·B_i A_i at each site, and ``unmerge()`` brings back the
-    adapters that were active before."""
+    then computes W + Σ scale_i·B_i A_i at each site.  ``names`` become the active adapters
+    (as ``set_adapter(names)``), and stay so after ``unmerge()``, so that every unmerge/merge
+    pair (``load_state_dict`` on a merged model, ...) merges the same adapters again; PEFT's
+    ``merge_adapter(names)`` leaves the active set alone (its merged layers skip it anyway)."""
     st = _state(cm)
     if names is None:
         cm._merge_active()
@@ -617,11 +618,10 @@ def merge(cm, names: Optional[Sequence[str]] = None) -> None:
         return
     st = _state(cm, create=True)
     _check_combinable(st, names)
-    previous = list(st.active)
-    if names != previous:
+    if names != st.active:
         st.active = names
         _apply(cm, st)
-    st.before_merge = previous
+        _set_trainable(cm, st)
     cm._merge_active()
 
 
@@ -648,24 +648,14 @@ def merge_weights(cm) -> None:
             owner._parameters[pname] = torch.nn.Parameter(merged, requires_grad=False)
 
 
-def after_unmerge(cm) -> None:
-    """``unmerge()`` of a model merged by ``merge(names)``: the adapters active before come back."""
-    st = _state(cm)
-    if st is not None and st.before_merge is not None:
-        previous, st.before_merge = st.before_merge, None
-        if previous != st.active:
-            st.active = previous
-            _apply(cm, st)
-            _set_trainable(cm, st)
-
-
 def merge_and_unload(cm, names: Optional[Sequence[str]] = None) -> torch.fx.GraphModule:
     """A plain GraphModule with adapters ``names`` (default: the active ones) merged into its
     weights and no adapters (``CompiledModel.merge_and_unload`` gives it the source model's
     state-dict keys); this model is left as it was."""
     st = _state(cm, create=True)
     names = list(st.active) if names is None else ([names] if isinstance(names, str) else list(names))
-    was_merged = list(st.active) if cm.merged else None
+    previous = list(st.active)
+    was_merged = cm.merged
     cm.unmerge()
     try:
         merge(cm, names)
@@ -682,8 +672,12 @@ def merge_and_unload(cm, names: Optional[Sequence[str]] = None) -> torch.fx.Grap
         gm.recompile()
     finally:
         cm.unmerge()
-        if was_merged is not None:
-            merge(cm, was_merged)
+        if st.active != previous:  # as it was
+            st.active = previous
+            _apply(cm, st)
+            _set_trainable(cm, st)
+        if was_merged:
+            merge(cm, previous)
     return gm
 
 

@@ -444,10 +444,10 @@ class CompiledModel(torch.nn.Module):
 
     def merge(self, names=None) -> "CompiledModel":
         """Fold every active adapter into its frozen weight (W + scale·BA, in float32 or wider);
-        ``names``: the named adapters to fold (``add_adapter``; they become the active ones until
-        ``unmerge()``).  Shortcut adapters (``shortcuts=True``) have no weight to fold into: they keep
-        running, and so do the SRAM adapters of ``target="cim"`` (folding them into the crossbars would
-        program a new, differently noisy chip; ``merge_and_unload`` gives the digital merged model)."""
+        ``names``: the named adapters to fold (``add_adapter``; they become the active ones).
+        Shortcut adapters (``shortcuts=True``) have no weight to fold into: they keep running, and
+        so do the SRAM adapters of ``target="cim"`` (folding them into the crossbars would program a
+        new, differently noisy chip; ``merge_and_unload`` gives the digital merged model)."""
         from .adapters import merge
         merge(self, names)
         return self
@@ -468,7 +468,7 @@ class CompiledModel(torch.nn.Module):
         """Undo ``merge()`` exactly: the unmerged weights and graphs were kept."""
         from lorafx.passes import UnmergeLoRA, set_training_mode
         from lorafx.passes.merge_lora import unmerge_site_weight
-        from .adapters import after_unmerge, all_records
+        from .adapters import all_records
         if self._merged:
             saved = self.__dict__.pop("_unmerged_graphs", {})
             for rec in all_records(self):
@@ -481,7 +481,6 @@ class CompiledModel(torch.nn.Module):
                 else:  # captured while merged
                     UnmergeLoRA(rebind_weights=False)(gm)
             self.__dict__["_merged"] = False
-            after_unmerge(self)  # merge(names): the adapters active before
         return self
 
     def merge_and_unload(self, names=None) -> torch.fx.GraphModule:

@@ -503,14 +503,21 @@ def test_merge_names_and_unmerge():
     sd = cm.state_dict()
     assert torch.equal(sd["a.weight"], model.a.weight)
     assert "a.lora_A_other" in sd
-    cm.unmerge()
-    assert cm.active_adapters == ["default"] and torch.equal(cm(x), y_default)
+    cm.unmerge()  # the merged adapters stay active, so unmerge/merge pairs merge the same ones
+    assert cm.active_adapters == ["default", "other"]
+    assert torch.allclose(cm(x), both, rtol=1e-12, atol=1e-12)
     assert torch.equal(cm.a.weight, model.a.weight)
+    cm.load_state_dict(sd)  # (an unmerge/merge pair inside)
+    cm.set_adapter("default")
+    assert torch.equal(cm(x), y_default)
     cm.merge("other")
+    cm.load_state_dict(sd)
+    assert cm.merged and cm.active_adapters == ["other"]
     assert torch.allclose(cm(x), reference(model, x, [(cm, "other")]), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="merged already"):
         cm.merge(["default"])
     cm.unmerge()
+    cm.set_adapter("default")
     cm.merge()  # no names: the active ones, as before
     assert torch.allclose(cm(x), y_default, rtol=1e-12, atol=1e-12)
     cm.unmerge()
