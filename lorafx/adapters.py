@@ -216,6 +216,10 @@ def add_adapter(cm, name: str, **options) -> None:
     ilora.validate()
     if cm.merged:
         raise RuntimeError("add_adapter: this model is merged (cm.merge()); call cm.unmerge() first")
+    try:
+        cm.source_model  # (a loaded program has none)
+    except RuntimeError as e:
+        raise ValueError(f"add_adapter captures the source model to find the adapter's sites, and {e}") from None
     seed = ilora.seed if ilora.seed is not None else int(torch.randint(0, 2**62, ()).item())
     recs, tensors = _new_adapter(cm, name, ilora, seed)
     st = _state(cm, create=True)

@@ -699,3 +699,39 @@ def test_default_deleted_and_added_again_with_other_sites():
     cm.set_adapter("default")
     assert torch.allclose(cm(x, shift=shift), reference_with_shift(model, x, shift, [(cm, "default")]),
                           rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_gpt2_conv1d_weights(tiny_model):
+    """GPT-2's Conv1D weights are stored (in, out): switching, combining, disabling and merging there."""
+    model = copy.deepcopy(tiny_model("gpt2", DTYPE)).eval()
+    x = ids(2, 6)
+    cm = lorafx.compile(model, example_inputs=(x,), dynamic=False, r=2, alpha=4, target_modules=["c_attn", "c_proj"])
+    cm.add_adapter("o", r=3, alpha=3, target_modules=["c_attn", "c_fc"], seed=1)
+    for name in cm.adapter_names:
+        randomise(cm, name, len(name))
+    cm.eval()
+
+    def want(active):
+        deltas = {}
+        for n in active:
+            for site, rec in cm.adapter_records(n).items():
+                deltas.setdefault(site, []).append((get_attr(cm, rec.lora_A).detach(), get_attr(cm, rec.lora_B).detach(),
+                                                    rec.scale))
+        hooks = [model.get_submodule(s).register_forward_hook(
+            lambda m, i, o, ds=ds: o + sum(sc * (i[0] @ A.t()) @ B.t() for A, B, sc in ds)) for s, ds in deltas.items()]
+        try:
+            with torch.no_grad():
+                return model(input_ids=x).logits
+        finally:
+            for h in hooks:
+                h.remove()
+
+    for active in (["o"], ["default", "o"], ["default"]):
+        cm.set_adapter(active)
+        assert torch.allclose(cm(input_ids=x).logits, want(active), rtol=1e-10, atol=1e-10), active
+    with cm.disable_adapters():
+        assert torch.equal(cm(input_ids=x).logits, model(input_ids=x).logits)
+    cm.merge(["default", "o"])
+    assert torch.allclose(cm(input_ids=x).logits, want(["default", "o"]), rtol=1e-10, atol=1e-10)
+    cm.unmerge()
