@@ -203,9 +203,13 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None, re
     Atomic: if any step fails, the adapter already in ``directory`` stays as it was
     and no staging files remain.  Other files in ``directory`` are left alone.
     ``overwrite=False`` refuses to replace an adapter already there.  ``records``: the
-    {site: LoraRecord} of the adapter to save (one named adapter, ``cm.adapter_records(name)``;
-    default ``cm.lora_records()`` and the shortcut adapters).
+    {site: LoraRecord} of the one adapter to save (``cm.adapter_records(name)``); without it,
+    the model's adapters (and shortcut adapters), named ones (``add_adapter``) in PEFT's
+    multi-adapter layout (``cm.save_adapter``).
     """
+    if records is None and cm.__dict__.get("_adapter_state") is not None:  # named adapters: PEFT's layout
+        cm.save_adapter(directory, overwrite=overwrite, tensors=tensors)
+        return
     shortcuts = cm.shortcut_records() if records is None else {}
     records = cm.lora_records() if records is None else records
     if not records and not shortcuts:

@@ -556,14 +556,16 @@ class CompiledModel(torch.nn.Module):
         return out
 
     # -- adapters ---------------------------------------------------------------------
-    def save_adapter(self, directory: str, *, overwrite: bool = True, selected_adapters=None) -> None:
+    def save_adapter(self, directory: str, *, overwrite: bool = True, selected_adapters=None,
+                     tensors: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors),
         and the shortcut adapters, which PEFT cannot express, to lorafx_shortcuts.safetensors,
         atomically; ``overwrite=False`` refuses to replace an adapter already there.  Named adapters
         (``add_adapter``) in PEFT's multi-adapter layout: "default" in ``directory``, each other one
-        in ``directory/<name>/`` (``selected_adapters``: only those)."""
+        in ``directory/<name>/`` (``selected_adapters``: only those).  ``tensors``: a state dict to
+        take the values from (``lorafx.save_adapter``)."""
         from .adapters import save_adapters
-        save_adapters(self, directory, overwrite=overwrite, selected_adapters=selected_adapters)
+        save_adapters(self, directory, overwrite=overwrite, selected_adapters=selected_adapters, tensors=tensors)
 
     def save_pretrained(self, save_directory: str, *, state_dict: Optional[Dict[str, torch.Tensor]] = None,
                         is_main_process: bool = True, selected_adapters=None, **ignored) -> None:

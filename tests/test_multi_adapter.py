@@ -592,6 +592,9 @@ def test_save_in_peft_layout_loads_in_peft(tmp_path):
         pm.base_model.set_adapter(active)
         cm.set_adapter(active)
         assert torch.allclose(pm(x), cm(x), rtol=1e-12, atol=1e-12), active
+    same = tmp_path / "same"
+    lorafx.save_adapter(cm, str(same))  # the function too writes PEFT's layout
+    assert sorted(os.listdir(same)) == ["adapter_config.json", "adapter_model.safetensors", "other"]
     sel = tmp_path / "sel"
     cm.save_pretrained(str(sel), selected_adapters=["other"])
     assert sorted(os.listdir(sel)) == ["other"]
