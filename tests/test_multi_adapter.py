@@ -738,3 +738,29 @@ def test_gpt2_conv1d_weights(tiny_model):
     cm.merge(["default", "o"])
     assert torch.allclose(cm(input_ids=x).logits, want(["default", "o"]), rtol=1e-10, atol=1e-10)
     cm.unmerge()
+
+
+@pytest.mark.parametrize("opts", [dict(fold_a=True), dict(schedule_keep_xa=True), dict(schedule="f2b5")],
+                         ids=["fold_a", "keep_xa", "f2b5"])
+def test_switching_from_optimised_forms(opts):
+    """Folded A, keep-XA and merged-weight schedules are canonicalised at the first switch; every active
+    set computes its deltas; "default" alone gets the compile's graph back; disabling is exact."""
+    model, x = mlp(), inputs()
+    cm = lorafx.compile(model, example_inputs=(x,), r=2, alpha=4, target_modules=["a", "b"], seed=0, **opts)
+    cm.add_adapter("o", r=3, alpha=3, target_modules=["a", "c"], seed=1)
+    randomise(cm, "default", 1)
+    randomise(cm, "o", 2)
+    cm.eval()
+    y0 = cm(x)
+    assert torch.allclose(y0, reference(model, x, [(cm, "default")]), rtol=1e-11, atol=1e-12)
+    for active in (["default", "o"], ["o"]):
+        cm.set_adapter(active)
+        assert torch.allclose(cm(x), reference(model, x, [(cm, n) for n in active]), rtol=1e-11, atol=1e-12)
+    cm.train()
+    cm(x).sum().backward()
+    assert get_attr(cm, "c.lora_B_o").grad is not None and get_attr(cm, "b.lora_B").grad is None
+    cm.eval()
+    cm.set_adapter("default")
+    assert torch.equal(cm(x), y0)
+    with cm.disable_adapters():
+        assert torch.equal(cm(x), model(x))
