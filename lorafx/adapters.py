@@ -231,14 +231,14 @@ def add_adapter(cm, name: str, **options) -> None:
 
 def _refuse_unsupported(cm, what: str) -> None:
     if cm.target == "cim":
-        raise ValueError(f"{what}: target='cim' programs one adapter's chip layout; several adapters on one "
-                         "compute-in-memory model are not supported. Compile one model per adapter")
+        raise ValueError(f"{what} is not supported with target='cim': its chip is placed and programmed for one "
+                         "adapter's layout. Compile one model per adapter")
     if cm.shortcut_records():
-        raise ValueError(f"{what}: this model has shortcut adapters (shortcuts=True), which always run and are "
-                         "not named adapters; several adapters are supported on models without shortcuts")
+        raise ValueError(f"{what} is not supported on a model with shortcut adapters (shortcuts=True), which "
+                         "always run and are not named adapters; compile without shortcuts to use named adapters")
     if cm.__dict__.get("_materialized_on") is not None:
-        raise ValueError(f"{what}: this model was planned on the meta device and materialized; compile the loaded "
-                         "model to use several adapters")
+        raise ValueError(f"{what} is not supported on a model planned on the meta device and materialized; compile "
+                         "the loaded model to use named adapters")
 
 
 def _fresh_capture(cm) -> torch.fx.GraphModule:

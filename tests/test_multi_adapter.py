@@ -764,3 +764,26 @@ def test_switching_from_optimised_forms(opts):
     assert torch.equal(cm(x), y0)
     with cm.disable_adapters():
         assert torch.equal(cm(x), model(x))
+
+
+class Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(6, 6)
+        self.b = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = x + self.b(torch.relu(self.a(x)))
+        return h + self.b(torch.relu(self.a(h)))
+
+
+def test_shortcut_models_refuse_named_adapters():
+    torch.manual_seed(0)
+    model, x = Residual().to(DTYPE), inputs()
+    cm = lorafx.compile(model, example_inputs=(x,), r=2, target_modules=["a"], shortcuts=True)
+    assert cm.shortcut_records()
+    with pytest.raises(ValueError, match="shortcut adapters"):
+        cm.add_adapter("x", r=2, target_modules=["b"])
+    with pytest.raises(ValueError, match="shortcut adapters"):
+        with cm.disable_adapters():
+            pass
