@@ -237,7 +237,7 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) -> None:
+def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None, records=None) -> None:
     """Write ``cm``'s adapters to ``directory`` in PEFT's format, and its shortcut adapters
     (if any) to ``lorafx_shortcuts.safetensors`` beside them.  ``tensors``: a state dict to
     take the adapter values from (by parameter name) instead of ``cm``'s parameters; adapters
@@ -245,10 +245,16 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
 
     Atomic: if any step fails, the adapter already in ``directory`` stays as it was
     and no staging files remain.  Other files in ``directory`` are left alone.
-    ``overwrite=False`` refuses to replace an adapter already there.
+    ``overwrite=False`` refuses to replace an adapter already there.  ``records``: the
+    {site: LoraRecord} of the one adapter to save (``cm.adapter_records(name)``); without it,
+    the model's adapters (and shortcut adapters), named ones (``add_adapter``) in PEFT's
+    multi-adapter layout (``cm.save_adapter``).
     """
-    records = cm.lora_records()
-    shortcuts = cm.shortcut_records()
+    if records is None and cm.__dict__.get("_adapter_state") is not None:  # named adapters: PEFT's layout
+        cm.save_adapter(directory, overwrite=overwrite, tensors=tensors)
+        return
+    shortcuts = cm.shortcut_records() if records is None else {}
+    records = cm.lora_records() if records is None else records
     if not records and not shortcuts:
         raise ValueError("this model has no LoRA adapters to save")
     paths = {site: tuple(peft_keys({site: r}).values()) for site, r in records.items()}
@@ -696,11 +702,12 @@ def _without_saved_tables(cm, directory: str, records, tensors) -> Dict[str, tor
     return out
 
 
-def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> None:
-    """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters and ``shortcuts`` (site ->
-    SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
-    ``config`` is given, must match; nothing is copied otherwise)."""
-    records = cm.lora_records()
+def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None, records=None) -> None:
+    """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters (``records``, default
+    ``cm.lora_records()``) and ``shortcuts`` (site -> SavedShortcut) into its shortcut adapters
+    (shapes, and the scales of the linear ones when ``config`` is given, must match; nothing is
+    copied otherwise)."""
+    records = cm.lora_records() if records is None else records
     expected = peft_keys(records)
     trained = _trained_part(tensors, _trainable_tensors(cm))  # modules_to_save, trainable rows
     tensors = {k: v for k, v in tensors.items() if k not in trained}
@@ -899,8 +906,9 @@ def read_adapter(directory: str, trust_pickle: bool = False):
     return _read_adapter(directory, trust_pickle)
 
 
-def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
+def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None, records=None) -> None:
     """Copy ``weights`` (PEFT key -> tensor, from ``read_adapter``) and ``shortcuts`` (``AdapterFiles.shortcuts``;
-    None: no shortcut adapters) into ``cm``'s adapters; with ``config``, first check that it
-    gives every site the scale ``cm`` was compiled with."""
-    _copy_weights(cm, directory, weights, config, shortcuts)
+    None: no shortcut adapters) into ``cm``'s adapters (``records``: one named adapter's, default
+    ``cm.lora_records()``); with ``config``, first check that it gives every site the scale ``cm``
+    was compiled with."""
+    _copy_weights(cm, directory, weights, config, shortcuts, records)
