@@ -561,3 +561,22 @@ def test_adapter_dropout_on_in_train_off_in_eval():
         torch.testing.assert_close(dropped.eval()(X), plain.eval()(X), **TOL)
         torch.manual_seed(0)
         assert not torch.allclose(dropped.train()(X), plain.train()(X))
+
+
+def test_switching_between_a_dora_adapter_and_a_lora_one():
+    """A DoRA default adapter and an added (plain LoRA) one: switching away and back restores
+    the DoRA outputs exactly; activating both at one site is refused, naming the magnitude."""
+    cm = _compile(_block())
+    _perturb(cm)
+    with torch.no_grad():
+        want = cm(X)
+        cm.add_adapter("other", r=2, target_modules=["q"])
+        for name, p in cm.named_parameters():
+            if name.endswith("lora_B_other"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
+        cm.set_adapter("other")
+        assert not torch.allclose(cm(X), want)
+        cm.set_adapter("default")
+        assert torch.equal(cm(X), want)
+    with pytest.raises(ValueError, match="DoRA magnitude"):
+        cm.set_adapter(["default", "other"])
