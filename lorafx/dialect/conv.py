@@ -34,8 +34,7 @@ FoldLoRAIntoBase, FuseSiblings, ApplySparsity) ask for that kind and leave it al
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import sympy
 import torch
@@ -45,7 +44,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 from lorafx.graph_utils import get_attr, node_module, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
-from .registry import InputQuery, NodeCost, OpKind, args_of, copy_meta, create, register_kind
+from .registry import InputQuery, NodeCost, OpKind, args_of, create, register_kind
 
 __all__ = ["lora_conv", "lora_conv_reference", "conv_delta_weight", "ConvKind", "CONV", "CONV_OPS", "conv_site_problem"]
 
