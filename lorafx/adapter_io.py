@@ -55,7 +55,7 @@ from .graph_utils import get_attr, pattern_value
 from .meta import LoraRecord, get_record
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
-           "compile_settings", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "compile_settings", "peft_keys", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
            "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -208,8 +208,9 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
     shortcuts = cm.shortcut_records()
     if not records and not shortcuts:
         raise ValueError("this model has no LoRA adapters to save")
-    paths = {site: (r.lora_A, r.lora_B) for site, r in [*records.items(), *shortcuts.items()]}
-    meta = [s for s, (a, b) in paths.items() if get_attr(cm, a).is_meta or get_attr(cm, b).is_meta]
+    paths = {site: tuple(peft_keys({site: r}).values()) for site, r in records.items()}
+    paths.update({site: (r.lora_A, r.lora_B) for site, r in shortcuts.items()})
+    meta = [s for s, pair in paths.items() if any(get_attr(cm, p).is_meta for p in pair)]
     if meta:
         raise ValueError(f"cannot save the adapters: they are on the meta device (adapter {meta[0]!r} has no "
                          "values), because the model was compiled without weights, so there is nothing to save; "
@@ -240,8 +241,7 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
     if records:
         config = _peft_config(cm, records)
         extra = {SPARSITY_KEY: json.dumps({"sites": sparse, "merge": PEFT_MASK_HINT})} if sparse else {}
-        files[WEIGHTS_NAME] = ({f"{PREFIX}{site}.lora_{ab}.weight": tensor(path) for site, rec in records.items()
-                                for ab, path in (("A", rec.lora_A), ("B", rec.lora_B))}, extra)
+        files[WEIGHTS_NAME] = ({f"{PREFIX}{key}": tensor(path) for key, path in peft_keys(records).items()}, extra)
     else:
         config = _shortcuts_only_config(cm, shortcuts)
     if shortcuts:
@@ -432,20 +432,46 @@ def _load_state(path: str, trust_pickle: bool) -> Tuple[dict, dict]:
     return state, {}
 
 
-def _read_weights(directory: str, trust_pickle: bool = False) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], dict]:
-    """The (A, B) of every site in ``directory``'s weights file, and the file's metadata."""
+def _peft_key(key: str) -> str:
+    """A saved key as ``peft_tensors`` names it: without "base_model.model." and without an
+    adapter name after the LoRA tensor's name (``q.lora_A.default.weight`` -> ``q.lora_A.weight``)."""
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    m = re.fullmatch(r"(.+\.lora_[A-Za-z_]+)\.(?!weight$|bias$)[^.]+(\.(?:weight|bias))?", key)
+    return m.group(1) + (m.group(2) or "") if m else key
+
+
+def _read_weights(directory: str, trust_pickle: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The tensors of ``directory``'s weights file by PEFT key (``_peft_key``), and its metadata."""
     path = _weights_file(directory)
     state, metadata = _load_state(path, trust_pickle)
-    sites: Dict[str, Dict[str, torch.Tensor]] = {}
+    out: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", str(key))
-        if m is None or not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: unexpected entry {key!r} (lorafx loads lora_A/lora_B weights only)")
-        sites.setdefault(m.group(1), {})[m.group(2)] = value
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: unexpected entry {key!r} (not a tensor): {_fix(path)}")
+        out[_peft_key(str(key))] = value
+    sites: Dict[str, set] = {}
+    for key in out:
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
+        if m:
+            sites.setdefault(m.group(1), set()).add(m.group(2))
     half = sorted(s for s, ab in sites.items() if len(ab) != 2)
     if half:
         raise ValueError(f"{path}: {half[0]} has only lora_{''.join(sites[half[0]])}: {_fix(path)}")
-    return {s: (ab["A"], ab["B"]) for s, ab in sites.items()}, metadata
+    return out, metadata
+
+
+def peft_keys(records: Dict[str, LoraRecord]) -> Dict[str, str]:
+    """{PEFT key (without "base_model.model."): attribute path} of ``records``' adapters, as
+    each record's op kind names them (``OpKind.peft_tensors``)."""
+    from .dialect import kind_named
+    out: Dict[str, str] = {}
+    for rec in records.values():
+        out.update(kind_named(rec.kind).peft_tensors(rec))
+    return out
+
+
+def _site_of(key: str) -> str:
+    return re.split(r"\.(?:lora_|modules_to_save|token_adapter)", key, maxsplit=1)[0]
 
 
 @dataclass(frozen=True)
@@ -464,13 +490,22 @@ class SavedShortcut:
 class AdapterFiles:
     """What an adapter folder holds, every file read and checked (``read_adapter_files``).
 
-    ``weights``: {site: (A, B)} of the linear adapters ({} for shortcut adapters only);
+    ``tensors``: the PEFT weights by key ({} for shortcut adapters only; see ``peft_keys``);
     ``shortcuts``: {site: SavedShortcut}, in the saved order ({} without a shortcuts file)."""
 
     config: dict
-    weights: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    tensors: Dict[str, torch.Tensor]
     shortcuts: Dict[str, SavedShortcut]
     sparse: Dict[str, dict] = None  # {site: {pattern, method, grad}} of the sparse adapters (LoRS)
+
+    @property
+    def weights(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """{site: (A, B)} of the adapters saved as ``<site>.lora_A.weight`` / ``lora_B.weight``."""
+        out = {}
+        for key, A in self.tensors.items():
+            if key.endswith(".lora_A.weight") and key[:-len("A.weight")] + "B.weight" in self.tensors:
+                out[key[:-len(".lora_A.weight")]] = (A, self.tensors[key[:-len("A.weight")] + "B.weight"])
+        return out
 
 
 def _read_shortcuts(directory: str) -> Tuple[Dict[str, SavedShortcut], dict]:
@@ -508,7 +543,7 @@ def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFil
     config_sha = hashlib.sha256(raw).hexdigest()
     has_shortcuts = os.path.exists(os.path.join(directory, SHORTCUTS_NAME))
     metas = {}
-    weights: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    weights: Dict[str, torch.Tensor] = {}
     if has_shortcuts and config.get("target_modules") == [] and not any(
             os.path.exists(os.path.join(directory, n)) for n in (WEIGHTS_NAME, BIN_NAME)):
         pass  # shortcut adapters only
@@ -544,9 +579,9 @@ def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFil
 
 
 def _read_adapter(directory: str, trust_pickle: bool = False):
-    """Read and check the adapter in ``directory``: (config, linear weights)."""
+    """Read and check the adapter in ``directory``: (config, PEFT tensors by key)."""
     files = read_adapter_files(directory, trust_pickle)
-    return files.config, files.weights
+    return files.config, files.tensors
 
 
 def load_adapter_weights(cm, directory: str, *, trust_pickle: bool = False) -> None:
@@ -559,7 +594,7 @@ def load_adapter_weights(cm, directory: str, *, trust_pickle: bool = False) -> N
     holds.  ``trust_pickle=True`` lets a ``.bin`` file run the pickle code it holds.
     """
     files = read_adapter_files(directory, trust_pickle)
-    _copy_weights(cm, directory, files.weights, files.config, files.shortcuts)
+    _copy_weights(cm, directory, files.tensors, files.config, files.shortcuts)
 
 
 def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
@@ -594,26 +629,29 @@ def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
     return out
 
 
-def _copy_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
-    """Copy ``weights`` (site -> (A, B)) into ``cm``'s adapters and ``shortcuts`` (site ->
+def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> None:
+    """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters and ``shortcuts`` (site ->
     SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
     ``config`` is given, must match; nothing is copied otherwise)."""
     records = cm.lora_records()
-    missing = sorted(set(records) - set(weights))
-    extra = sorted(set(weights) - set(records))
-    if records and not weights and shortcuts:
+    expected = peft_keys(records)
+    if records and not tensors and shortcuts:
         raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
                          f"but this model has {len(records)} linear adapter(s); load it with "
                          "lorafx.load_adapter(model, folder), which compiles its shortcut sites alone")
+    missing = sorted({_site_of(k) for k in set(expected) - set(tensors)})
+    extra = sorted({_site_of(k) for k in set(tensors) - set(expected)})
     if missing or extra:
         raise ValueError(f"adapter in {directory} does not fit this model: "
                          f"sites without weights {missing[:10]}, weights without a site {extra[:10]}")
     for site, rec in records.items():
-        A, B = weights[site]
-        pa, pb = get_attr(cm, rec.lora_A), get_attr(cm, rec.lora_B)
-        if A.shape != pa.shape or B.shape != pb.shape:
-            raise ValueError(f"{site}: adapter shapes A{tuple(A.shape)} B{tuple(B.shape)} do not match "
-                             f"this model's A{tuple(pa.shape)} B{tuple(pb.shape)}")
+        keys = peft_keys({site: rec})
+        wrong = [k for k, path in keys.items() if tensors[k].shape != get_attr(cm, path).shape]
+        if wrong:
+            label = lambda k: k[len(site) + 1:].replace("lora_", "").replace(".weight", "")
+            shown = " ".join(f"{label(k)}{tuple(tensors[k].shape)}" for k in keys)
+            mine = " ".join(f"{label(k)}{tuple(get_attr(cm, p).shape)}" for k, p in keys.items())
+            raise ValueError(f"{site}: adapter shapes {shown} do not match this model's {mine}")
         if config is not None and not _close(rec.scale, _expected_scale(config, site)):
             raise ValueError(f"{site}: the adapter in {directory} gives this site scale "
                              f"{_expected_scale(config, site):g} (from r, lora_alpha, rank/alpha_pattern, "
@@ -623,10 +661,8 @@ def _copy_weights(cm, directory: str, weights, config=None, shortcuts=None) -> N
     was_merged = cm.merged
     cm.unmerge()
     with torch.no_grad():
-        for site, rec in records.items():
-            A, B = weights[site]
-            get_attr(cm, rec.lora_A).copy_(A)
-            get_attr(cm, rec.lora_B).copy_(B)
+        for key, path in expected.items():
+            get_attr(cm, path).copy_(tensors[key])
         for path, value in copies:
             get_attr(cm, path).copy_(value)
     if was_merged:
@@ -661,13 +697,13 @@ def shortcut_settings(shortcuts: Dict[str, SavedShortcut]) -> dict:
 
 
 def read_adapter(directory: str, trust_pickle: bool = False):
-    """``(config, weights)`` of the adapter in ``directory``, every file read and checked
-    (``read_adapter_files`` also gives its shortcut adapters)."""
+    """``(config, tensors by PEFT key)`` of the adapter in ``directory``, every file read and
+    checked (``read_adapter_files`` also gives its shortcut adapters)."""
     return _read_adapter(directory, trust_pickle)
 
 
 def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
-    """Copy ``weights`` (from ``read_adapter``) and ``shortcuts`` (``AdapterFiles.shortcuts``;
+    """Copy ``weights`` (PEFT key -> tensor, from ``read_adapter``) and ``shortcuts`` (``AdapterFiles.shortcuts``;
     None: no shortcut adapters) into ``cm``'s adapters; with ``config``, first check that it
     gives every site the scale ``cm`` was compiled with."""
     _copy_weights(cm, directory, weights, config, shortcuts)

@@ -257,7 +257,7 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
         return model
     files = adapter_io.read_adapter_files(directory, trust_pickle)  # fail before the (slow) compile
     shortcut = adapter_io.shortcut_settings(files.shortcuts)
-    if files.weights:
+    if files.tensors:
         settings = {**adapter_io.compile_settings(files.config), **shortcut, **adapter_io.sparsity_settings(files),
                     **options}
         cm = compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
@@ -271,7 +271,7 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
                      passes=passes, **mine)
     # Options that change the scales were chosen on purpose: check the scales only otherwise.
     scales_chosen = any(k in options for k in adapter_io.SCALE_OPTIONS)
-    adapter_io.copy_adapter_weights(cm, directory, files.weights, None if scales_chosen else files.config,
+    adapter_io.copy_adapter_weights(cm, directory, files.tensors, None if scales_chosen else files.config,
                                     files.shortcuts)
     return cm
 

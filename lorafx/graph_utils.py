@@ -11,7 +11,7 @@ of the forms torch.export produces:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -66,15 +66,27 @@ def safe_name(path: str) -> str:
 
 
 @dataclass
-class LinearSite:
-    node: torch.fx.Node  # the linear/addmm/mm node
+class Site:
+    """A layer an adapter can be put on, as an op kind found it (``OpKind.find_sites``).
+
+    ``kind``: the name of the OpKind that adapts it; ``layer``: the layer type users know
+    ("Linear", "Embedding", "Conv2d", ...: errors and reports); ``extra``: kind-specific
+    facts (a convolution's stride and padding, an embedding's padding_idx, ...)."""
+
+    node: torch.fx.Node  # the base op node (linear/addmm/mm, embedding, conv, ...)
     module: str  # dotted name of the module that owns it
-    x: torch.fx.Node
+    x: Optional[torch.fx.Node]  # the input the adapter reads
     weight: torch.fx.Node  # get_attr of the stored weight
     bias: Optional[torch.fx.Node]  # get_attr (or any node) of the bias
     weight_transposed: bool  # stored weight is (in, out)
     in_features: int
     out_features: int
+    kind: str = "lora_linear"
+    layer: str = "Linear"
+    extra: dict = field(default_factory=dict)
+
+
+LinearSite = Site  # a linear's site (kind "lora_linear")
 
 
 def _as_get_attr(n) -> Optional[torch.fx.Node]:

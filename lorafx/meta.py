@@ -46,7 +46,12 @@ class OriginRecord:
 
 @dataclass(frozen=True)
 class LoraRecord:
-    """An adapted linear: ``y = x W^T + b + scale * dropout(x) A^T B^T``."""
+    """An adapter on one layer; for a linear ``y = x W^T + b + scale * dropout(x) A^T B^T``.
+
+    ``kind``: the OpKind that computes it (its ``peft_tensors`` name the saved keys);
+    ``layer``: the layer type ("Linear", "Embedding", "Conv2d", ...); ``magnitude``: the
+    path of DoRA's magnitude vector; ``lora_bias``: the path of B's bias (PEFT's
+    ``lora_bias``); ``adapter``: the adapter's name ("default" unless several are added)."""
 
     site: str  # module name of the adapted linear, e.g. "model.layers.0.self_attn.q_proj"
     weight: str  # attribute path of the frozen weight
@@ -61,10 +66,17 @@ class LoraRecord:
     dropout: float = 0.0
     weight_transposed: bool = False  # True for GPT-2 Conv1D weights stored as (in, out)
     merged: bool = False
+    kind: str = "lora_linear"
+    layer: str = "Linear"
+    magnitude: Optional[str] = None
+    lora_bias: Optional[str] = None
+    adapter: str = "default"
 
     def describe(self) -> str:
         return (f"lora(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}"
                 + (f", dropout={self.dropout:g}" if self.dropout else "")
+                + (f", {self.layer}" if self.layer != "Linear" else "")
+                + (f", adapter {self.adapter}" if self.adapter != "default" else "")
                 + (", merged" if self.merged else "") + ")")
 
 

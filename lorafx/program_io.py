@@ -59,7 +59,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from ._version import __version__
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_files, save_adapter
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, peft_keys, read_adapter_files, save_adapter
 from .compiled import PROGRAM_SAVER, CompiledModel, CompileReport, _share_tensors
 from .context import CompileContext
 from .graph_utils import get_attr, tensor_slots
@@ -937,11 +937,11 @@ def _check_adapter(cm: CompiledModel, directory: str, manifest: dict) -> None:
     if CONFIG_NAME not in manifest["files"]:
         raise _fail(directory, f"the program has adapters but the save lists no {CONFIG_NAME}")
     files = read_adapter_files(directory)
-    pairs = [(rec, files.weights.get(site)) for site, rec in cm.lora_records().items()]
-    pairs += [(rec, (s.lora_A, s.lora_B) if s is not None else None)
-              for site, rec in cm.shortcut_records().items() for s in [files.shortcuts.get(site)]]
-    for rec, saved in pairs:
-        if saved is None or not (torch.equal(saved[0], get_attr(cm, rec.lora_A).detach().cpu())
-                                 and torch.equal(saved[1], get_attr(cm, rec.lora_B).detach().cpu())):
-            raise _fail(directory, f"the adapter of {rec.site} in {WEIGHTS_NAME} differs from the program's "
+    pairs = [(site, files.tensors.get(key), path) for site, rec in cm.lora_records().items()
+             for key, path in peft_keys({site: rec}).items()]
+    pairs += [(site, getattr(s, ab, None), getattr(rec, ab)) for site, rec in cm.shortcut_records().items()
+              for s in [files.shortcuts.get(site)] for ab in ("lora_A", "lora_B")]
+    for site, saved, path in pairs:
+        if saved is None or not torch.equal(saved, get_attr(cm, path).detach().cpu()):
+            raise _fail(directory, f"the adapter of {site} in {WEIGHTS_NAME} differs from the program's "
                                    "(files from different saves)")

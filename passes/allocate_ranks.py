@@ -45,12 +45,11 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.graph_utils import find_linear_sites
 from lorafx.meta import graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
-from .insert_lora import ALL_LINEAR, select_linear_sites
+from .insert_lora import ALL_LINEAR, find_adapter_sites, select_linear_sites
 from .score_sites import PROXIES, Candidate, score_sites
 
 __all__ = ["AllocateRanks", "ALLOCATIONS", "REFERENCE_RANK", "allocate", "candidate_sites", "reference_budget"]
@@ -83,7 +82,9 @@ def candidate_sites(gm: torch.fx.GraphModule, target_modules=ALL_LINEAR, exclude
     """Every site an adapter may go to, in graph order: the linears ``target_modules``
     allows (one per module), then the shortcut sites when ``shortcuts``."""
     out: Dict[str, Candidate] = {}
-    for s in select_linear_sites(gm, find_linear_sites(gm), target_modules, exclude_modules, "AllocateRanks"):
+    for s in select_linear_sites(gm, find_adapter_sites(gm), target_modules, exclude_modules, "AllocateRanks"):
+        if s.kind != "lora_linear":
+            continue  # other layer kinds get no rank here: InsertLoRA then refuses them, naming them
         out.setdefault(s.module, Candidate(s.module, "linear", s.in_features, s.out_features,
                                            weight=s.weight.target, transposed=s.weight_transposed))
     if shortcuts:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -41,8 +42,8 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.dialect import LINEAR
-from lorafx.graph_utils import (LinearSite, find_linear_sites, get_attr, module_matches, node_module,
+from lorafx.dialect import LINEAR, kind_named, kinds
+from lorafx.graph_utils import (LinearSite, Site, get_attr, module_matches, node_module,
                                 pattern_value, set_parameter, unique)
 from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
 from lorafx.options import Option
@@ -50,18 +51,25 @@ from lorafx.pipeline import CAPTURED, Pass, PassResult
 
 from .score_sites import Candidate, mean_weight_gradients
 
-__all__ = ["InsertLoRA", "draw_A", "freeze_base", "select_linear_sites", "shared_weight_user"]
+__all__ = ["InsertLoRA", "draw_A", "freeze_base", "find_adapter_sites", "select_linear_sites", "shared_weight_user"]
 
 
 def draw_A(shape, init: str, r: int, gen: torch.Generator) -> torch.Tensor:
-    """An adapter's A (float32) drawn from ``gen``: "kaiming" is nn.Linear's default
-    (kaiming-uniform with a = sqrt(5), bound 1/sqrt(in)), "gaussian" is N(0, 1/r^2)."""
+    """An adapter tensor (float32) drawn from ``gen`` by rule: "kaiming" is nn.Linear's default
+    (kaiming-uniform with a = sqrt(5): bound 1/sqrt(fan_in), fan_in = prod(shape[1:])),
+    "gaussian" is N(0, 1/r^2), "normal" N(0, 1), "zeros" draws nothing."""
+    shape = tuple(shape)
     if init == "kaiming":
-        bound = 1.0 / math.sqrt(shape[-1])
-        return torch.rand(tuple(shape), generator=gen, dtype=torch.float32) * (2 * bound) - bound
+        bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+        return torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound
     if init == "gaussian":
-        return torch.randn(tuple(shape), generator=gen, dtype=torch.float32) / r
-    raise ValueError(f"draw_A: no drawing rule for init={init!r} (kaiming, gaussian)")
+        return torch.randn(shape, generator=gen, dtype=torch.float32) / r
+    if init == "normal":
+        return torch.randn(shape, generator=gen, dtype=torch.float32)
+    if init == "zeros":
+        return torch.zeros(shape, dtype=torch.float32)
+    raise ValueError(f"draw_A: no drawing rule for init={init!r} (kaiming, gaussian, normal, zeros)")
+
 
 log = logging.getLogger("lorafx")
 
@@ -202,24 +210,29 @@ class InsertLoRA(Pass):
         return r, alpha
 
     # -- rewriting ----------------------------------------------------------------
-    def _make_adapters(self, weight: torch.Tensor, site: LinearSite, r: int, gen, lors=None, deferred=None):
-        """A (r, in) and B (out, r) = 0 as Parameters.  On the meta device A stays empty and its
-        draw is appended to ``deferred`` (``lorafx.materialize`` replays it)."""
+    def _make_adapters(self, weight: torch.Tensor, site: Site, r: int, gen, lors=None, deferred=None
+                       ) -> Dict[str, torch.nn.Parameter]:
+        """The site's adapter tensors (``OpKind.adapter_init``: A and B = 0 for a linear) as
+        Parameters, drawn in order from ``gen``.  On the meta device they stay empty and their
+        draws are appended to ``deferred`` (``lorafx.materialize`` replays them)."""
         dtype, device = self.dtype_for(weight.dtype), weight.device
-        A = torch.empty(r, site.in_features, dtype=dtype, device=device)
-        B = torch.zeros(site.out_features, r, dtype=dtype, device=device)
-        if device.type == "meta":
-            deferred.append((f"{site.module}.lora_A", tuple(A.shape), self.init, r))
-        elif lors is not None:
-            A.copy_(lors[site.module][:r])
-        else:
-            A.copy_(draw_A(A.shape, self.init, r, gen))
-        return torch.nn.Parameter(A), torch.nn.Parameter(B)
+        out = {}
+        for name, (shape, rule) in kind_named(site.kind).adapter_init(site, r, self.init).items():
+            if device.type == "meta":
+                value = torch.empty(shape, dtype=dtype, device=device)
+                deferred.append((f"{site.module}.{name}", tuple(shape), rule, r))
+            elif lors is not None and name == "lora_A":
+                value = lors[site.module][:r].to(dtype)
+            else:
+                value = draw_A(shape, rule, r, gen).to(dtype=dtype, device=device)
+            out[name] = torch.nn.Parameter(value)
+        return out
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        sites = select_linear_sites(gm, find_linear_sites(gm), self.target_modules, self.exclude_modules)
+        sites = select_linear_sites(gm, find_adapter_sites(gm), self.target_modules, self.exclude_modules)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
+            _refuse_unallocated_kinds(sites)
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
         _refuse_shared_weights(gm, sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
@@ -231,31 +244,38 @@ class InsertLoRA(Pass):
                                  f"gradient, but rank {r} for {s.module} exceeds min(in, out) = "
                                  f"{min(s.in_features, s.out_features)}; use r <= that or init='kaiming'")
             ctx.decide("rank_above_limit_warned", lambda: _warn_rank_above_limit(above))  # once, not per capture
+        if self.init == "lors":
+            other = next((s for s in sites if s.kind != LINEAR.name), None)
+            if other is not None:
+                raise ValueError(f"InsertLoRA: init='lors' initialises linear adapters from the weight gradient, but "
+                                 f"target_modules also selects {other.module!r} ({other.layer}); leave it out or use "
+                                 "init='kaiming'")
         seed = self.seed if self.seed is not None else ctx.decide("seed", ctx.draw_seed)  # replayed per capture
         gen = torch.Generator().manual_seed(seed)
         lors = ctx.decide("lors_init", lambda: lors_directions(gm, ctx, sites, configs, seed)) \
             if self.init == "lors" else None
         if self.freeze:
             freeze_base(gm)
-        made: Dict[str, Tuple[str, str]] = {}
+        made: Dict[str, Dict[str, str]] = {}
         deferred: List[Tuple[str, Tuple[int, ...], str, int]] = []
-        replaced: Dict[torch.fx.Node, torch.fx.Node] = {}  # a site's linear -> its lora node (a linear fed by one)
+        replaced: Dict[torch.fx.Node, torch.fx.Node] = {}  # a site's node -> its adapter node (a site fed by one)
+        train = graph_record(gm).training is not False
         for site, (r, alpha) in zip(sites, configs):
-            a_path, b_path = f"{site.module}.lora_A", f"{site.module}.lora_B"
             if site.module not in made:  # a module called twice shares its adapter
-                A, B = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen, lors, deferred)
-                set_parameter(gm, a_path, A)
-                set_parameter(gm, b_path, B)
-                made[site.module] = (a_path, b_path)
+                tensors = self._make_adapters(get_attr(gm, site.weight.target), site, r, gen, lors, deferred)
+                for name, value in tensors.items():
+                    set_parameter(gm, f"{site.module}.{name}", value)
+                made[site.module] = {name: f"{site.module}.{name}" for name in tensors}
+            paths = made[site.module]
             scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             bias_path = site.bias.target if isinstance(site.bias, torch.fx.Node) and site.bias.op == "get_attr" else None
-            record = LoraRecord(site=site.module, weight=site.weight.target, lora_A=a_path, lora_B=b_path, r=r,
-                                alpha=alpha, scale=scale, in_features=site.in_features,
+            record = LoraRecord(site=site.module, weight=site.weight.target, lora_A=paths["lora_A"],
+                                lora_B=paths["lora_B"], r=r, alpha=alpha, scale=scale, in_features=site.in_features,
                                 out_features=site.out_features, bias=bias_path, dropout=self.dropout,
-                                weight_transposed=site.weight_transposed)
+                                weight_transposed=site.weight_transposed, kind=site.kind, layer=site.layer)
             x = replaced.get(site.x, site.x)
-            replaced[site.node] = replace_with_lora(gm, site.node, x, site.weight, site.bias, record,
-                                                    created_by=self.name)
+            replaced[site.node] = kind_named(site.kind).insert(gm, site, record, x, train=train,
+                                                               created_by=self.name)
         gm.graph.eliminate_dead_code()
         if deferred:
             graph_record(gm).deferred_init += (DeferredInit(seed, tuple(deferred)),)
@@ -266,6 +286,7 @@ class InsertLoRA(Pass):
             "trainable_params": trainable,
             "total_params": sum(p.numel() for p in gm.parameters()),
             "rank_pattern": {s.module: c[0] for s, c in zip(sites, configs)},
+            "sites_by_layer": dict(Counter(s.layer for s in {s.module: s for s in sites}.values())),
         }
         return PassResult(gm, True, info)
 
@@ -323,12 +344,29 @@ def _site_type(site) -> str:
     return rec.module_type if rec is not None else ""
 
 
+def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:
+    """Every site some registered op kind adapts (``OpKind.find_sites`` of the kinds with a
+    ``layer``), in graph order."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found = [s for kind in kinds() if kind.layer for s in kind.find_sites(gm)]
+    return sorted(found, key=lambda s: order[s.node])
+
+
+def _refuse_unallocated_kinds(sites) -> None:
+    """AllocateRanks scores linear layers only: a selected site of another kind would silently get no adapter."""
+    other = [s for s in sites if s.kind != LINEAR.name]
+    if other:
+        shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:4])
+        raise ValueError(f"InsertLoRA: rank_budget allocates ranks to linear layers only, but target_modules also "
+                         f"selects {shown}; leave them out of target_modules, or compile without rank_budget")
+
+
 def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules, where: str) -> None:
     """No silent partial adaptation: every module with parameters that ``target_modules`` names
     and lorafx cannot adapt (an embedding, a convolution, a norm, a container such as an
     attention block, an nn.MultiheadAttention) is an error naming it, its kind and what to
     do, before anything is built.  Parameter-free modules (activations) are ignored."""
-    linear = {s.module for s in sites if _site_type(s) not in UNSUPPORTED_CONTAINERS}
+    linear = {s.module for s in sites if _site_type(s) not in UNSUPPORTED_CONTAINERS}  # every adaptable site
     holding = set()  # modules holding parameters, themselves or below (a parameter-free act_fn is never an adapter site)
     for name, _ in gm.named_parameters():
         parts = name.split(".")[:-1]
@@ -344,9 +382,15 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
             if inside else "")
     raise ValueError(
         f"{where}: target_modules={target_modules!r} names {len(bad)} module(s) lorafx cannot adapt: {shown}. "
-        "lorafx adapts linear layers (nn.Linear, transformers' Conv1D); embeddings, convolutions and "
-        "nn.MultiheadAttention are not supported yet, and nothing was compiled. Remove them from target_modules"
+        f"lorafx adapts these layer types: {', '.join(adaptable_layers())}; the others are not supported yet, "
+        "and nothing was compiled. Remove them from target_modules"
         f"{hint}")
+
+
+def adaptable_layers() -> List[str]:
+    """The layer types some registered op kind adapts ("Linear (nn.Linear, transformers' Conv1D)", ...)."""
+    names = {"Linear": "Linear (nn.Linear, transformers' Conv1D)"}
+    return unique(names.get(k.layer, k.layer) for k in kinds() if k.layer)
 
 
 def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules,
@@ -360,7 +404,10 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
         _refuse_unadaptable(gm, sites, target_modules, exclude_modules, where)
     chosen, skipped = [], []
     for s in sites:
-        ok = s.module not in outputs if target_modules == ALL_LINEAR else module_matches(s.module, target_modules)
+        if target_modules == ALL_LINEAR:  # PEFT's all-linear: linear layers only, not the output layer
+            ok = s.kind == LINEAR.name and s.module not in outputs
+        else:
+            ok = module_matches(s.module, target_modules)
         if ok and not module_matches(s.module, exclude_modules):
             (skipped if _site_type(s) in UNSUPPORTED_CONTAINERS else chosen).append(s)
     if skipped:
@@ -371,8 +418,8 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
         names = unique(s.module for s in sites)
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
         raise ValueError(
-            f"{where}: target_modules={target_modules!r} matched no linear layer. "
-            f"Linear modules in this model: {shown or 'none'}"
+            f"{where}: target_modules={target_modules!r} matched no linear layer (nor another layer lorafx adapts). "
+            f"Adaptable modules in this model: {shown or 'none'}"
         )
     return chosen
 
@@ -410,23 +457,6 @@ def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
             f"changing {other} too. Leave {module} out of target_modules (or add it to exclude_modules), "
             "or untie the weights first (config.tie_word_embeddings=False and give "
             f"{module} its own copy of the weight)")
-
-
-def replace_with_lora(gm, node, x, weight_node, bias, record: LoraRecord, created_by: str,
-                      train: Optional[bool] = None) -> torch.fx.Node:
-    """Insert a ``lora_linear`` computing ``node``'s linear plus the adapter (``LINEAR.build``)
-    and give it ``node``'s users; returns the new node."""
-    g = gm.graph
-    if train is None:
-        train = graph_record(gm).training is not False
-    with g.inserting_before(node):
-        new = LINEAR.build(g, x, weight_node, bias, record, train=train, created_by=created_by)
-    for key in ("nn_module_stack", "stack_trace", "val"):
-        if key in node.meta:
-            new.meta[key] = node.meta[key]
-    node.replace_all_uses_with(new)
-    g.erase_node(node)
-    return new
 
 
 def freeze_base(gm: torch.nn.Module) -> int:

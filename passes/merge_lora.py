@@ -4,7 +4,8 @@ MergeLoRA requires ``"lora"``.  It first rewrites every LoRA op into its kind's
 canonical, single-adapter form (``lorafx.dialect.canonicalize``: sibling groups split,
 folded and recompute nodes back to ``lora_linear``), then asks each node's kind for its
 merged weight (W + scale * B A by default, in float32, in the stored layout), binds it
-in place of W and turns the node into a plain ``aten.linear``.  The original W is kept
+in place of W and turns the node into its kind's plain op (``OpKind.base_op``: ``aten.linear``
+for a linear, the embedding lookup or convolution for those kinds).  The original W is kept
 as a non-persistent buffer ``<weight>_lorafx_unmerged`` so that UnmergeLoRA restores it
 bit for bit (the caller's model is never written to); UnmergeLoRA asks the kind the
 node was merged from (its ``MergedFrom`` record) to rebuild it.  ``unload=True`` also
@@ -127,9 +128,8 @@ class MergeLoRA(Pass):
                 continue  # no weight to fold it into: it keeps running (lowered below when unloading)
             if self.rebind_weights:
                 _merge_site_weight(gm, rec, lambda: kind.merged_weight(gm, node))
-            v = kind.view(node)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.aten.linear.default, (v.x, v.weight, v.bias))
+                new = kind.base_op(gm.graph, node)  # aten.linear for a linear's adapter
             new.meta.update({k: val for k, val in node.meta.items() if k != "lorafx"})
             set_record(new, get_record(node, OriginRecord) or OriginRecord(rec.site))
             if not self.unload:
@@ -168,7 +168,9 @@ class UnmergeLoRA(Pass):
         count = 0
         for node in list(gm.graph.nodes):
             rec = get_record(node, LoraRecord) if node.op == "call_function" else None
-            if rec is None or not rec.merged or node.target is not torch.ops.aten.linear.default:
+            if rec is None or not rec.merged or kind_of(node) is not None:
+                continue
+            if get_record(node, MergedFrom) is None and node.target is not torch.ops.aten.linear.default:
                 continue
             if self.rebind_weights:
                 unmerge_site_weight(gm, rec)

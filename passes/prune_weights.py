@@ -46,12 +46,12 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.graph_utils import find_linear_sites, get_attr, set_parameter, unique
+from lorafx.graph_utils import get_attr, set_parameter, unique
 from lorafx.meta import SparsityInfo, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
-from .insert_lora import ALL_LINEAR, select_linear_sites, shared_weight_user
+from .insert_lora import ALL_LINEAR, find_adapter_sites, select_linear_sites, shared_weight_user
 from .score_sites import numbered_batches, private_copy, split_labels
 
 __all__ = ["PruneWeights", "prune_mask", "parse_pattern", "check_sparsity", "METHODS", "KEEP"]
@@ -205,7 +205,11 @@ class PruneWeights(Pass):
 
     # -- the pass ---------------------------------------------------------------------------
     def _sites(self, gm):
-        chosen = select_linear_sites(gm, find_linear_sites(gm), self.modules, None, where="PruneWeights")
+        chosen = select_linear_sites(gm, find_adapter_sites(gm), self.modules, None, where="PruneWeights")
+        other = [c for c in chosen if c.kind != "lora_linear"]
+        if other:
+            raise ValueError(f"PruneWeights: sparsity prunes linear layers only, but sparsity_modules={self.modules!r} "
+                             f"selects {other[0].module!r} ({other[0].layer}); leave it out of sparsity_modules")
         shared = shared_weight_user(gm, chosen)
         if shared is not None:
             site, other = shared

@@ -59,7 +59,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from lorafx import schedules as S
-from lorafx.graph_utils import safe_name
+from lorafx.graph_utils import find_linear_sites, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 from lorafx.schedules import DEFAULT_KEEP_XA_SCHEDULE, DEFAULT_SCHEDULE, Rule, effective, lora_flops
 
@@ -469,6 +469,7 @@ class LinearKind(AdapterKind):
     """
 
     name = "lora_linear"
+    layer = "Linear"
     ops = (OP, XA_OP)
     helper_ops = (MASK_OP, torch.ops.lorafx.lora_linear_backward.default)
     scheduled = True
@@ -574,6 +575,20 @@ class LinearKind(AdapterKind):
                      dropout_mask=mask, dropout_p=record.dropout)
         set_record(new, OriginRecord(record.site, "Linear", created_by=created_by))
         set_record(new, record)
+        return new
+
+    def find_sites(self, gm):
+        return find_linear_sites(gm)
+
+    def insert(self, gm, site, record: LoraRecord, x, *, train: bool, created_by: str):
+        g = gm.graph
+        with g.inserting_before(site.node):
+            new = self.build(g, x, site.weight, site.bias, record, train=train, created_by=created_by)
+        for key in ("nn_module_stack", "stack_trace", "val"):
+            if key in site.node.meta:
+                new.meta[key] = site.node.meta[key]
+        site.node.replace_all_uses_with(new)
+        g.erase_node(site.node)
         return new
 
     def unmerge(self, graph, linear, record: LoraRecord, *, train: bool, created_by: str):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.fx
 
-from lorafx.graph_utils import get_attr
+from lorafx.graph_utils import Site, get_attr
 from lorafx.meta import LoraRecord, add_describer, get_record
 from lorafx.pipeline import add_graph_check
 from lorafx.schedules import Rule
@@ -346,6 +346,36 @@ class OpKind:
         """For a kind that is not ``mergeable``: replace the node by plain aten ops computing
         the same output (``merge_and_unload``); returns the node that replaces it."""
         raise NotImplementedError(f"op kind {self.name!r} is mergeable; it has no lowering to aten ops")
+
+    # creating adapters (the kinds InsertLoRA builds: ``layer`` set) -----------------------------
+    layer: str = ""  # the layer type InsertLoRA adapts with this kind ("Linear", "Embedding", ...); "" for none
+
+    def find_sites(self, gm: torch.fx.GraphModule) -> List[Site]:
+        """The sites of this kind's layer type in a captured graph, in graph order."""
+        return []
+
+    def adapter_init(self, site: Site, r: int, init: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+        """The adapter tensors to create for ``site`` at rank ``r``: ``{attribute name under the
+        site's module: (shape, draw rule)}`` in the order they are drawn (the rules of
+        ``lorafx.passes.insert_lora.draw_A``; ``init`` is the user's rule for A)."""
+        return {"lora_A": ((r, site.in_features), init), "lora_B": ((site.out_features, r), "zeros")}
+
+    def insert(self, gm: torch.fx.GraphModule, site: Site, record: LoraRecord, x: Any, *, train: bool,
+               created_by: str) -> torch.fx.Node:
+        """Build the adapter node of ``record`` before ``site.node``, reading ``x``; give it the
+        site node's users and provenance and erase the site node; returns the new node."""
+        raise NotImplementedError(f"op kind {self.name!r} does not build adapters on layers")
+
+    def base_op(self, graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+        """MergeLoRA: a plain op, inserted at the graph's insertion point, computing the frozen
+        layer from the node's weight and bias arguments (``aten.linear`` by default)."""
+        v = self.view(node)
+        return graph.call_function(torch.ops.aten.linear.default, (v.x, v.weight, v.bias))
+
+    def peft_tensors(self, record: LoraRecord) -> Dict[str, str]:
+        """``{PEFT state-dict key (without "base_model.model." and the adapter name): attribute
+        path}`` for one adapter: what ``save_adapter`` writes and ``load_adapter`` reads."""
+        return {f"{record.site}.lora_A.weight": record.lora_A, f"{record.site}.lora_B.weight": record.lora_B}
 
     # training mode ------------------------------------------------------------------------------
     def set_training(self, node: torch.fx.Node, train: bool) -> bool:
