@@ -52,6 +52,7 @@ import torch
 from ._version import __version__
 from .dialect import SparseRecord
 from .graph_utils import get_attr, pattern_value
+from .dialect.mha import peft_target
 from .meta import LoraRecord, get_record
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
@@ -143,8 +144,9 @@ def _expected_scale(config: dict, site: str) -> float:
 
 def _peft_config(cm, records) -> dict:
     """The PEFT LoraConfig fields describing ``cm``'s adapters."""
-    ranks = {s: r.r for s, r in records.items()}
-    alphas = {s: r.alpha for s, r in records.items()}
+    named = {peft_target(r): r for r in records.values()}  # PEFT's module names (an MHA's out_proj: the MHA's)
+    ranks = {s: r.r for s, r in named.items()}
+    alphas = {s: r.alpha for s, r in named.items()}
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
     transposed = {r.weight_transposed for r in recs}
@@ -154,10 +156,10 @@ def _peft_config(cm, records) -> dict:
         "base_model_name_or_path": getattr(getattr(cm._source, "config", None), "_name_or_path", None) or None,
         "r": r0,
         "lora_alpha": a0,
-        "target_modules": _targets(cm._source, records),
+        "target_modules": _targets(cm._source, named),
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
-        "lora_dropout": recs[0].dropout,
+        "lora_dropout": max(r.dropout for r in recs),  # (an nn.MultiheadAttention's adapters have none, as in PEFT)
         "use_rslora": _rslora_flag(records),
         # PEFT picks the layout per layer (Conv1D -> fan_in_fan_out) and the saved A/B
         # are (r, in) / (out, r) either way, so a mixed model round-trips too.
@@ -652,9 +654,9 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
             shown = " ".join(f"{label(k)}{tuple(tensors[k].shape)}" for k in keys)
             mine = " ".join(f"{label(k)}{tuple(get_attr(cm, p).shape)}" for k, p in keys.items())
             raise ValueError(f"{site}: adapter shapes {shown} do not match this model's {mine}")
-        if config is not None and not _close(rec.scale, _expected_scale(config, site)):
+        if config is not None and not _close(rec.scale, _expected_scale(config, peft_target(rec))):
             raise ValueError(f"{site}: the adapter in {directory} gives this site scale "
-                             f"{_expected_scale(config, site):g} (from r, lora_alpha, rank/alpha_pattern, "
+                             f"{_expected_scale(config, peft_target(rec)):g} (from r, lora_alpha, rank/alpha_pattern, "
                              f"use_rslora) but this model was compiled with scale {rec.scale:g}; compile with "
                              "the adapter's settings or use lorafx.load_adapter(model, directory)")
     copies = _shortcut_copies(cm, directory, shortcuts or {})

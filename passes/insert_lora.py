@@ -45,7 +45,7 @@ from lorafx.context import CompileContext
 from lorafx.dialect import LINEAR, kind_named, kinds
 from lorafx.graph_utils import (LinearSite, Site, get_attr, module_matches, node_module,
                                 pattern_value, set_parameter, unique)
-from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
+from lorafx.meta import DeferredInit, LoraRecord, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
@@ -74,9 +74,6 @@ def draw_A(shape, init: str, r: int, gen: torch.Generator) -> torch.Tensor:
 log = logging.getLogger("lorafx")
 
 ALL_LINEAR = "all-linear"
-# module types whose linear layers lorafx cannot adapt as PEFT does yet: nn.MultiheadAttention runs its
-# packed in_proj and its out_proj inside its own forward, so they appear as linears of the MHA module
-UNSUPPORTED_CONTAINERS = ("MultiheadAttention",)
 INITS = ("kaiming", "gaussian", "lors")
 LORS_BATCHES = 16  # calibration batches init="lors" averages the weight gradient over
 _ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora), so 0 means "
@@ -205,8 +202,9 @@ class InsertLoRA(Pass):
         return weight_dtype
 
     def site_config(self, site: LinearSite, allocation: Optional[Dict[str, int]] = None) -> Tuple[int, float]:
-        r = allocation[site.module] if allocation is not None else pattern_value(site.module, self.rank_pattern, self.r)
-        alpha = float(pattern_value(site.module, self.alpha_pattern, self.alpha))
+        name = target_name(site)  # (PEFT ranks an nn.MultiheadAttention's two projections by its own name)
+        r = allocation[site.module] if allocation is not None else pattern_value(name, self.rank_pattern, self.r)
+        alpha = float(pattern_value(name, self.alpha_pattern, self.alpha))
         return r, alpha
 
     # -- rewriting ----------------------------------------------------------------
@@ -236,7 +234,8 @@ class InsertLoRA(Pass):
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
         _refuse_shared_weights(gm, sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
-        above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
+        above = [(s, r) for s, (r, _) in zip(sites, configs)
+                 if r > min(s.extra.get("fan_in", s.in_features), s.out_features)]  # (a conv: in · kernel size)
         if above:
             if self.init == "lors":
                 s, r = above[0]
@@ -339,9 +338,10 @@ def _module_types(gm: torch.fx.GraphModule) -> Dict[str, str]:
     return out
 
 
-def _site_type(site) -> str:
-    rec = get_record(site.node, OriginRecord)
-    return rec.module_type if rec is not None else ""
+def target_name(site) -> str:
+    """The module name ``target_modules`` selects ``site`` by: its module's, or for the projections of an
+    nn.MultiheadAttention the attention module's (PEFT adapts both when it is named)."""
+    return site.extra.get("target", site.module)
 
 
 def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:
@@ -354,7 +354,7 @@ def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:
 
 def _refuse_unallocated_kinds(sites) -> None:
     """AllocateRanks scores linear layers only: a selected site of another kind would silently get no adapter."""
-    other = [s for s in sites if s.kind != LINEAR.name]
+    other = [s for s in sites if s.kind != LINEAR.name or s.layer == "MultiheadAttention"]  # (PEFT: one rank for both)
     if other:
         shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:4])
         raise ValueError(f"InsertLoRA: rank_budget allocates ranks to linear layers only, but target_modules also "
@@ -366,7 +366,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
     and lorafx cannot adapt (an embedding, a convolution, a norm, a container such as an
     attention block, an nn.MultiheadAttention) is an error naming it, its kind and what to
     do, before anything is built.  Parameter-free modules (activations) are ignored."""
-    linear = {s.module for s in sites if _site_type(s) not in UNSUPPORTED_CONTAINERS}  # every adaptable site
+    linear = {s.module for s in sites} | {target_name(s) for s in sites}  # every adaptable site
     holding = set()  # modules holding parameters, themselves or below (a parameter-free act_fn is never an adapter site)
     for name, _ in gm.named_parameters():
         parts = name.split(".")[:-1]
@@ -402,18 +402,30 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
     outputs = set(graph_record(gm).output_modules)
     if target_modules != ALL_LINEAR:
         _refuse_unadaptable(gm, sites, target_modules, exclude_modules, where)
-    chosen, skipped = [], []
+    chosen = []
     for s in sites:
+        name = target_name(s)
         if target_modules == ALL_LINEAR:  # PEFT's all-linear: linear layers only, not the output layer
             ok = s.kind == LINEAR.name and s.module not in outputs
         else:
-            ok = module_matches(s.module, target_modules)
-        if ok and not module_matches(s.module, exclude_modules):
-            (skipped if _site_type(s) in UNSUPPORTED_CONTAINERS else chosen).append(s)
-    if skipped:
-        log.warning("lorafx: %s: all-linear leaves the linears of %d nn.MultiheadAttention module(s) unadapted (%s): "
-                    "lorafx cannot adapt them as PEFT does yet", where, len(unique(s.module for s in skipped)),
-                    ", ".join(unique(s.module for s in skipped)[:5]))
+            ok = module_matches(name, target_modules)
+            if not ok and name != s.module and module_matches(s.module, target_modules):
+                raise ValueError(
+                    f"{where}: target_modules={target_modules!r} names {s.module!r}, a projection of the "
+                    f"{s.layer} {name!r}, which runs it inside its own forward: PEFT adapts its input and output "
+                    f"projections together when the attention module is named. Target {name!r} instead "
+                    "(nothing was compiled)")
+        if ok and not module_matches(name, exclude_modules):
+            chosen.append(s)
+    problems = [s for s in chosen if s.extra.get("problem")]
+    if problems and target_modules == ALL_LINEAR:  # not named by the user: left alone, said once
+        log.warning("lorafx: %s: all-linear leaves %s unadapted: %s", where,
+                    ", ".join(unique(f"{target_name(s)} ({s.layer})" for s in problems)[:5]), problems[0].extra["problem"])
+        chosen, problems = [s for s in chosen if not s.extra.get("problem")], []
+    if problems:
+        s = problems[0]
+        raise ValueError(f"{where}: cannot adapt {target_name(s)!r} ({s.layer}): {s.extra['problem']}. Leave it out "
+                         "of target_modules (or add it to exclude_modules); nothing was compiled")
     if not chosen:
         names = unique(s.module for s in sites)
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")

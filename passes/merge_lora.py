@@ -120,6 +120,12 @@ class MergeLoRA(Pass):
     provides = frozenset({"merged"})
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+        problems = [p for n in gm.graph.nodes if kind_of(n) is not None and mergeable(kind_of(n))
+                    for p in [kind_of(n).merge_problem(n)] if p]
+        if problems:  # before anything changes
+            raise ValueError(f"cannot merge the adapters: {problems[0]}"
+                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                             + "; keep them unmerged (the compiled model runs them as they are)")
         count = 0
         unloaded = set()
         for node in canonicalize(gm.graph):  # one single-adapter node per adapter

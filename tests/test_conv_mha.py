@@ -1,7 +1,8 @@
 """LoRA on convolutions (lora_conv) and on nn.MultiheadAttention (its packed in_proj and its out_proj):
 the op against a plain-autograd reference, and compile / identity / training / merge / PEFT parity and
 the PEFT format both ways on small models."""
-import warnings
+import copy
+import json
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import lorafx
+from lorafx.graph_utils import get_attr
 from lorafx.dialect.conv import conv_delta_weight, lora_conv_reference
 
 op = torch.ops.lorafx.lora_conv
@@ -107,3 +109,244 @@ def test_lora_conv_adapters_in_their_own_dtype():
     torch.testing.assert_close(y, want.bfloat16())
     y.float().sum().backward()
     assert A.grad.dtype == torch.float32 and B.grad is not None
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+DTYPE = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+class ConvNet(torch.nn.Module):
+    """Conv2d (strided, grouped, 1x1), Conv1d, Conv3d (1x1 and 3x3 without bias) and a linear head."""
+
+    def __init__(self, groups=2):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+        self.c3 = torch.nn.Conv2d(8, 6, 1)
+        self.d1 = torch.nn.Conv1d(6, 4, 3, padding=1)
+        self.e1 = torch.nn.Conv3d(4, 4, 1)
+        self.e2 = torch.nn.Conv3d(4, 4, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        h = self.d1(h.flatten(2))
+        h = self.e2(self.e1(h.view(h.shape[0], 4, 4, 2, 2)))
+        return self.fc(h.mean((2, 3, 4)))
+
+
+CONV_TARGETS = ["c1", "c2", "c3", "d1", "e1", "e2", "fc"]
+
+
+class MhaNet(torch.nn.Module):
+    """A linear, a self-attention nn.MultiheadAttention (sequence first) and a head."""
+
+    def __init__(self, **mha):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 10)
+        self.mha = torch.nn.MultiheadAttention(10, 2, **mha)
+        self.head = torch.nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(self.mha(h, h, h)[0])
+
+
+def _conv_net(groups=2):
+    torch.manual_seed(0)
+    return ConvNet(groups).to(DTYPE), torch.randn(3, 3, 8, 8, dtype=DTYPE)
+
+
+def _mha_net(**mha):
+    torch.manual_seed(0)
+    return MhaNet(**mha).to(DTYPE), torch.randn(5, 2, 6, dtype=DTYPE)
+
+
+def _peft_key(key):  # a peft_tensors key as PEFT's named_parameters spell it
+    return "base_model.model." + key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+
+
+def _peft_model(base, targets, **config):
+    return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=targets, init_lora_weights=False,
+                                                                    **config))
+
+
+def _copy_from_peft(cm, pm):
+    """Copy PEFT's (non-zero) adapters into cm, by the keys lorafx saves; returns {key: path}."""
+    from lorafx.adapter_io import peft_keys
+    keys = peft_keys(cm.lora_records())
+    params = dict(pm.named_parameters())
+    assert {_peft_key(k) for k in keys} == {n for n in params if ".lora_" in n}
+    with torch.no_grad():
+        for key, path in keys.items():
+            get_attr(cm, path).copy_(params[_peft_key(key)])
+    return keys
+
+
+def _assert_parity(cm, pm, x, keys, factor=None):
+    """Outputs and every adapter gradient allclose (``factor``: {key: multiplier} of PEFT's gradient)."""
+    params = dict(pm.named_parameters())
+    cm.zero_grad(set_to_none=True)
+    pm.zero_grad(set_to_none=True)
+    got, want = cm(x), pm(x)
+    torch.testing.assert_close(got, want, **TOL)
+    w = torch.randn(got.shape, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    for key, path in keys.items():
+        g_cm, g_pm = get_attr(cm, path).grad, params[_peft_key(key)].grad
+        assert g_pm.abs().max() > 0, key
+        torch.testing.assert_close(g_cm * (factor or {}).get(key, 1.0), g_pm, **TOL, msg=lambda m: f"{key}: {m}")
+
+
+# -- convolutions ----------------------------------------------------------------------------------
+
+def test_conv_model_compiles_identity_at_init_and_only_adapters_train():
+    base, x = _conv_net()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, alpha=8, target_modules=CONV_TARGETS)
+    recs = cm.lora_records()
+    assert {s: (r.kind, r.layer) for s, r in recs.items()} == {
+        **{s: ("lora_conv", "Conv2d") for s in ("c1", "c2", "c3")}, "d1": ("lora_conv", "Conv1d"),
+        "e1": ("lora_conv", "Conv3d"), "e2": ("lora_conv", "Conv3d"), "fc": ("lora_linear", "Linear")}
+    assert tuple(get_attr(cm, recs["c2"].lora_A).shape) == (4, 8, 3, 3)  # PEFT's layout: A (r, in, *kernel)
+    assert tuple(get_attr(cm, recs["c2"].lora_B).shape) == (8, 2, 1, 1)  # B (out, r / groups, 1, 1)
+    assert [r.info["sites_by_layer"] for r in cm.report().passes if "sites_by_layer" in r.info][0] == {"Conv2d": 3, "Conv1d": 1, "Conv3d": 2, "Linear": 1}
+    torch.testing.assert_close(cm(x), base(x), **TOL)  # B = 0
+    trainable = {n for n, p in cm.named_parameters() if p.requires_grad}
+    assert trainable == {f"{s}.lora_{ab}" for s in recs for ab in "AB"}
+    opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.1)
+    frozen = {n: p.clone() for n, p in cm.named_parameters() if not p.requires_grad}
+    for _ in range(2):
+        opt.zero_grad()
+        cm(x).pow(2).sum().backward()
+        opt.step()
+    assert all(get_attr(cm, recs[s].lora_B).abs().max() > 0 for s in recs)
+    assert all(torch.equal(p, dict(cm.named_parameters())[n]) for n, p in frozen.items())
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+
+
+@pytest.mark.slow
+def test_conv_peft_parity_and_round_trips(tmp_path):
+    """With A/B copied from PEFT: outputs and adapter gradients equal PEFT's; save_adapter loads in PEFT and
+    PEFT's save_pretrained loads in lorafx, with the same outputs (grouped, strided, 1x1, 1d/2d/3d)."""
+    base, x = _conv_net()
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, alpha=8, target_modules=CONV_TARGETS).eval()
+    with warnings_ignored():
+        pm = _peft_model(base, CONV_TARGETS, r=4, lora_alpha=8).eval()
+    keys = _copy_from_peft(cm, pm)
+    _assert_parity(cm, pm, x, keys)
+    want = pm(x).detach()
+    cm.save_adapter(str(tmp_path / "lorafx"))
+    with warnings_ignored():
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lorafx")).eval()
+    torch.testing.assert_close(back(x), want, **TOL)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    loaded = lorafx.load_adapter(base, str(tmp_path / "peft"), example_inputs=(x,)).eval()
+    assert {s: r.layer for s, r in loaded.lora_records().items()} == {s: r.layer for s, r in cm.lora_records().items()}
+    torch.testing.assert_close(loaded(x), want, **TOL)
+
+
+def warnings_ignored():
+    import warnings
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("ignore")
+
+    class _Exit:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            ctx.__exit__(*exc)
+    return _Exit()
+
+
+def test_conv_merge_unmerge_and_merge_and_unload_equal_the_unmerged_model():
+    base, x = _conv_net(groups=1)
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, alpha=8, target_modules=CONV_TARGETS, init="gaussian").eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for rec in cm.lora_records().values():
+            B = get_attr(cm, rec.lora_B)
+            B.copy_(torch.randn(B.shape, generator=gen, dtype=DTYPE) * 0.3)
+    want = cm(x).detach()
+    assert not torch.allclose(want, base(x))
+    cm.merge()
+    assert not any(p.requires_grad for n, p in cm.named_parameters() if n.endswith("weight"))
+    torch.testing.assert_close(cm(x), want, **TOL)
+    cm.unmerge()
+    torch.testing.assert_close(cm(x), want, **TOL)
+    gm = cm.merge_and_unload()
+    assert not any(".lora_" in n for n, _ in gm.named_parameters())
+    assert not any(str(n.target).startswith("lorafx.") for n in gm.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(gm(x=x) if _keyword(gm) else gm(x), want, **TOL)
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(cm.merged_state_dict(), strict=True)
+    torch.testing.assert_close(merged(x), want, **TOL)
+    torch.testing.assert_close(base(x), lorafx.compile(base, example_inputs=(x,), r=2, target_modules=["c1"])(x), **TOL)
+
+
+def _keyword(gm):
+    try:
+        gm(torch.zeros(0))
+    except TypeError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def test_grouped_conv_merge_is_refused_and_changes_nothing():
+    """PEFT refuses to merge a grouped convolution's adapter (its update is a dense weight); so does lorafx,
+    before changing anything, and the unmerged model keeps running."""
+    base, x = _conv_net(groups=2)
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, target_modules=["c1", "c2"], init="gaussian").eval()
+    with torch.no_grad():
+        for rec in cm.lora_records().values():
+            get_attr(cm, rec.lora_B).fill_(0.1)
+    want = cm(x).detach()
+    weights = {n: p.clone() for n, p in cm.named_parameters()}
+    for merge in (cm.merge, cm.merge_and_unload, cm.merged_state_dict):
+        with pytest.raises(ValueError, match=r"c2.*groups=2.*PEFT refuses to merge it too"):
+            merge()
+        assert not cm.merged
+        assert all(torch.equal(p, weights[n]) for n, p in cm.named_parameters())
+        torch.testing.assert_close(cm(x), want, **TOL)
+
+
+class _OneConv(torch.nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("conv,r,match", [
+    (torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2), 2, r"'conv' \(Conv2d\): it is dilated .*PEFT fails in forward"),
+    (torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), 2, r"'conv' \(Conv2d\): it pads its input itself"),
+    (torch.nn.Conv2d(4, 4, 2, padding="same"), 2, r"padding='same' pads one side more"),
+    (torch.nn.Conv2d(4, 6, 3, groups=2), 3, r"conv is a Conv2d with groups=2 and rank 3: .*divisible by groups"),
+])
+def test_convolutions_peft_cannot_adapt_are_refused(conv, r, match):
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match=match):
+        lorafx.compile(_OneConv(conv), example_inputs=(x,), r=r, target_modules=["conv"])
+
+
+def test_conv_rank_above_its_smaller_side_is_accepted_with_the_warning():
+    """PEFT's r=8 on a 5 -> 1 convolution with a 1-wide kernel: accepted (B·A has rank 1), warned once."""
+    from conftest import Warnings
+    x = torch.randn(2, 5, 7)
+    with Warnings() as records:
+        cm = lorafx.compile(_OneConv(torch.nn.Conv1d(5, 1, 1)), example_inputs=(x,), r=8, target_modules=["conv"])
+    assert cm.lora_records()["conv"].r == 8
+    assert any("rank above min(in, out)" in r.getMessage() for r in records)
+    with Warnings() as records:  # a 3-wide kernel: A's fan-in is 5 · 3 = 15 >= 8, and out = 1 < 8 still warns
+        lorafx.compile(_OneConv(torch.nn.Conv1d(5, 16, 3)), example_inputs=(x,), r=8, target_modules=["conv"])
+    assert not any("rank above" in r.getMessage() for r in records)

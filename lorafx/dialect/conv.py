@@ -34,6 +34,7 @@ FoldLoRAIntoBase, FuseSiblings, ApplySparsity) ask for that kind and leave it al
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import sympy
@@ -257,9 +258,8 @@ def conv_geometry(node: torch.fx.Node, w_shape) -> Optional[dict]:
     return out
 
 
-def conv_site_problem(site) -> Optional[str]:
-    """Why a convolution site cannot get PEFT's conv LoRA (None when it can)."""
-    e = site.extra
+def conv_site_problem(e: dict) -> Optional[str]:
+    """Why a convolution (its geometry ``e``, a site's ``extra``) cannot get PEFT's conv LoRA (None when it can)."""
     if e.get("problem"):
         return e["problem"]
     if any(d != 1 for d in e["dilation"]) and any(k != 1 for k in e["kernel"]):
@@ -300,6 +300,8 @@ def find_conv_sites(gm: torch.fx.GraphModule) -> list:
                                               aten.replication_pad3d.default, aten.constant_pad_nd.default)
                              and all(p == 0 for p in geo["padding"]))
         groups = geo["groups"]
+        geo["fan_in"] = int(wt.shape[1]) * groups * math.prod(geo["kernel"])  # B·A's rank bound is min(fan_in, out)
+        geo["problem"] = conv_site_problem(geo)  # (InsertLoRA refuses a selected site with a problem)
         sites.append(Site(node, module, x, w, b if isinstance(b, torch.fx.Node) else None, False,
                           int(wt.shape[1]) * groups, int(wt.shape[0]), kind="lora_conv", layer=LAYERS[wt.dim()],
                           extra=geo))
@@ -320,17 +322,13 @@ class ConvKind(OpKind):
 
     name = "lora_conv"
     ops = (OP,)
-    layer = "Conv"
+    layer = "Conv1d/Conv2d/Conv3d"
 
     # sites and adapters --------------------------------------------------------------------
     def find_sites(self, gm):
         return find_conv_sites(gm)
 
     def adapter_init(self, site, r: int, init: str) -> Dict[str, tuple]:
-        problem = conv_site_problem(site)
-        if problem:
-            raise ValueError(f"InsertLoRA: cannot adapt {site.module} ({site.layer}): {problem}. Leave it out of "
-                             "target_modules (or add it to exclude_modules)")
         groups = site.extra["groups"]
         if r % groups:
             raise ValueError(f"InsertLoRA: {site.module} is a {site.layer} with groups={groups} and rank {r}: "
