@@ -1,8 +1,10 @@
 """LoRA on convolutions (lora_conv) and on nn.MultiheadAttention (its packed in_proj and its out_proj):
 the op against a plain-autograd reference, and compile / identity / training / merge / PEFT parity and
 the PEFT format both ways on small models."""
+import contextlib
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -187,7 +189,7 @@ def _copy_from_peft(cm, pm):
 
 
 def _assert_parity(cm, pm, x, keys, factor=None):
-    """Outputs and every adapter gradient allclose (``factor``: {key: multiplier} of PEFT's gradient)."""
+    """Outputs and every adapter gradient allclose (``factor``: {key: multiplier} of lorafx's gradient)."""
     params = dict(pm.named_parameters())
     cm.zero_grad(set_to_none=True)
     pm.zero_grad(set_to_none=True)
@@ -250,19 +252,12 @@ def test_conv_peft_parity_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded(x), want, **TOL)
 
 
+@contextlib.contextmanager
 def warnings_ignored():
-    import warnings
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore")
-
-    class _Exit:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            ctx.__exit__(*exc)
-    return _Exit()
+    """PEFT warns on grouped convolutions ("Merging is not supported")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def test_conv_merge_unmerge_and_merge_and_unload_equal_the_unmerged_model():
@@ -283,21 +278,11 @@ def test_conv_merge_unmerge_and_merge_and_unload_equal_the_unmerged_model():
     gm = cm.merge_and_unload()
     assert not any(".lora_" in n for n, _ in gm.named_parameters())
     assert not any(str(n.target).startswith("lorafx.") for n in gm.graph.nodes if n.op == "call_function")
-    torch.testing.assert_close(gm(x=x) if _keyword(gm) else gm(x), want, **TOL)
+    torch.testing.assert_close(gm(x=x), want, **TOL)  # (the graph is called by the forward's argument names)
     merged = copy.deepcopy(base)
     merged.load_state_dict(cm.merged_state_dict(), strict=True)
     torch.testing.assert_close(merged(x), want, **TOL)
     torch.testing.assert_close(base(x), lorafx.compile(base, example_inputs=(x,), r=2, target_modules=["c1"])(x), **TOL)
-
-
-def _keyword(gm):
-    try:
-        gm(torch.zeros(0))
-    except TypeError:
-        return True
-    except Exception:
-        return False
-    return False
 
 
 def test_grouped_conv_merge_is_refused_and_changes_nothing():
@@ -350,3 +335,159 @@ def test_conv_rank_above_its_smaller_side_is_accepted_with_the_warning():
     with Warnings() as records:  # a 3-wide kernel: A's fan-in is 5 · 3 = 15 >= 8, and out = 1 < 8 still warns
         lorafx.compile(_OneConv(torch.nn.Conv1d(5, 16, 3)), example_inputs=(x,), r=8, target_modules=["conv"])
     assert not any("rank above" in r.getMessage() for r in records)
+
+
+# -- nn.MultiheadAttention ---------------------------------------------------------------------------
+
+MHA_KEYS = {"mha.lora_A.weight": (8, 10), "mha.lora_B.weight": (30, 8),  # the packed in_proj (3E = 30 rows)
+            "mha.base_layer.out_proj.lora_A.weight": (8, 10), "mha.base_layer.out_proj.lora_B.weight": (10, 8)}
+OUT_A, OUT_B = "mha.base_layer.out_proj.lora_A.weight", "mha.base_layer.out_proj.lora_B.weight"
+
+
+def _reference_mha(base, pm, factor=1.0):
+    """A plain copy of ``base`` with the adapters of PEFT model ``pm`` merged by hand: in_proj_weight + s·B·A,
+    out_proj.weight + factor·s·B·A (and lin's, when adapted)."""
+    ref = copy.deepcopy(base)
+    layer = pm.base_model.model.mha
+    s = layer.scaling["default"]
+    out = layer.base_layer.out_proj
+    lin = pm.base_model.model.lin
+    with torch.no_grad():
+        ref.mha.in_proj_weight += s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        ref.mha.out_proj.weight += factor * s * out.lora_B["default"].weight @ out.lora_A["default"].weight
+        if hasattr(lin, "lora_A"):  # (a plain lora.Linear: W + s·B·A once)
+            ref.lin.weight += lin.get_delta_weight("default")
+    return ref
+
+
+def _peft_out_proj_factor(base, pm, x) -> float:
+    """How many times PEFT adds an nn.MultiheadAttention's out_proj update in forward: PEFT 0.21.2's
+    MultiheadAttention.merge() writes W + ΔW into out_proj and then calls out_proj.merge(), which adds ΔW
+    again (huggingface/peft#3774 fixes it): 2 there, 1 in a PEFT without the bug."""
+    got = pm(x)
+    for factor in (1.0, 2.0):
+        if torch.allclose(got, _reference_mha(base, pm, factor)(x), rtol=1e-9, atol=1e-10):
+            return factor
+    raise AssertionError("PEFT's nn.MultiheadAttention adapter is neither W + ΔW nor W + 2ΔW")
+
+
+def test_mha_adapts_in_proj_and_out_proj_named_as_peft_names_them():
+    """target_modules=["mha"] adapts both projections, as PEFT does, under PEFT's names and shapes: the
+    adapter on the packed in_proj is (3E, r), never the out_proj's (the issue's size mismatch)."""
+    from lorafx.adapter_io import peft_keys
+    from peft.utils import get_peft_model_state_dict
+    base, x = _mha_net()
+    cm = lorafx.compile(base, example_inputs=(x,), r=8, alpha=8, target_modules=["mha"])
+    recs = cm.lora_records()
+    assert {s: (r.layer, r.weight) for s, r in recs.items()} == {
+        "mha": ("MultiheadAttention", "mha.in_proj_weight"),
+        "mha.out_proj": ("MultiheadAttention", "mha.out_proj.weight")}
+    keys = peft_keys(recs)
+    assert {k: tuple(get_attr(cm, p).shape) for k, p in keys.items()} == MHA_KEYS
+    pm = _peft_model(base, ["mha"], r=8, lora_alpha=8)
+    assert {k[len("base_model.model."):]: tuple(v.shape) for k, v in get_peft_model_state_dict(pm).items()} == MHA_KEYS
+    torch.testing.assert_close(cm(x), base(x), **TOL)  # B = 0
+    assert {n for n, p in cm.named_parameters() if p.requires_grad} == set(keys.values())
+    cm(x).pow(2).sum().backward()
+    assert all(get_attr(cm, p).grad is not None for p in keys.values())
+
+
+def test_mha_parity_with_peft():
+    """With A/B copied from PEFT: lorafx computes W + s·B·A on both projections (checked against a plain
+    nn.MultiheadAttention holding those weights), and equals PEFT's outputs and adapter gradients up to
+    PEFT 0.21.2's doubled out_proj update (see _peft_out_proj_factor)."""
+    base, x = _mha_net()
+    cm = lorafx.compile(base, example_inputs=(x,), r=8, alpha=8, target_modules=["mha", "lin"]).eval()
+    pm = _peft_model(base, ["mha", "lin"], r=8, lora_alpha=8).eval()
+    keys = _copy_from_peft(cm, pm)
+    torch.testing.assert_close(cm(x), _reference_mha(base, pm)(x), **TOL)
+    factor = _peft_out_proj_factor(base, pm, x)
+    with torch.no_grad():
+        get_attr(cm, keys[OUT_B]).mul_(factor)
+    # PEFT's second out_proj update is written through .data, so autograd sees one: its gradients are a single
+    # update's, at the doubled point: B's equal lorafx's for B' = factor·B, A's are lorafx's / factor
+    _assert_parity(cm, pm, x, keys, factor={OUT_A: 1.0 / factor})
+
+
+def test_mha_round_trips_with_peft(tmp_path):
+    """The issue's bug: lorafx's save_adapter loads in PEFT (it failed with a size mismatch on mha.lora_B), and
+    PEFT's adapter loads in lorafx; each side then holds the same tensors and gives the same outputs."""
+    base, x = _mha_net()
+    cm = lorafx.compile(base, example_inputs=(x,), r=8, alpha=8, target_modules=["mha", "lin"]).eval()
+    pm = _peft_model(base, ["mha", "lin"], r=8, lora_alpha=8).eval()
+    keys = _copy_from_peft(cm, pm)
+    cm.save_adapter(str(tmp_path / "lorafx"))
+    config = json.loads((tmp_path / "lorafx" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["lin", "mha"]
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lorafx")).eval()
+    params = dict(back.named_parameters())
+    assert all(torch.equal(params[_peft_key(k)], get_attr(cm, p)) for k, p in keys.items())
+    torch.testing.assert_close(back(x), pm(x), **TOL)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    loaded = lorafx.load_adapter(base, str(tmp_path / "peft"), example_inputs=(x,)).eval()
+    assert sorted(loaded.lora_records()) == ["lin", "mha", "mha.out_proj"]
+    assert all(torch.equal(get_attr(loaded, p), get_attr(cm, p)) for p in keys.values())
+    torch.testing.assert_close(loaded(x), cm(x), **TOL)
+
+
+def test_mha_merge_unmerge_and_merged_state_dict():
+    """Merging writes W + s·B·A into copies of in_proj_weight and out_proj.weight (never the user's)."""
+    base, x = _mha_net()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, alpha=8, target_modules=["mha"]).eval()
+    pm = _peft_model(base, ["mha"], r=4, lora_alpha=8)
+    _copy_from_peft(cm, pm)
+    want = cm(x).detach()
+    cm.merge()
+    torch.testing.assert_close(cm(x), want, **TOL)
+    cm.unmerge()
+    torch.testing.assert_close(cm(x), want, **TOL)
+    torch.testing.assert_close(cm.merge_and_unload()(x=x), want, **TOL)
+    state = cm.merged_state_dict()
+    ref = _reference_mha(base, pm)
+    for key in ("mha.in_proj_weight", "mha.out_proj.weight"):
+        torch.testing.assert_close(state[key], ref.state_dict()[key], **TOL)
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(state, strict=True)
+    torch.testing.assert_close(merged(x), want, **TOL)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+
+
+def test_mha_selection_dropout_and_all_linear(tmp_path):
+    """rank_pattern on the attention's name ranks both projections (PEFT's rule); PEFT never applies
+    lora_dropout to an attention's adapters (it runs them merged), nor does lorafx; all-linear adapts the
+    attention too."""
+    base, x = _mha_net()
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, rank_pattern={"mha": 2}, dropout=0.1,
+                        target_modules=["mha", "lin"])
+    assert {s: (r.r, r.dropout) for s, r in cm.lora_records().items()} == {
+        "lin": (4, 0.1), "mha": (2, 0.0), "mha.out_proj": (2, 0.0)}
+    cm.save_adapter(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"mha": 2} and config["lora_dropout"] == 0.1
+    every = lorafx.compile(base, example_inputs=(x,), r=2, target_modules="all-linear")
+    assert {"lin", "mha", "mha.out_proj"} <= set(every.lora_records())
+
+
+class _CrossAttention(torch.nn.Module):
+    def __init__(self, **mha):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(10, 2, **mha)
+
+    def forward(self, q, kv):
+        return self.mha(q, kv, kv)[0]
+
+
+@pytest.mark.parametrize("model,targets,match", [
+    (lambda: MhaNet(), ["out_proj", "lin"],
+     r"names 'mha.out_proj', a projection of the MultiheadAttention 'mha'.*Target 'mha' instead"),
+    (lambda: _CrossAttention(), ["mha"], r"'mha' \(MultiheadAttention\): it is called with different query, key"),
+    (lambda: _CrossAttention(kdim=6, vdim=6), ["mha"], r"'mha' \(MultiheadAttention\): it has separate query, key "
+     r"and value weights .*PEFT does not adapt either"),
+])
+def test_mha_lorafx_cannot_adapt_is_refused(model, targets, match):
+    m = model().to(DTYPE)
+    x = (torch.randn(5, 2, 6, dtype=DTYPE),) if isinstance(m, MhaNet) else \
+        (torch.randn(5, 2, 10, dtype=DTYPE), torch.randn(4, 2, m.mha.kdim, dtype=DTYPE))
+    with pytest.raises(ValueError, match=match + ".*nothing was compiled"):
+        lorafx.compile(m, example_inputs=x, r=2, target_modules=targets)
