@@ -491,3 +491,30 @@ def test_mha_lorafx_cannot_adapt_is_refused(model, targets, match):
         (torch.randn(5, 2, 10, dtype=DTYPE), torch.randn(4, 2, m.mha.kdim, dtype=DTYPE))
     with pytest.raises(ValueError, match=match + ".*nothing was compiled"):
         lorafx.compile(m, example_inputs=x, r=2, target_modules=targets)
+
+
+def test_conv_cost_model_counts_what_flop_counter_mode_counts():
+    """AnnotateCost's FLOPs for lora_conv nodes equal FlopCounterMode's count of a training step (groups == 1:
+    torch's formula for a grouped convolution's weight gradient ignores the groups)."""
+    base, x = _conv_net(groups=1)
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, target_modules=CONV_TARGETS, dynamic=False)
+    with FlopCounterMode(display=False) as fwd:
+        y = cm(x)
+    with FlopCounterMode(display=False) as bwd:
+        y.sum().backward()
+    cost = cm.report().cost["at_example"]
+    assert (cost["forward_flops"], cost["backward_flops"]) == (fwd.get_total_flops(), bwd.get_total_flops())
+
+
+def test_conv_dropout_is_on_in_train_and_off_in_eval():
+    base, x = _conv_net(groups=1)
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, target_modules=["c1", "d1"], dropout=0.3)
+    with torch.no_grad():
+        for rec in cm.lora_records().values():
+            get_attr(cm, rec.lora_B).fill_(0.2)
+    cm.train()
+    assert not torch.allclose(cm(x), cm(x))
+    cm.eval()
+    want = cm(x)
+    cm.merge()  # (merged: no dropout to apply)
+    torch.testing.assert_close(cm(x), want, **TOL)

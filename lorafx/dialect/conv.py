@@ -42,10 +42,10 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from lorafx.graph_utils import get_attr, node_module, safe_name
+from lorafx.graph_utils import Site, get_attr, node_module, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
-from .registry import InputQuery, NodeCost, OpKind, args_of, create, register_kind
+from .registry import InputQuery, NodeCost, OpKind, create, register_kind
 
 __all__ = ["lora_conv", "lora_conv_reference", "conv_delta_weight", "ConvKind", "CONV", "CONV_OPS", "conv_site_problem"]
 
@@ -227,7 +227,7 @@ CONV_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.
             aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default)
 
 
-def _expand(v, n: int, name: str) -> Tuple[int, ...]:
+def _expand(v, n: int) -> Tuple[int, ...]:
     v = [v] if isinstance(v, int) else list(v)
     return tuple(int(a) for a in (v * n if len(v) == 1 else v))
 
@@ -242,7 +242,7 @@ def conv_geometry(node: torch.fx.Node, w_shape) -> Optional[dict]:
         if v["transposed"]:
             return None
     padding = v["padding"]
-    out = {"stride": _expand(v["stride"], n, "stride"), "dilation": _expand(v["dilation"], n, "dilation"),
+    out = {"stride": _expand(v["stride"], n), "dilation": _expand(v["dilation"], n),
            "groups": int(v["groups"])}
     if isinstance(padding, str):
         kernel = w_shape[2:]
@@ -254,7 +254,7 @@ def conv_geometry(node: torch.fx.Node, w_shape) -> Optional[dict]:
                 out["problem"] = ("its padding='same' pads one side more than the other (an even kernel), which "
                                   "PEFT's adapter convolution cannot reproduce")
             padding = tuple(t // 2 for t in total)
-    out["padding"] = _expand(padding, n, "padding")
+    out["padding"] = _expand(padding, n)
     return out
 
 
@@ -275,7 +275,6 @@ def conv_site_problem(e: dict) -> Optional[str]:
 def find_conv_sites(gm: torch.fx.GraphModule) -> list:
     """Every convolution with a stored (get_attr) weight, in graph order, as ``Site``s of kind
     ``lora_conv`` (transposed convolutions are not sites: PEFT does not adapt them)."""
-    from lorafx.graph_utils import Site
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in CONV_OPS:
@@ -424,35 +423,26 @@ class ConvKind(OpKind):
         return {a for a in (v.x, v.weight, v.lora_A, v.lora_B, v.dropout_mask) if isinstance(a, torch.fx.Node)}
 
     def cost(self, node, q: InputQuery) -> NodeCost:
+        """The three convolutions' FLOPs (FlopCounterMode's convention, groups counted exactly): forward
+        base + A + B; backward the base's dx/dW, and for the adapter dh (through B), dB (with
+        conv(d(x), A) recomputed), dx through A and dA, as the needed gradients ask."""
         v = self.view(node)
-        xs, ws, as_ = q.shape(v.x), q.shape(v.weight), q.shape(v.lora_A)
-        rec = get_record(node, LoraRecord)
-        if ws is None:
-            ws = tuple(get_attr_shape(node, "weight"))
-        if as_ is None:
-            as_ = (rec.r, *ws[1:])
-        out = q.shape(node) if hasattr(q, "shape") else None
+        xs, ws = q.shape(v.x), q.shape(v.weight)
+        as_ = q.shape(v.lora_A) or (get_record(node, LoraRecord).r, *ws[1:])
+        out = q.shape(node)
         if out is None or len(out) not in (len(ws), len(ws) - 1):
             out = _sym_out_shape(xs, ws, v.stride, v.padding, v.dilation)
-        groups = int(v.groups)
-        base, fa, fb = _sym_conv_flops(xs, ws, as_, out, groups)
+        base, fa, fb = _sym_conv_flops(xs, ws, as_, out, int(v.groups))
         gx, gw, ga, gb = (q.needs_grad(v.x), q.needs_grad(v.weight), q.needs_grad(v.lora_A), q.needs_grad(v.lora_B))
         bwd = base * (int(gx) + int(gw))
         if gx or ga or gb:
             bwd += fb * (int(gx or ga) + int(gb)) + (fa if gb else 0)  # dh, dB (and h recomputed for dB)
             bwd += fa * (int(gx) + int(ga))  # dx through A, dA
         outn = sympy.Mul(*out)
-        other = outn  # scale * z added
-        if v.bias is not None:
-            other += outn
+        other = outn * (2 if v.bias is not None else 1)  # s·z added (and the bias)
         if isinstance(v.dropout_mask, torch.fx.Node) and xs is not None:
-            other += 2 * sympy.Mul(*xs)
+            other += 2 * sympy.Mul(*xs)  # d(x) = x * mask / (1 - p)
         return NodeCost(sympy.sympify(base + fa + fb), sympy.sympify(bwd), sympy.sympify(other))
-
-
-def get_attr_shape(node, name):  # pragma: no cover - a fallback when no shape is known
-    val = args_of(node).as_dict()[name].meta.get("val")
-    return tuple(val.shape)
 
 
 def _sym_out_shape(xs, ws, stride, padding, dilation):
