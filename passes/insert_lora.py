@@ -356,9 +356,10 @@ def _refuse_unallocated_kinds(sites) -> None:
     """AllocateRanks scores linear layers only: a selected site of another kind would silently get no adapter."""
     other = [s for s in sites if s.kind != LINEAR.name or s.layer == "MultiheadAttention"]  # (PEFT: one rank for both)
     if other:
-        shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:4])
+        shown = ", ".join(unique(f"{target_name(s)!r} ({s.layer})" for s in other)[:4])
         raise ValueError(f"InsertLoRA: rank_budget allocates ranks to linear layers only, but target_modules also "
-                         f"selects {shown}; leave them out of target_modules, or compile without rank_budget")
+                         f"selects {shown}; leave them out of target_modules (or add them to exclude_modules), "
+                         "or compile without rank_budget")
 
 
 def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules, where: str) -> None:

@@ -4,6 +4,7 @@ the PEFT format both ways on small models."""
 import contextlib
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -167,6 +168,14 @@ def _mha_net(**mha):
     return MhaNet(**mha).to(DTYPE), torch.randn(5, 2, 6, dtype=DTYPE)
 
 
+@contextlib.contextmanager
+def warnings_ignored():
+    """PEFT warns on grouped convolutions ("Merging is not supported")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _peft_key(key):  # a peft_tensors key as PEFT's named_parameters spell it
     return "base_model.model." + key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
 
@@ -250,14 +259,6 @@ def test_conv_peft_parity_and_round_trips(tmp_path):
     loaded = lorafx.load_adapter(base, str(tmp_path / "peft"), example_inputs=(x,)).eval()
     assert {s: r.layer for s, r in loaded.lora_records().items()} == {s: r.layer for s, r in cm.lora_records().items()}
     torch.testing.assert_close(loaded(x), want, **TOL)
-
-
-@contextlib.contextmanager
-def warnings_ignored():
-    """PEFT warns on grouped convolutions ("Merging is not supported")."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def test_conv_merge_unmerge_and_merge_and_unload_equal_the_unmerged_model():
@@ -518,3 +519,13 @@ def test_conv_dropout_is_on_in_train_and_off_in_eval():
     want = cm(x)
     cm.merge()  # (merged: no dropout to apply)
     torch.testing.assert_close(cm(x), want, **TOL)
+
+
+@pytest.mark.parametrize("make,targets,named", [(_conv_net, ["c1", "fc"], "'c1' (Conv2d)"),
+                                                (_mha_net, "all-linear", "'mha' (MultiheadAttention)")])
+def test_rank_budget_refuses_convolutions_and_attention(make, targets, named):
+    """AllocateRanks ranks plain linears (PEFT gives an attention's two projections one rank): a convolution or
+    an nn.MultiheadAttention under rank_budget is refused, naming it, never left out silently."""
+    base, x = make()
+    with pytest.raises(ValueError, match=re.escape(named) + r".*exclude_modules"):
+        lorafx.compile(base, example_inputs=(x,), target_modules=targets, rank_budget=200, proxy="constant")
