@@ -57,8 +57,10 @@ class CompileReport:
     """
 
     def __init__(self, reports: List[PassReport], capture_seconds: float, nodes_captured: int,
-                 adapter_sites: int, trainable: int, total: int):
+                 adapter_sites: int, trainable: int, total: int, sites_by_layer: Optional[Dict[str, List[str]]] = None):
         self.passes = list(reports)
+        # {layer type: [site, ...]}: the adapted sites by the kind of layer they adapt ("Linear", "Embedding", ...)
+        self.sites_by_layer = dict(sites_by_layer or {})
         self.capture_seconds = capture_seconds
         self.nodes_captured = nodes_captured
         self.adapter_sites = adapter_sites
@@ -77,7 +79,8 @@ class CompileReport:
 
         sites = sum(r.info.get("adapter_sites", 0) for r in flat(reports) if "lora" in r.provides)
         return cls(reports, capture_seconds, nodes_captured, sites,
-                   sum(p.numel() for p in gm.parameters() if p.requires_grad), sum(p.numel() for p in gm.parameters()))
+                   sum(p.numel() for p in gm.parameters() if p.requires_grad), sum(p.numel() for p in gm.parameters()),
+                   _sites_by_layer(gm))
 
     def as_dict(self) -> dict:
         def clean(v):
@@ -91,6 +94,7 @@ class CompileReport:
             "capture": {"seconds": self.capture_seconds, "nodes": self.nodes_captured},
             "passes": [clean(r.as_dict()) for r in self.passes],
             "adapter_sites": self.adapter_sites,
+            "sites_by_layer": {k: list(v) for k, v in self.sites_by_layer.items()},
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "trainable_percent": 100.0 * self.trainable_params / max(self.total_params, 1),
@@ -110,13 +114,29 @@ class CompileReport:
         fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
         lines = [fmt(head), fmt(tuple("-" * w for w in widths) + ("----",))] + [fmt(r) for r in rows]
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        lines.append(f"adapter sites: {self.adapter_sites}   trainable params: {self.trainable_params:,} "
-                     f"of {self.total_params:,} ({pct:.3f}%)")
+        by_layer = ", ".join(f"{layer} {len(sites)}" for layer, sites in self.sites_by_layer.items())
+        lines.append(f"adapter sites: {self.adapter_sites}" + (f" ({by_layer})" if by_layer else "")
+                     + f"   trainable params: {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%)")
         for r in self.passes:  # each pass's own further lines
             lines.extend(r.summary[1:])
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _sites_by_layer(gm: torch.fx.GraphModule) -> Dict[str, List[str]]:
+    """{layer type: [adapted site, ...]} of ``gm``'s adapters, shortcut adapters as "Shortcut"."""
+    out: Dict[str, List[str]] = {}
+    for node in gm.graph.nodes:
+        kind = kind_of(node)
+        records = kind.adapters(node) if kind is not None else [get_record(node, LoraRecord)]
+        for rec in records:
+            if rec is not None and rec.site not in out.get(rec.layer, ()):
+                out.setdefault(rec.layer, []).append(rec.site)
+        shortcut = get_record(node, ShortcutRecord) if kind is not None else None
+        if shortcut is not None and shortcut.site not in out.get("Shortcut", ()):
+            out.setdefault("Shortcut", []).append(shortcut.site)
+    return out
 
 
 class CompiledModel(torch.nn.Module):

@@ -867,7 +867,7 @@ def _report(data: Optional[dict], gm: torch.fx.GraphModule) -> CompileReport:
                        summary=list(r.get("summary") or ()), provides=frozenset(r.get("provides") or ()))
             for r in data.get("passes", [])]
     return CompileReport(rows, data["capture"]["seconds"], data["capture"]["nodes"], data["adapter_sites"],
-                         data["trainable_params"], data["total_params"])
+                         data["trainable_params"], data["total_params"], data.get("sites_by_layer"))
 
 
 def load_program(directory: str, *, verify: bool = True) -> LoadedProgram:
