@@ -225,7 +225,8 @@ def test_conv_model_compiles_identity_at_init_and_only_adapters_train():
         "e1": ("lora_conv", "Conv3d"), "e2": ("lora_conv", "Conv3d"), "fc": ("lora_linear", "Linear")}
     assert tuple(get_attr(cm, recs["c2"].lora_A).shape) == (4, 8, 3, 3)  # PEFT's layout: A (r, in, *kernel)
     assert tuple(get_attr(cm, recs["c2"].lora_B).shape) == (8, 2, 1, 1)  # B (out, r / groups, 1, 1)
-    assert [r.info["sites_by_layer"] for r in cm.report().passes if "sites_by_layer" in r.info][0] == {"Conv2d": 3, "Conv1d": 1, "Conv3d": 2, "Linear": 1}
+    assert {k: len(v) for k, v in cm.report().sites_by_layer.items()} == {"Conv2d": 3, "Conv1d": 1, "Conv3d": 2,
+                                                                          "Linear": 1}
     torch.testing.assert_close(cm(x), base(x), **TOL)  # B = 0
     trainable = {n for n, p in cm.named_parameters() if p.requires_grad}
     assert trainable == {f"{s}.lora_{ab}" for s in recs for ab in "AB"}
@@ -380,6 +381,7 @@ def test_mha_adapts_in_proj_and_out_proj_named_as_peft_names_them():
     base, x = _mha_net()
     cm = lorafx.compile(base, example_inputs=(x,), r=8, alpha=8, target_modules=["mha"])
     recs = cm.lora_records()
+    assert cm.report().sites_by_layer == {"MultiheadAttention": ["mha", "mha.out_proj"]}
     assert {s: (r.layer, r.weight) for s, r in recs.items()} == {
         "mha": ("MultiheadAttention", "mha.in_proj_weight"),
         "mha.out_proj": ("MultiheadAttention", "mha.out_proj.weight")}
