@@ -37,7 +37,7 @@ def _conv_args(dim, groups, stride, padding, dilation, kernel, r, mask=False, bi
 
 # -- the op ---------------------------------------------------------------------------------------
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(dim=st.sampled_from([1, 2, 3]), groups=st.sampled_from([1, 2]), stride=st.sampled_from([1, 2]),
        padding=st.sampled_from([0, 1]), dilation=st.sampled_from([1, 2]), kernel=st.sampled_from([1, 2, 3]),
        rmul=st.sampled_from([1, 2]), mask=st.booleans(), bias=st.booleans(), unbatched=st.booleans(),
@@ -284,7 +284,6 @@ def test_conv_merge_unmerge_and_merge_and_unload_equal_the_unmerged_model():
     merged = copy.deepcopy(base)
     merged.load_state_dict(cm.merged_state_dict(), strict=True)
     torch.testing.assert_close(merged(x), want, **TOL)
-    torch.testing.assert_close(base(x), lorafx.compile(base, example_inputs=(x,), r=2, target_modules=["c1"])(x), **TOL)
 
 
 def test_grouped_conv_merge_is_refused_and_changes_nothing():
@@ -314,6 +313,7 @@ class _OneConv(torch.nn.Module):
         return self.conv(x)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("conv,r,match", [
     (torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2), 2, r"'conv' \(Conv2d\): it is dilated .*PEFT fails in forward"),
     (torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), 2, r"'conv' \(Conv2d\): it pads its input itself"),
