@@ -390,7 +390,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
 
 def adaptable_layers() -> List[str]:
     """The layer types some registered op kind adapts ("Linear (nn.Linear, transformers' Conv1D)", ...)."""
-    names = {"Linear": "Linear (nn.Linear, transformers' Conv1D)"}
+    names = {"Linear": "Linear (nn.Linear, transformers' Conv1D, nn.MultiheadAttention's projections)"}
     return unique(names.get(k.layer, k.layer) for k in kinds() if k.layer)
 
 
