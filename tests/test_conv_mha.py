@@ -286,9 +286,10 @@ def test_conv_merge_unmerge_and_merge_and_unload_equal_the_unmerged_model():
     torch.testing.assert_close(merged(x), want, **TOL)
 
 
-def test_grouped_conv_merge_is_refused_and_changes_nothing():
-    """PEFT refuses to merge a grouped convolution's adapter (its update is a dense weight); so does lorafx,
-    before changing anything, and the unmerged model keeps running."""
+def test_grouped_conv_adapter_keeps_running_when_merged():
+    """A grouped convolution's update is no grouped weight (PEFT refuses to merge it): merge() folds the
+    other adapters and leaves it running, merge_and_unload() writes it as plain aten convolutions, and
+    merged_state_dict() refuses it, naming it, with nothing changed."""
     base, x = _conv_net(groups=2)
     cm = lorafx.compile(base, example_inputs=(x,), r=4, target_modules=["c1", "c2"], init="gaussian").eval()
     with torch.no_grad():
@@ -296,12 +297,20 @@ def test_grouped_conv_merge_is_refused_and_changes_nothing():
             get_attr(cm, rec.lora_B).fill_(0.1)
     want = cm(x).detach()
     weights = {n: p.clone() for n, p in cm.named_parameters()}
-    for merge in (cm.merge, cm.merge_and_unload, cm.merged_state_dict):
-        with pytest.raises(ValueError, match=r"c2.*groups=2.*PEFT refuses to merge it too"):
-            merge()
-        assert not cm.merged
-        assert all(torch.equal(p, weights[n]) for n, p in cm.named_parameters())
-        torch.testing.assert_close(cm(x), want, **TOL)
+    cm.merge()
+    assert [n.name for n in cm.graph_module.graph.nodes if n.target is op.default] == ["c2_lora"]
+    torch.testing.assert_close(cm(x), want, **TOL)
+    cm.unmerge()
+    assert all(torch.equal(p, weights[n]) for n, p in cm.named_parameters())
+    plain = cm.merge_and_unload()
+    assert not any(str(n.target).startswith("lorafx.") for n in plain.graph.nodes if n.op == "call_function")
+    assert not any(p.requires_grad for p in plain.parameters())
+    torch.testing.assert_close(plain(x=x), want, **TOL)
+    with pytest.raises(ValueError, match=r"c2 \(a convolution with groups=2\).*PEFT refuses to merge it too.*"
+                                         r"merge_and_unload"):
+        cm.merged_state_dict()
+    assert not cm.merged and all(torch.equal(p, weights[n]) for n, p in cm.named_parameters())
+    torch.testing.assert_close(cm(x), want, **TOL)
 
 
 class _OneConv(torch.nn.Module):

@@ -26,7 +26,9 @@ Merging (``get_delta_weight`` in PEFT): for groups == 1 the adapter is one convo
 two convolutions, ``ΔW[o, i] = Σ_j B[o, j] A[j, i]`` at every kernel offset (PEFT computes the same
 numbers as ``conv(A.transpose(0, 1), B).transpose(0, 1)``).  With groups > 1, A mixes every input
 channel into each group's rank slice, so ΔW is dense while W is block-diagonal: it cannot be folded
-into the layer's weight, and merging is refused (PEFT refuses it too).
+into the layer's weight (PEFT refuses to merge it).  lorafx's ``merge()`` leaves such an adapter
+running (``merge_problem``), ``merge_and_unload()`` writes it as plain aten convolutions
+(``lower``), and ``merged_state_dict()`` refuses it (the source architecture has no place for it).
 
 Kind: ``CONV`` (name ``"lora_conv"``; layers ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``).  Not
 scheduled (SelectSchedule leaves it alone); the passes that rewrite ``lora_linear`` (RecomputeInputs,
@@ -45,7 +47,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 from lorafx.graph_utils import Site, get_attr, node_module, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
-from .registry import InputQuery, NodeCost, OpKind, create, register_kind
+from .registry import InputQuery, NodeCost, OpKind, create, register_kind, replace_node
 
 __all__ = ["lora_conv", "lora_conv_reference", "conv_delta_weight", "ConvKind", "CONV", "CONV_OPS", "conv_site_problem"]
 
@@ -316,8 +318,8 @@ class ConvKind(OpKind):
     """``lora_conv``: a convolution plus PEFT's conv adapter (see the module docstring).
 
     Requires a LoraRecord on each node (``in_features``/``out_features`` are the layer's
-    channels).  Not scheduled; mergeable for groups == 1 (``merged_weight`` refuses grouped
-    layers, as PEFT does)."""
+    channels).  Not scheduled; merged for groups == 1 (a grouped layer's adapter keeps running,
+    see ``merge_problem``)."""
 
     name = "lora_conv"
     ops = (OP,)
@@ -391,11 +393,11 @@ class ConvKind(OpKind):
 
     def merged_weight(self, root, node) -> Tensor:
         rec = get_record(node, LoraRecord)
-        v = self.view(node)
-        if int(v.groups) != 1:
-            raise ValueError(f"cannot merge the adapter of {rec.site} (a convolution with groups={v.groups}): its "
-                             "update mixes every input channel into each group, so it is no grouped weight (PEFT "
-                             "refuses to merge it too); keep the adapter unmerged")
+        problem = self.merge_problem(node)
+        if problem:
+            raise ValueError(f"cannot merge the adapter of {problem}, so no state dict of the source architecture "
+                             "can hold it; use cm.merge_and_unload() for a plain module that runs it (as aten "
+                             "convolutions), or cm.save_adapter(folder)")
         W = get_attr(root, rec.weight)
         acc = torch.promote_types(W.dtype, torch.float32)
         delta = conv_delta_weight(get_attr(root, rec.lora_A).detach().to(acc), get_attr(root, rec.lora_B).detach().to(acc),
@@ -403,13 +405,32 @@ class ConvKind(OpKind):
         return (W.detach().to(acc) + delta).to(W.dtype)
 
     def merge_problem(self, node) -> Optional[str]:
-        """Why the node cannot be merged (None when it can)."""
+        """A grouped convolution's adapter cannot be folded (MergeLoRA leaves it running)."""
         v = self.view(node)
         if int(v.groups) != 1:
             rec = get_record(node, LoraRecord)
-            return (f"{rec.site if rec else node.name} is a convolution with groups={v.groups}: its adapter's update "
-                    "is no grouped weight (PEFT refuses to merge it too)")
+            return (f"{rec.site if rec else node.name} (a convolution with groups={v.groups}): its update mixes "
+                    "every input channel into each group, so it is no grouped weight (PEFT refuses to merge it too)")
         return None
+
+    def lower(self, graph, node) -> torch.fx.Node:
+        """``merge_and_unload`` of an adapter that cannot be merged: the op as three aten convolutions and an
+        add (eval: no dropout), before ``node``; A and B stay its get_attr inputs."""
+        v = self.view(node)
+        n = len(v.stride)
+        geo = (list(v.stride), list(v.padding), list(v.dilation), False, [0] * n)
+        with graph.inserting_before(node):
+            base = graph.call_function(aten.convolution.default, (v.x, v.weight, v.bias, *geo, int(v.groups)))
+            h = graph.call_function(aten.convolution.default, (v.x, v.lora_A, None, *geo, 1))
+            z = graph.call_function(aten.convolution.default, (h, v.lora_B, None, [1] * n, [0] * n, [1] * n, False,
+                                                               [0] * n, int(v.groups)))
+            out = graph.call_function(aten.add.Tensor, (base, z), {"alpha": v.scale})
+        rec = get_record(node, LoraRecord)
+        if rec is not None:
+            for made in (base, h, z, out):
+                set_record(made, OriginRecord(rec.site, rec.layer, created_by="merge_and_unload"))
+        replace_node(graph, node, out, base, h, z)
+        return out
 
     def unmerge(self, graph, base, record: LoraRecord, *, train: bool, created_by: str):
         a = list(base.args) + [None] * (9 - len(base.args))

@@ -321,8 +321,9 @@ class OpKind:
         return [node]
 
     def merge_problem(self, node: torch.fx.Node) -> Optional[str]:
-        """Why this (mergeable) kind's node cannot be folded into its weight, or None: MergeLoRA
-        asks every node first and refuses, changing nothing, when one cannot."""
+        """Why this (mergeable) kind's node cannot be folded into its weight, or None.  MergeLoRA
+        leaves such a node running, as it leaves an unmergeable kind's (and ``merge_and_unload``
+        rewrites it with ``lower``); ``merged_weight`` refuses it."""
         return None
 
     def kept_records(self, node: torch.fx.Node) -> list:
