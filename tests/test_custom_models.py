@@ -152,7 +152,7 @@ ROWS = [
     row("Conv2d 5 DoRA", "Conv2d", {"target_modules": ["conv2d"], "use_dora": True}, "conv2d", "dora", slow=True),
     row("Conv2d 6 DoRA", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_dora": True}, "conv2d", "dora"),
     row("Conv2d 7 LoRA lora_bias", "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32},
-        "conv2d", "lora_bias", slow=True),
+        "conv2d", "lora_bias", "conv_lora_bias", slow=True),
     row("Conv2d Groups 1 LoRA", "Conv2dGroups", {"target_modules": ["conv2d"]}, "conv2d_groups", slow=True),
     row("Conv2d Groups 2 LoRA", "Conv2dGroups2", {"target_modules": ["conv2d"]}, "conv2d_groups"),
     row("Conv2d Groups 3 DoRA", "Conv2dGroups", {"target_modules": ["conv2d"], "use_dora": True}, "conv2d_groups",
@@ -165,7 +165,7 @@ ROWS = [
     row("Conv3d 4 DoRA", "Conv3d", {"target_modules": ["conv3d", "lin0"], "use_dora": True}, "conv3d", "dora",
         slow=True),
     row("Conv3d 5 LoRA lora_bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32},
-        "conv3d", "lora_bias", slow=True),
+        "conv3d", "lora_bias", "conv_lora_bias", slow=True),
     row("Conv3d 1x1 LoRA", "Conv3d1x1", {"target_modules": ["conv3d"]}, "conv3d"),
     # nn.MultiheadAttention: PEFT adapts the packed q/k/v input projection and out_proj
     row("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}, "mha", slow=True),
@@ -197,6 +197,7 @@ PROBES = {
     "conv2d_groups": ("Conv2dGroups2", {"target_modules": ["conv2d"]}, "conv2d"),
     "conv3d": ("Conv3d", {"target_modules": ["conv3d"]}, "conv3d"),
     "mha": ("MHA", {"target_modules": ["mha"]}, "mha"),
+    "conv_lora_bias": ("Conv2d", {"target_modules": ["conv2d"], "lora_bias": True}, "conv2d"),  # (linear only so far)
     "target_parameters": ("MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}, "lin1"),
     # PEFT's names for lorafx's alpha, dropout and init (see test_compile_takes_peft_option_names)
     "peft_names": ("MLP", {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.0,

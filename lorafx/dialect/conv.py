@@ -359,6 +359,10 @@ class ConvKind(OpKind):
         return new
 
     def insert(self, gm, site, record, x, *, train: bool, created_by: str):
+        if getattr(record, "lora_bias", None) is not None:
+            raise ValueError(f"InsertLoRA: lora_bias=True on {site.module} ({site.layer}): lorafx gives B a bias on "
+                             "linear layers only so far; compile with lora_bias=False, or leave "
+                             f"{site.module} out of target_modules")
         g = gm.graph
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, site.bias, record, site.extra, train=train, created_by=created_by,
@@ -369,9 +373,6 @@ class ConvKind(OpKind):
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
         return new
-
-    def peft_tensors(self, record) -> Dict[str, str]:
-        return {f"{record.site}.lora_A.weight": record.lora_A, f"{record.site}.lora_B.weight": record.lora_B}
 
     def check(self, node):
         problem = super().check(node)

@@ -584,6 +584,10 @@ class LinearKind(AdapterKind):
 
     def insert(self, gm, site, record: LoraRecord, x, *, train: bool, created_by: str):
         g = gm.graph
+        if site.layer == MHA and getattr(record, "lora_bias", None) is not None:
+            raise ValueError(f"InsertLoRA: lora_bias=True on {site.module} ({MHA}): PEFT merges only B·A into an "
+                             "attention's weights, so B's bias would never apply; compile with lora_bias=False, or "
+                             f"leave {site.extra.get('target', site.module)} out of target_modules")
         if site.layer == MHA and record.dropout:  # PEFT runs these merged: its lora_dropout never applies
             record = dataclasses.replace(record, dropout=0.0)
         with g.inserting_before(site.node):
