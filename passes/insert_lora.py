@@ -413,9 +413,9 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
             if not ok and name != s.module and module_matches(s.module, target_modules):
                 raise ValueError(
                     f"{where}: target_modules={target_modules!r} names {s.module!r}, a projection of the "
-                    f"{s.layer} {name!r}, which runs it inside its own forward: PEFT adapts its input and output "
-                    f"projections together when the attention module is named. Target {name!r} instead "
-                    "(nothing was compiled)")
+                    f"{s.layer} {name!r}, which runs it inside its own forward (never calling out_proj's, so PEFT's "
+                    "adapter on out_proj alone never runs): PEFT adapts the input and output projections together "
+                    f"when the attention module is named. Target {name!r} instead (nothing was compiled)")
         if ok and not module_matches(name, exclude_modules):
             chosen.append(s)
     problems = [s for s in chosen if s.extra.get("problem")]
