@@ -53,10 +53,12 @@ from ._version import __version__
 from .dialect import SparseRecord
 from .graph_utils import get_attr, pattern_value
 from .dialect.mha import peft_target
-from .meta import LoraRecord, get_record
+from .meta import LoraRecord, get_record, graph_record
+from lorafx.passes.modules_to_save import saved_tensors
+from lorafx.passes.trainable_tokens import PEFT_DELTA, token_records, token_tensors
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
-           "compile_settings", "peft_keys", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "compile_settings", "peft_keys", "trainable_tensors", "trained_settings", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
            "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -74,12 +76,14 @@ PEFT_MASK_HINT = ("merge each of these sites as W + (s·B @ A) * (W != 0) on the
                   "merge_and_unload, which fills the zeros), e.g. for a PeftModel: delta = layer.get_delta_weight("
                   "'default'); layer.base_layer.weight.data += delta * (layer.base_layer.weight != 0)")
 logger = logging.getLogger("lorafx")
+PARAMETER_KIND = "lora_parameter"  # the op kind of target_parameters adapters (lorafx.dialect.parameter)
+EMBEDDING_KIND = "lora_embedding"  # the op kind of embedding adapters (lorafx.dialect.embedding)
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
-_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
+_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None),
                 "layers_to_transform": (None,), "lora_bias": (False, None), "use_qalora": (False, None),
-                "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
-                "layer_replication": (None,), "target_parameters": (None, [], ()), "use_bdlora": (None, False),
+                "alora_invocation_tokens": (None,),
+                "layer_replication": (None,), "use_bdlora": (None, False),
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
@@ -142,11 +146,31 @@ def _expected_scale(config: dict, site: str) -> float:
     return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
 
 
+def _pattern_name(rec: LoraRecord) -> str:
+    """The name PEFT matches rank/alpha_pattern keys against: the module's (an nn.MultiheadAttention's
+    for its out_proj, ``peft_target``), or for a target_parameters adapter the parameter's path."""
+    return rec.weight if rec.kind == PARAMETER_KIND else peft_target(rec)
+
+
+def _target_parameters(cm, records) -> list:
+    """PEFT target_parameters naming exactly the parameter adapters of ``records`` (their full
+    paths; PEFT takes no regex there, so a parameter left out whose path ends with "." + one of
+    them cannot be told apart and is refused)."""
+    names = sorted(r.weight for r in records.values() if r.kind == PARAMETER_KIND)
+    others = {n for n, _ in cm._source.named_parameters()} - set(names)
+    clash = next(((o, n) for o in sorted(others) for n in names if o.endswith("." + n)), None)
+    if clash is not None:
+        raise ValueError(f"cannot save adapters in PEFT's format: target_parameters={names!r} would also adapt "
+                         f"{clash[0]!r} in PEFT (its rule matches the end of a name, and it takes no regex)")
+    return names
+
+
 def _peft_config(cm, records) -> dict:
     """The PEFT LoraConfig fields describing ``cm``'s adapters."""
-    named = {peft_target(r): r for r in records.values()}  # PEFT's module names (an MHA's out_proj: the MHA's)
-    ranks = {s: r.r for s, r in named.items()}
-    alphas = {s: r.alpha for s, r in named.items()}
+    ranks = {_pattern_name(r): r.r for r in records.values()}
+    alphas = {_pattern_name(r): r.alpha for r in records.values()}
+    modules = {peft_target(r): r for r in records.values() if r.kind != PARAMETER_KIND}  # (an MHA's out_proj: the MHA)
+    parameters = _target_parameters(cm, records)
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
     transposed = {r.weight_transposed for r in recs}
@@ -156,7 +180,8 @@ def _peft_config(cm, records) -> dict:
         "base_model_name_or_path": getattr(getattr(cm._source, "config", None), "_name_or_path", None) or None,
         "r": r0,
         "lora_alpha": a0,
-        "target_modules": _targets(cm._source, named),
+        "target_modules": _targets(cm._source, modules) if modules else [],
+        "target_parameters": parameters or None,
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
         "lora_dropout": max(r.dropout for r in recs),  # (an nn.MultiheadAttention's adapters have none, as in PEFT)
@@ -169,6 +194,7 @@ def _peft_config(cm, records) -> dict:
         "inference_mode": True,
         "modules_to_save": None,
         "use_dora": False,
+        **_trainable_config(cm),  # modules_to_save, trainable_token_indices
         "revision": None,
     }
 
@@ -196,7 +222,7 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) -> None:
+def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None, records=None) -> None:
     """Write ``cm``'s adapters to ``directory`` in PEFT's format, and its shortcut adapters
     (if any) to ``lorafx_shortcuts.safetensors`` beside them.  ``tensors``: a state dict to
     take the adapter values from (by parameter name) instead of ``cm``'s parameters; adapters
@@ -204,10 +230,16 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
 
     Atomic: if any step fails, the adapter already in ``directory`` stays as it was
     and no staging files remain.  Other files in ``directory`` are left alone.
-    ``overwrite=False`` refuses to replace an adapter already there.
+    ``overwrite=False`` refuses to replace an adapter already there.  ``records``: the
+    {site: LoraRecord} of the one adapter to save (``cm.adapter_records(name)``); without it,
+    the model's adapters (and shortcut adapters), named ones (``add_adapter``) in PEFT's
+    multi-adapter layout (``cm.save_adapter``).
     """
-    records = cm.lora_records()
-    shortcuts = cm.shortcut_records()
+    if records is None and cm.__dict__.get("_adapter_state") is not None:  # named adapters: PEFT's layout
+        cm.save_adapter(directory, overwrite=overwrite, tensors=tensors)
+        return
+    shortcuts = cm.shortcut_records() if records is None else {}
+    records = cm.lora_records() if records is None else records
     if not records and not shortcuts:
         raise ValueError("this model has no LoRA adapters to save")
     paths = {site: tuple(peft_keys({site: r}).values()) for site, r in records.items()}
@@ -243,7 +275,8 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
     if records:
         config = _peft_config(cm, records)
         extra = {SPARSITY_KEY: json.dumps({"sites": sparse, "merge": PEFT_MASK_HINT})} if sparse else {}
-        files[WEIGHTS_NAME] = ({f"{PREFIX}{key}": tensor(path) for key, path in peft_keys(records).items()}, extra)
+        keys = {**peft_keys(records), **_trainable_tensors(cm)}  # LoRA, modules_to_save, trainable rows
+        files[WEIGHTS_NAME] = ({f"{PREFIX}{key}": tensor(path) for key, path in keys.items()}, extra)
     else:
         config = _shortcuts_only_config(cm, shortcuts)
     if shortcuts:
@@ -552,6 +585,7 @@ def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFil
     else:
         try:
             weights, metas[_weights_file(directory)] = _read_weights(directory, trust_pickle)
+            _check_trained(_weights_file(directory), config, _trained_part(weights))
         except FileNotFoundError:
             raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_NAME}"
                                     + (f" (it has {SHORTCUTS_NAME}, but its {CONFIG_NAME} names linear adapters)"
@@ -631,12 +665,38 @@ def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
     return out
 
 
-def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> None:
-    """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters and ``shortcuts`` (site ->
-    SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
-    ``config`` is given, must match; nothing is copied otherwise)."""
-    records = cm.lora_records()
+def _without_saved_tables(cm, directory: str, records, tensors) -> Dict[str, torch.Tensor]:
+    """``tensors`` without the embedding tables PEFT saves beside an embedding's adapter
+    (``<site>.base_layer.weight``: its ``save_embedding_layers="auto"`` for names such as
+    embed_tokens), each checked to equal the model's table: lorafx never changes a base weight,
+    so a table that differs (a resized or trained vocabulary) is refused."""
+    from lorafx.passes.merge_lora import kept_unmerged_weight
+    out = dict(tensors)
+    for site, rec in records.items():
+        saved = out.pop(f"{site}.base_layer.weight", None) if rec.kind == EMBEDDING_KIND else None
+        if saved is None:
+            continue
+        mine = kept_unmerged_weight(cm, rec)
+        mine = (mine if mine is not None else get_attr(cm, rec.weight)).detach().cpu()
+        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine):
+            raise ValueError(f"{site}: the adapter in {directory} also holds the embedding table "
+                             f"{site}.base_layer.weight {tuple(saved.shape)}, which differs from this model's "
+                             f"{tuple(mine.shape)} (a resized or trained vocabulary?); lorafx does not change base "
+                             "weights: load that table into the model first (model.get_input_embeddings().weight), "
+                             "then the adapter")
+    return out
+
+
+def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None, records=None) -> None:
+    """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters (``records``, default
+    ``cm.lora_records()``) and ``shortcuts`` (site -> SavedShortcut) into its shortcut adapters
+    (shapes, and the scales of the linear ones when ``config`` is given, must match; nothing is
+    copied otherwise)."""
+    records = cm.lora_records() if records is None else records
     expected = peft_keys(records)
+    trained = _trained_part(tensors, _trainable_tensors(cm))  # modules_to_save, trainable rows
+    tensors = {k: v for k, v in tensors.items() if k not in trained}
+    tensors = _without_saved_tables(cm, directory, records, tensors)
     if records and not tensors and shortcuts:
         raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
                          f"but this model has {len(records)} linear adapter(s); load it with "
@@ -654,12 +714,12 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
             shown = " ".join(f"{label(k)}{tuple(tensors[k].shape)}" for k in keys)
             mine = " ".join(f"{label(k)}{tuple(get_attr(cm, p).shape)}" for k, p in keys.items())
             raise ValueError(f"{site}: adapter shapes {shown} do not match this model's {mine}")
-        if config is not None and not _close(rec.scale, _expected_scale(config, peft_target(rec))):
+        if config is not None and not _close(rec.scale, _expected_scale(config, _pattern_name(rec))):
             raise ValueError(f"{site}: the adapter in {directory} gives this site scale "
-                             f"{_expected_scale(config, peft_target(rec)):g} (from r, lora_alpha, rank/alpha_pattern, "
+                             f"{_expected_scale(config, _pattern_name(rec)):g} (from r, lora_alpha, rank/alpha_pattern, "
                              f"use_rslora) but this model was compiled with scale {rec.scale:g}; compile with "
                              "the adapter's settings or use lorafx.load_adapter(model, directory)")
-    copies = _shortcut_copies(cm, directory, shortcuts or {})
+    copies = _shortcut_copies(cm, directory, shortcuts or {}) + _trained_copies(cm, directory, trained, config)
     was_merged = cm.merged
     cm.unmerge()
     with torch.no_grad():
@@ -677,16 +737,123 @@ def compile_settings(config: dict) -> dict:
     if isinstance(targets, list):
         targets = tuple(targets)
     exclude = config.get("exclude_modules")
+    parameters = config.get("target_parameters") or None
     return dict(
         r=int(config.get("r", 8)),
         alpha=float(config.get("lora_alpha", 8)),
-        target_modules=targets or "all-linear",
+        target_modules=targets or (() if parameters else "all-linear"),
         rank_pattern=config.get("rank_pattern") or {},
         alpha_pattern=config.get("alpha_pattern") or {},
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
+        **({"target_parameters": tuple(parameters)} if parameters else {}),
     )
+
+
+def trained_settings(files: "AdapterFiles") -> dict:
+    """The ``lorafx.compile`` options for the adapter's modules_to_save (the names whose
+    tensors it holds: PEFT's SEQ_CLS lists both 'classifier' and 'score') and
+    trainable_token_indices ({} for none)."""
+    out = {}
+    names = files.config.get("modules_to_save") or []
+    held = [n for n in names if any(_under(key, n) for key in _trained_part(files.tensors) if not _is_token_key(key))]
+    if held:
+        out["modules_to_save"] = held
+    if files.config.get("trainable_token_indices") is not None:
+        out["trainable_token_indices"] = files.config["trainable_token_indices"]
+    return out
+
+
+def _trained_part(tensors: Dict[str, torch.Tensor], mine=()) -> Dict[str, torch.Tensor]:
+    """The tensors (by PEFT key) that belong to modules_to_save or trainable rows: the keys of no LoRA
+    tensor (no ".lora_" in them), and ``mine`` (a model's own modules_to_save / row keys)."""
+    return {k: v for k, v in tensors.items() if ".lora_" not in k or k in mine}
+
+
+def _is_token_key(key: str) -> bool:
+    return key.endswith("." + PEFT_DELTA) or re.search(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", key) \
+        is not None
+
+
+def _token_module(key: str) -> str:
+    return re.sub(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", "", key)
+
+
+def _under(key: str, name: str) -> bool:
+    """Whether parameter ``key`` belongs to a module whose path ends with ``name`` (PEFT's rule)."""
+    parts = key.split(".")[:-1]
+    return any(".".join(parts[:i]).endswith(name) for i in range(1, len(parts) + 1))
+
+
+def _check_trained(path: str, config: dict, trained: Dict[str, torch.Tensor]) -> None:
+    """Every tensor of the weights file that is no LoRA pair is a modules_to_save parameter or
+    trainable rows the config names (else the file is refused as before)."""
+    names = config.get("modules_to_save") or []
+    if config.get("trainable_token_indices") is not None and not any(_is_token_key(k) for k in trained):
+        raise ValueError(f"{path}: the config has trainable_token_indices={config['trainable_token_indices']!r} but "
+                         f"the weights hold no trainable rows (...{PEFT_DELTA}); save the adapter again")
+    for key in trained:
+        if _is_token_key(key):
+            if config.get("trainable_token_indices") is None:
+                raise ValueError(f"{path}: unexpected entry {key!r}: trainable rows (token_adapter) but the config has "
+                                 "no trainable_token_indices; save the adapter again")
+        elif not any(_under(key, n) for n in names):
+            raise ValueError(f"{path}: unexpected entry {PREFIX + key!r} (lorafx loads lora_A/lora_B weights, and the "
+                             f"parameters of modules_to_save {names})")
+
+
+def trainable_tensors(cm) -> Dict[str, str]:
+    """{PEFT key without base_model.model.: parameter path} of cm's modules_to_save and trainable rows."""
+    return {**saved_tensors(cm), **token_tensors(cm)}
+
+
+_trainable_tensors = trainable_tensors
+
+
+def _trainable_config(cm) -> dict:
+    """The LoraConfig fields for cm's modules_to_save and trainable_token_indices."""
+    rec = graph_record(cm.graph_module)
+    out = {}
+    if rec.modules_to_save:
+        out["modules_to_save"] = list(rec.modules_to_save)
+    owners = [r for _, r in token_records(cm.graph_module) if not r.tied]
+    if owners:
+        if all(r.name is None for r in owners) and len({r.tokens for r in owners}) == 1:
+            out["trainable_token_indices"] = list(owners[0].tokens)
+        else:
+            out["trainable_token_indices"] = {r.name or r.module: list(r.tokens) for r in owners}
+    return out
+
+
+def _trained_copies(cm, directory: str, trained: Dict[str, torch.Tensor], config=None):
+    """[(parameter path, tensor)] that load ``trained`` into cm's modules_to_save and trainable
+    rows; ValueError, naming the fix, when they do not fit."""
+    mine = _trainable_tensors(cm)
+    missing, extra = sorted(set(mine) - set(trained)), sorted(set(trained) - set(mine))
+    if missing or extra:
+        raise ValueError(f"the adapter in {directory} does not fit this model's modules_to_save / "
+                         f"trainable_token_indices: tensors this model trains that it lacks {missing[:10]}, tensors it "
+                         f"holds that this model does not train {extra[:10]}; load it with lorafx.load_adapter(model, "
+                         "folder), which compiles with the adapter's modules_to_save and trainable_token_indices")
+    out = []
+    for key, path in mine.items():
+        have, saved = get_attr(cm, path), trained[key]
+        if tuple(have.shape) != tuple(saved.shape):
+            raise ValueError(f"{key}: saved shape {tuple(saved.shape)} does not match this model's {tuple(have.shape)}")
+        out.append((path, saved))
+    if config is not None and config.get("trainable_token_indices") is not None:
+        given = config["trainable_token_indices"]
+        for _, rec in token_records(cm.graph_module):
+            if rec.tied:
+                continue
+            want = given if not isinstance(given, dict) else next(
+                (v for k, v in given.items() if rec.module.endswith(k)), None)
+            if want is None or tuple(int(i) for i in want) != rec.tokens:
+                raise ValueError(f"{rec.module}: the adapter in {directory} trains rows {want} but this model was "
+                                 f"compiled with trainable_token_indices rows {list(rec.tokens)}; compile with the "
+                                 "adapter's trainable_token_indices or use lorafx.load_adapter(model, folder)")
+    return out
 
 
 def shortcut_settings(shortcuts: Dict[str, SavedShortcut]) -> dict:
@@ -704,8 +871,9 @@ def read_adapter(directory: str, trust_pickle: bool = False):
     return _read_adapter(directory, trust_pickle)
 
 
-def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
+def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None, records=None) -> None:
     """Copy ``weights`` (PEFT key -> tensor, from ``read_adapter``) and ``shortcuts`` (``AdapterFiles.shortcuts``;
-    None: no shortcut adapters) into ``cm``'s adapters; with ``config``, first check that it
-    gives every site the scale ``cm`` was compiled with."""
-    _copy_weights(cm, directory, weights, config, shortcuts)
+    None: no shortcut adapters) into ``cm``'s adapters (``records``: one named adapter's, default
+    ``cm.lora_records()``); with ``config``, first check that it gives every site the scale ``cm``
+    was compiled with."""
+    _copy_weights(cm, directory, weights, config, shortcuts, records)

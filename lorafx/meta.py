@@ -213,6 +213,10 @@ class GraphRecord:
     placement: Any = field(default=None, metadata={"graph_property": "placement"})
     # adapters made on the meta device (one DeferredInit per pass that made some), drawn by lorafx.materialize
     deferred_init: Tuple[DeferredInit, ...] = ()
+    # PEFT's modules_to_save (passes/modules_to_save.py): the names given, and the module paths they selected,
+    # whose parameters are trainable private copies (freeze_base leaves them, InsertLoRA adapts nothing inside)
+    modules_to_save: Tuple[str, ...] = ()
+    saved_modules: Tuple[str, ...] = ()
 
     def forget(self, properties) -> None:
         """Clear the fields that describe any of ``properties``; drop them from ``provided``."""

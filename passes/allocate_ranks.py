@@ -179,6 +179,8 @@ class AllocateRanks(Pass):
         kwargs = {k: values[k] for k in ("rank_budget", "proxy", "allocation", "max_rank", "score_batches",
                                          "score_loss", "target_modules", "exclude_modules", "r", "shortcuts")
                   if k in values}
+        if kwargs.get("target_modules", ALL_LINEAR) is None:  # InsertLoRA's default: all-linear
+            kwargs["target_modules"] = ALL_LINEAR
         return cls(**kwargs)
 
     def __post_init__(self):

@@ -42,13 +42,14 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.dialect import LINEAR, kind_named, kinds
+from lorafx.dialect import LINEAR, PARAMETER, kind_named, kinds
 from lorafx.graph_utils import (LinearSite, Site, get_attr, module_matches, node_module,
                                 pattern_value, set_parameter, unique)
 from lorafx.meta import DeferredInit, LoraRecord, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
+from .modules_to_save import is_saved_module
 from .score_sites import Candidate, mean_weight_gradients
 
 __all__ = ["InsertLoRA", "draw_A", "freeze_base", "find_adapter_sites", "select_linear_sites", "shared_weight_user"]
@@ -99,6 +100,14 @@ def _check_adapter_dtype(name, value, where):
         f"(one of {sorted(set(_DTYPES))}) or None for the weight's dtype")
 
 
+def _check_parameters(name, value, where):
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{where}{name} must be a list of parameter names (PEFT takes no regex here), got {value!r}; "
+                        f"pass e.g. {name}=['experts.gate_up_proj']")
+
+
 def _as_tuple(v):
     if v is None or isinstance(v, str):
         return v
@@ -109,7 +118,7 @@ def _as_tuple(v):
 class InsertLoRA(Pass):
     r: int = 8
     alpha: float = 16.0
-    target_modules: Union[str, Tuple[str, ...]] = ALL_LINEAR
+    target_modules: Union[str, Tuple[str, ...], None] = None  # None: all-linear, or none with target_parameters
     exclude_modules: Union[str, Tuple[str, ...], None] = None
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
@@ -120,6 +129,7 @@ class InsertLoRA(Pass):
     freeze: bool = True
     adapter_dtype: Optional[str] = None
     autocast_adapter_dtype: bool = False
+    target_parameters: Optional[Tuple[str, ...]] = None
 
     requires = frozenset({CAPTURED})
     provides = frozenset({"lora"})
@@ -127,10 +137,11 @@ class InsertLoRA(Pass):
     options = (
         Option("r", int, 8, "LoRA rank", check=O.check_positive_int),
         Option("alpha", float, 16.0, "LoRA alpha; scale = alpha / r", check=_check_alpha),
-        Option("target_modules", (str, list), ALL_LINEAR,
+        Option("target_modules", (str, list, type(None)), None,
                "'all-linear' (every linear but the output layer), a list of module names (PEFT's suffix rule) "
-               "or a regex",
-               check=O.check_modules),
+               "or a regex; None (PEFT's default): 'all-linear', or no modules when target_parameters is given",
+               check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True),
+               default_text="None ('all-linear')"),
         Option("exclude_modules", (str, list, type(None)), None, "module names or a regex to leave alone",
                check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
         Option("rank_pattern", dict, {}, "PEFT-style {regex: rank}",
@@ -151,17 +162,23 @@ class InsertLoRA(Pass):
         Option("autocast_adapter_dtype", bool, False,
                "PEFT's option: adapters on float16/bfloat16 weights in float32 (PEFT's default is True, lorafx's "
                "False: adapters in the weight's dtype)"),
+        Option("target_parameters", (list, type(None)), None,
+               "PEFT's target_parameters: names of 2-d parameters used directly (x @ self.weight) to adapt as "
+               "W + s·B A where they are read ('module.param', PEFT's suffix rule)", check=_check_parameters),
     )
 
     def __post_init__(self):
-        super().__post_init__()  # validate the options as given, then normalise them
         put = lambda name, value: object.__setattr__(self, name, value)
+        if self.target_modules is None and not self.target_parameters:  # PEFT: None adapts parameters only
+            put("target_modules", ALL_LINEAR)
+        super().__post_init__()  # validate the options as given, then normalise them
         put("r", int(self.r))
         put("alpha", float(self.alpha))
         put("dropout", float(self.dropout))
         put("seed", None if self.seed is None else int(self.seed))
         put("target_modules", _as_tuple(self.target_modules))
         put("exclude_modules", _as_tuple(self.exclude_modules))
+        put("target_parameters", _as_tuple(self.target_parameters) or None)
         put("rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
         put("alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()})
         if self.adapter_dtype is not None:
@@ -173,10 +190,12 @@ class InsertLoRA(Pass):
         where = "InsertLoRA: "
         O.check_positive_int("r", self.r, where)
         O.check_positive_real("alpha", self.alpha, where, _ALPHA_WHY)
-        O.check_modules("target_modules", self.target_modules, where)
-        if not self.target_modules:
+        O.check_modules("target_modules", self.target_modules, where, allow_none=True)
+        _check_parameters("target_parameters", self.target_parameters, where)
+        if not self.target_modules and not self.target_parameters:
             raise ValueError(f"InsertLoRA: target_modules is empty (got {self.target_modules!r}); pass module names, "
-                             "e.g. target_modules=['q_proj', 'v_proj'], a regex or 'all-linear'")
+                             "e.g. target_modules=['q_proj', 'v_proj'], a regex or 'all-linear' (or "
+                             "target_parameters=[...] to adapt parameters only)")
         O.check_modules("exclude_modules", self.exclude_modules, where, allow_none=True)
         O.check_pattern_dict("rank_pattern", self.rank_pattern, O.check_positive_int, where, "{'q_proj': 16}")
         O.check_pattern_dict("alpha_pattern", self.alpha_pattern,
@@ -202,7 +221,7 @@ class InsertLoRA(Pass):
         return weight_dtype
 
     def site_config(self, site: LinearSite, allocation: Optional[Dict[str, int]] = None) -> Tuple[int, float]:
-        name = target_name(site)  # (PEFT ranks an nn.MultiheadAttention's two projections by its own name)
+        name = pattern_name(site)
         r = allocation[site.module] if allocation is not None else pattern_value(name, self.rank_pattern, self.r)
         alpha = float(pattern_value(name, self.alpha_pattern, self.alpha))
         return r, alpha
@@ -227,12 +246,16 @@ class InsertLoRA(Pass):
         return out
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        sites = select_linear_sites(gm, find_adapter_sites(gm), self.target_modules, self.exclude_modules)
+        found = [s for s in find_adapter_sites(gm) if not is_saved_module(gm, s.module)]  # modules_to_save wins (PEFT)
+        sites = select_linear_sites(gm, found, self.target_modules, self.exclude_modules) if self.target_modules else []
+        if self.target_parameters:  # PEFT's target_parameters: bare parameters, adapted where they are read
+            sites = _with_parameter_sites(gm, sites, self.target_parameters, self.dropout)
+        _refuse_kind_limits(sites)
         allocation = graph_record(gm).allocation  # AllocateRanks' ranks: sites without one get no adapter
         if allocation is not None:
             _refuse_unallocated_kinds(sites)
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
-        _refuse_shared_weights(gm, sites)
+        _refuse_shared_weights(gm, [s for s in sites if s.kind != PARAMETER.name])  # (parameter_sites checks those)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
         above = [(s, r) for s, (r, _) in zip(sites, configs)
                  if r > min(s.extra.get("fan_in", s.in_features), s.out_features)]  # (a conv: in · kernel size)
@@ -344,6 +367,43 @@ def target_name(site) -> str:
     return site.extra.get("target", site.module)
 
 
+def pattern_name(site) -> str:
+    """The name rank_pattern/alpha_pattern keys are matched against: the module's, for a
+    target_parameters site the parameter's ('module.param'), and for an nn.MultiheadAttention's
+    projections the attention's (``target_name``), as PEFT matches them."""
+    return f"{site.module}.{site.extra['parameter']}" if site.kind == PARAMETER.name else target_name(site)
+
+
+def _with_parameter_sites(gm: torch.fx.GraphModule, sites, names, dropout: float = 0.0) -> List[Site]:
+    """``sites`` and the sites of the parameters ``names`` selects, in graph order; refuses a
+    parameter whose module target_modules also adapts (PEFT would stack two adapters on it),
+    and dropout (an adapted parameter has no input to drop, as PEFT says too)."""
+    params = PARAMETER.parameter_sites(gm, names)
+    if dropout > 0:
+        raise ValueError(f"InsertLoRA: dropout={dropout:g} cannot apply to target_parameters ({params[0].module}."
+                         f"{params[0].extra['parameter']}): the adapter changes the parameter, not an input it could "
+                         "drop (PEFT refuses lora_dropout there too); compile with dropout=0")
+    taken = {s.weight.target: s for s in sites}
+    modules = {s.module: s for s in sites}
+    for p in params:
+        clash = taken.get(p.weight.target) or modules.get(p.module)
+        if clash is not None:
+            raise ValueError(f"InsertLoRA: {p.module}.{p.extra['parameter']} is named by target_parameters and its "
+                             f"module {clash.module!r} ({clash.layer}) by target_modules; adapt it one way: leave it "
+                             "out of one of them")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted([*sites, *params], key=lambda s: order[s.node])
+
+
+def _refuse_kind_limits(sites) -> None:
+    """A selected site its kind cannot adapt as PEFT does (``refuse(site)``, where a kind has it:
+    an embedding with max_norm) is an error naming it, before anything is built."""
+    for s in sites:
+        why = getattr(kind_named(s.kind), "refuse", lambda site: None)(s)
+        if why:
+            raise ValueError(f"InsertLoRA: {why}; nothing was compiled")
+
+
 def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:
     """Every site some registered op kind adapts (``OpKind.find_sites`` of the kinds with a
     ``layer``), in graph order."""
@@ -374,7 +434,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
         holding.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     bad = [(path, mtype) for path, mtype in _module_types(gm).items()
            if path in holding and path not in linear and module_matches(path, target_modules)
-           and not module_matches(path, exclude_modules)]
+           and not module_matches(path, exclude_modules) and not is_saved_module(gm, path)]
     if not bad:
         return
     shown = ", ".join(f"{p!r} ({t})" for p, t in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
@@ -398,8 +458,10 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
                         where: str = "InsertLoRA") -> list:
     """The linear sites ``target_modules`` selects ("all-linear": every linear but the model's
     output layer) and ``exclude_modules`` does not exclude.  Raises if none is selected, or if
-    ``target_modules`` names a module lorafx cannot adapt (never a silent partial adaptation);
-    "all-linear" leaves the linears of an nn.MultiheadAttention alone, with a warning."""
+    ``target_modules`` names a module lorafx cannot adapt (never a silent partial adaptation) or a
+    selected site its kind cannot adapt as PEFT does (``Site.extra["problem"]``: a dilated convolution,
+    a cross-attention; "all-linear" leaves those alone with a warning).  An nn.MultiheadAttention's
+    two projections are selected by the attention's name (``target_name``)."""
     outputs = set(graph_record(gm).output_modules)
     if target_modules != ALL_LINEAR:
         _refuse_unadaptable(gm, sites, target_modules, exclude_modules, where)
@@ -474,12 +536,15 @@ def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
 
 def freeze_base(gm: torch.nn.Module) -> int:
     """Replace every parameter by a frozen one sharing its storage (the caller's
-    model keeps its own Parameter objects and flags).  Returns how many."""
+    model keeps its own Parameter objects and flags).  Returns how many.  The
+    parameters of the graph record's ``saved_modules`` (modules_to_save) stay as they are."""
     seen: Dict[int, torch.nn.Parameter] = {}
     count = 0
+    saved = graph_record(gm).saved_modules if isinstance(gm, torch.fx.GraphModule) else ()
+    kept = {id(p) for path in saved for p in gm.get_submodule(path).parameters()}
     for module in gm.modules():
         for name, p in list(module._parameters.items()):
-            if p is None:
+            if p is None or id(p) in kept:
                 continue
             if id(p) not in seen:
                 seen[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=False)

@@ -42,6 +42,7 @@ from lorafx.meta import LoraRecord, OriginRecord, get_record, graph_record, set_
 from lorafx.pipeline import Pass, PassResult
 
 from .fold_lora import FOLDED_SUFFIX
+from .trainable_tokens import merge_tokens, merged_token_weights, unmerge_tokens
 
 __all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", "kept_unmerged_weight",
            "mergeable", "unmergeable_nodes", "lower_unmergeable"]
@@ -86,6 +87,7 @@ def merged_weights(gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
         rec = get_record(node, LoraRecord)
         if rec is not None and not rec.merged:
             out.setdefault(rec.weight, kind_of(node).merged_weight(gm, node))
+    out.update(merged_token_weights(gm, aliases=True))  # trainable_token_indices: W with its rows written
     return out
 
 
@@ -144,6 +146,7 @@ class MergeLoRA(Pass):
             gm.graph.erase_node(node)
             count += 1
         lowered = lower_unmergeable(gm) if self.unload else 0
+        tokens = merge_tokens(gm, unload=self.unload, rebind=self.rebind_weights)  # trainable_token_indices
         gm.graph.eliminate_dead_code()
         if self.unload:
             for path, weight in unloaded:
@@ -153,10 +156,10 @@ class MergeLoRA(Pass):
                 for suffix in (_KEPT, FOLDED_SUFFIX):  # the kept weight; FoldLoRAIntoBase's [W; A] buffer
                     if hasattr(owner, name + suffix):
                         delattr(owner, name + suffix)
-        info = {"merged_sites": count}
+        info = {"merged_sites": count, **({"merged_token_layers": tokens} if tokens else {})}
         if lowered:
             info["lowered_nodes"] = lowered  # unmergeable adapters (shortcuts) as aten ops
-        return PassResult(gm, count + lowered > 0, info)
+        return PassResult(gm, count + lowered + tokens > 0, info)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class UnmergeLoRA(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             count += 1
+        count += unmerge_tokens(gm, rebind=self.rebind_weights)  # trainable_token_indices
         gm.graph.eliminate_dead_code()
         return PassResult(gm, count > 0, {"unmerged_sites": count})
 

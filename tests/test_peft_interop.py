@@ -261,17 +261,9 @@ def test_non_lora_adapter_is_refused(built, tmp_path):
     _assert_refused(b, tmp_path, ValueError, "peft_type 'IA3' is not supported")
 
 
-def test_peft_seq_cls_adapter_with_modules_to_save_is_refused(built, tmp_path):
-    """PEFT trains (and saves) BERT's classifier for SEQ_CLS: lorafx cannot load that."""
-    b = built("bert")
-    _peft_saved(b.base, tmp_path, peft_config("bert", CASES["bert"][1], task_type="SEQ_CLS"))
-    _assert_refused(b, tmp_path, ValueError, "modules_to_save")
-
-
 @pytest.mark.parametrize("key,value", [
-    ("use_dora", True), ("bias", "all"), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
-    ("layers_to_transform", [0]), ("init_lora_weights", "pissa"), ("trainable_token_indices", [1, 2]),
-    ("target_parameters", ["mlp.experts.down_proj"]), ("alora_invocation_tokens", [5]),
+    ("use_dora", True), ("bias", "all"), ("lora_bias", True),
+    ("layers_to_transform", [0]), ("init_lora_weights", "pissa"), ("alora_invocation_tokens", [5]),
 ])
 def test_unsupported_config_is_refused(built, tmp_path, key, value):
     b = built("llama")

@@ -13,6 +13,8 @@ One module per kind, each registering itself on import:
   zero pattern (LoRS), with its ``SparseRecord``;
 * ``cim``        ``rram_linear`` (a frozen linear on noisy RRAM crossbars, optionally reading a
   programmed chip) and ``lora_sram`` (its adapter in exact SRAM): the compute-in-memory lowering;
+* ``embedding``  ``lora_embedding``, an adapted ``nn.Embedding`` (a lookup into A, then B);
+* ``parameter``  ``lora_parameter``, an adapted bare parameter (PEFT's ``target_parameters``): W + s·B A;
 * ``conv``       ``lora_conv``, PEFT's LoRA on a convolution (Conv1d/2d/3d, grouped or not);
 * ``shortcut``   ``lora_shortcut``, a LoRA-adapted shortcut connection (HeteroLoRA):
   y + s·(h Aᵀ) Bᵀ between two points of the residual stream, with its ``ShortcutRecord``.
@@ -32,10 +34,12 @@ from .folded import FOLDED
 from .shortcut import SHORTCUT, ShortcutRecord
 from .sparse import SPARSE, SparseRecord
 from .cim import RRAM, SRAM_ADAPTER
+from .embedding import EMBEDDING
+from .parameter import PARAMETER
 from .conv import CONV
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
     "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "replace_node", "set_args",
-    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "CONV", "lora_linear_reference", "schedule_counts",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "EMBEDDING", "PARAMETER", "CONV", "lora_linear_reference", "schedule_counts",
 ]
