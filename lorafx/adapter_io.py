@@ -57,6 +57,7 @@ import torch
 from ._version import __version__
 from .dialect import SparseRecord
 from .graph_utils import get_attr, pattern_value
+from .dialect.mha import peft_target
 from .meta import LoraRecord, get_record, graph_record
 from lorafx.passes.modules_to_save import saved_tensors
 from lorafx.passes.trainable_tokens import PEFT_DELTA, token_records, token_tensors
@@ -162,9 +163,9 @@ def _dora_flag(records) -> bool:
 
 
 def _pattern_name(rec: LoraRecord) -> str:
-    """The name PEFT matches rank/alpha_pattern keys against: the module's, or for a
-    target_parameters adapter the parameter's path."""
-    return rec.weight if rec.kind == PARAMETER_KIND else rec.site
+    """The name PEFT matches rank/alpha_pattern keys against: the module's (an nn.MultiheadAttention's
+    for its out_proj, ``peft_target``), or for a target_parameters adapter the parameter's path."""
+    return rec.weight if rec.kind == PARAMETER_KIND else peft_target(rec)
 
 
 def _target_parameters(cm, records) -> list:
@@ -184,7 +185,7 @@ def _peft_config(cm, records) -> dict:
     """The PEFT LoraConfig fields describing ``cm``'s adapters."""
     ranks = {_pattern_name(r): r.r for r in records.values()}
     alphas = {_pattern_name(r): r.alpha for r in records.values()}
-    modules = {s: r for s, r in records.items() if r.kind != PARAMETER_KIND}
+    modules = {peft_target(r): r for r in records.values() if r.kind != PARAMETER_KIND}  # (an MHA's out_proj: the MHA)
     parameters = _target_parameters(cm, records)
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
@@ -199,7 +200,7 @@ def _peft_config(cm, records) -> dict:
         "target_parameters": parameters or None,
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
-        "lora_dropout": recs[0].dropout,
+        "lora_dropout": max(r.dropout for r in recs),  # (an nn.MultiheadAttention's adapters have none, as in PEFT)
         "use_rslora": _rslora_flag(records),
         # PEFT picks the layout per layer (Conv1D -> fan_in_fan_out) and the saved A/B
         # are (r, in) / (out, r) either way, so a mixed model round-trips too.

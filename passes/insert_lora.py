@@ -53,7 +53,7 @@ from lorafx.dialect import DORA, LINEAR, PARAMETER, kind_named, kinds
 from lorafx.dialect.dora import MAGNITUDE, dora_norm
 from lorafx.graph_utils import (LinearSite, Site, get_attr, module_matches, node_module,
                                 pattern_value, set_parameter, unique)
-from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
+from lorafx.meta import DeferredInit, LoraRecord, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
@@ -83,9 +83,6 @@ def draw_A(shape, init: str, r: int, gen: torch.Generator) -> torch.Tensor:
 log = logging.getLogger("lorafx")
 
 ALL_LINEAR = "all-linear"
-# module types whose linear layers lorafx cannot adapt as PEFT does yet: nn.MultiheadAttention runs its
-# packed in_proj and its out_proj inside its own forward, so they appear as linears of the MHA module
-UNSUPPORTED_CONTAINERS = ("MultiheadAttention",)
 INITS = ("kaiming", "gaussian", "lors")
 LORS_BATCHES = 16  # calibration batches init="lors" averages the weight gradient over
 _ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora), so 0 means "
@@ -282,7 +279,8 @@ class InsertLoRA(Pass):
         if self.use_dora:
             _refuse_dora_on_other_layers(sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
-        above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
+        above = [(s, r) for s, (r, _) in zip(sites, configs)
+                 if r > min(s.extra.get("fan_in", s.in_features), s.out_features)]  # (a conv: in · kernel size)
         if above:
             if self.init == "lors":
                 s, r = above[0]
@@ -401,15 +399,17 @@ def _module_types(gm: torch.fx.GraphModule) -> Dict[str, str]:
     return out
 
 
-def _site_type(site) -> str:
-    rec = get_record(site.node, OriginRecord)
-    return rec.module_type if rec is not None else ""
+def target_name(site) -> str:
+    """The module name ``target_modules`` selects ``site`` by: its module's, or for the projections of an
+    nn.MultiheadAttention the attention module's (PEFT adapts both when it is named)."""
+    return site.extra.get("target", site.module)
 
 
 def pattern_name(site) -> str:
-    """The name rank_pattern/alpha_pattern keys are matched against: the module's, or for a
-    target_parameters site the parameter's ('module.param'), as PEFT matches them."""
-    return f"{site.module}.{site.extra['parameter']}" if site.kind == PARAMETER.name else site.module
+    """The name rank_pattern/alpha_pattern keys are matched against: the module's, for a
+    target_parameters site the parameter's ('module.param'), and for an nn.MultiheadAttention's
+    projections the attention's (``target_name``), as PEFT matches them."""
+    return f"{site.module}.{site.extra['parameter']}" if site.kind == PARAMETER.name else target_name(site)
 
 
 def _with_parameter_sites(gm: torch.fx.GraphModule, sites, names, dropout: float = 0.0) -> List[Site]:
@@ -452,11 +452,12 @@ def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:
 
 def _refuse_unallocated_kinds(sites) -> None:
     """AllocateRanks scores linear layers only: a selected site of another kind would silently get no adapter."""
-    other = [s for s in sites if s.kind != LINEAR.name]
+    other = [s for s in sites if s.kind != LINEAR.name or s.layer == "MultiheadAttention"]  # (PEFT: one rank for both)
     if other:
-        shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:4])
+        shown = ", ".join(unique(f"{target_name(s)!r} ({s.layer})" for s in other)[:4])
         raise ValueError(f"InsertLoRA: rank_budget allocates ranks to linear layers only, but target_modules also "
-                         f"selects {shown}; leave them out of target_modules, or compile without rank_budget")
+                         f"selects {shown}; leave them out of target_modules (or add them to exclude_modules), "
+                         "or compile without rank_budget")
 
 
 def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules, where: str) -> None:
@@ -464,7 +465,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
     and lorafx cannot adapt (an embedding, a convolution, a norm, a container such as an
     attention block, an nn.MultiheadAttention) is an error naming it, its kind and what to
     do, before anything is built.  Parameter-free modules (activations) are ignored."""
-    linear = {s.module for s in sites if _site_type(s) not in UNSUPPORTED_CONTAINERS}  # every adaptable site
+    linear = {s.module for s in sites} | {target_name(s) for s in sites}  # every adaptable site
     holding = set()  # modules holding parameters, themselves or below (a parameter-free act_fn is never an adapter site)
     for name, _ in gm.named_parameters():
         parts = name.split(".")[:-1]
@@ -487,7 +488,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
 
 def adaptable_layers() -> List[str]:
     """The layer types some registered op kind adapts ("Linear (nn.Linear, transformers' Conv1D)", ...)."""
-    names = {"Linear": "Linear (nn.Linear, transformers' Conv1D)"}
+    names = {"Linear": "Linear (nn.Linear, transformers' Conv1D, nn.MultiheadAttention's projections)"}
     return unique(names.get(k.layer, k.layer) for k in kinds() if k.layer)
 
 
@@ -495,23 +496,37 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
                         where: str = "InsertLoRA") -> list:
     """The linear sites ``target_modules`` selects ("all-linear": every linear but the model's
     output layer) and ``exclude_modules`` does not exclude.  Raises if none is selected, or if
-    ``target_modules`` names a module lorafx cannot adapt (never a silent partial adaptation);
-    "all-linear" leaves the linears of an nn.MultiheadAttention alone, with a warning."""
+    ``target_modules`` names a module lorafx cannot adapt (never a silent partial adaptation) or a
+    selected site its kind cannot adapt as PEFT does (``Site.extra["problem"]``: a dilated convolution,
+    a cross-attention; "all-linear" leaves those alone with a warning).  An nn.MultiheadAttention's
+    two projections are selected by the attention's name (``target_name``)."""
     outputs = set(graph_record(gm).output_modules)
     if target_modules != ALL_LINEAR:
         _refuse_unadaptable(gm, sites, target_modules, exclude_modules, where)
-    chosen, skipped = [], []
+    chosen = []
     for s in sites:
+        name = target_name(s)
         if target_modules == ALL_LINEAR:  # PEFT's all-linear: linear layers only, not the output layer
             ok = s.kind == LINEAR.name and s.module not in outputs
         else:
-            ok = module_matches(s.module, target_modules)
-        if ok and not module_matches(s.module, exclude_modules):
-            (skipped if _site_type(s) in UNSUPPORTED_CONTAINERS else chosen).append(s)
-    if skipped:
-        log.warning("lorafx: %s: all-linear leaves the linears of %d nn.MultiheadAttention module(s) unadapted (%s): "
-                    "lorafx cannot adapt them as PEFT does yet", where, len(unique(s.module for s in skipped)),
-                    ", ".join(unique(s.module for s in skipped)[:5]))
+            ok = module_matches(name, target_modules)
+            if not ok and name != s.module and module_matches(s.module, target_modules):
+                raise ValueError(
+                    f"{where}: target_modules={target_modules!r} names {s.module!r}, a projection of the "
+                    f"{s.layer} {name!r}, which runs it inside its own forward (never calling out_proj's, so PEFT's "
+                    "adapter on out_proj alone never runs): PEFT adapts the input and output projections together "
+                    f"when the attention module is named. Target {name!r} instead (nothing was compiled)")
+        if ok and not module_matches(name, exclude_modules):
+            chosen.append(s)
+    problems = [s for s in chosen if s.extra.get("problem")]
+    if problems and target_modules == ALL_LINEAR:  # not named by the user: left alone, said once
+        log.warning("lorafx: %s: all-linear leaves %s unadapted: %s", where,
+                    ", ".join(unique(f"{target_name(s)} ({s.layer})" for s in problems)[:5]), problems[0].extra["problem"])
+        chosen, problems = [s for s in chosen if not s.extra.get("problem")], []
+    if problems:
+        s = problems[0]
+        raise ValueError(f"{where}: cannot adapt {target_name(s)!r} ({s.layer}): {s.extra['problem']}. Leave it out "
+                         "of target_modules (or add it to exclude_modules); nothing was compiled")
     if not chosen:
         names = unique(s.module for s in sites)
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")

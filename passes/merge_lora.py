@@ -12,7 +12,8 @@ node was merged from (its ``MergedFrom`` record) to rebuild it.  ``unload=True``
 deletes the adapters' tensors and the kept weights (merge_and_unload).
 
 Kinds that cannot be folded into a weight (``mergeable = False``: the shortcut
-connections of ``lora_shortcut``) are left running by MergeLoRA; ``unload=True`` turns
+connections of ``lora_shortcut``), and nodes whose kind names a ``merge_problem`` (a grouped
+convolution's adapter, whose update is no grouped weight), are left running by MergeLoRA; ``unload=True`` turns
 them into plain aten ops with their A and B kept as frozen tensors (``lower_unmergeable``).
 
 Preserves: outputs (merged equals unmerged up to float rounding; dropout is
@@ -49,14 +50,15 @@ __all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", 
 _KEPT = "_lorafx_unmerged"
 
 
-def mergeable(kind) -> bool:
-    """Whether an op kind's adapters fold into a frozen weight (``OpKind.mergeable``)."""
-    return kind.mergeable
+def mergeable(kind, node=None) -> bool:
+    """Whether an op kind's adapters fold into a frozen weight (``OpKind.mergeable``); with ``node``,
+    whether that node's does (its kind's ``merge_problem``: a grouped convolution's does not)."""
+    return kind.mergeable and (node is None or kind.merge_problem(node) is None)
 
 
 def unmergeable_nodes(graph: torch.fx.Graph) -> List[torch.fx.Node]:
-    """The adapter nodes whose kind cannot be merged into a weight (shortcut connections)."""
-    return [n for n in graph.nodes if kind_of(n) is not None and not mergeable(kind_of(n))]
+    """The adapter nodes that cannot be merged into a weight (shortcut connections, grouped convolutions)."""
+    return [n for n in graph.nodes if kind_of(n) is not None and not mergeable(kind_of(n), n)]
 
 
 def lower_unmergeable(gm: torch.fx.GraphModule) -> int:
@@ -126,7 +128,7 @@ class MergeLoRA(Pass):
         unloaded = set()
         for node in canonicalize(gm.graph):  # one single-adapter node per adapter
             kind, rec = kind_of(node), get_record(node, LoraRecord)
-            if not mergeable(kind):
+            if not mergeable(kind, node):
                 continue  # no weight to fold it into: it keeps running (lowered below when unloading)
             if self.rebind_weights:
                 _merge_site_weight(gm, rec, lambda: kind.merged_weight(gm, node))
