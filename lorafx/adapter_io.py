@@ -17,6 +17,11 @@ Compiling a model with an adapter's configuration and loading its weights
 (``lorafx.load_adapter``) is the driver's ``lorafx.compiler.load_adapter``, built on
 ``read_adapter``, ``compile_settings`` and ``copy_adapter_weights`` here.
 
+DoRA adapters (``use_dora=True``) also save each site's magnitude vector under PEFT's key
+``base_model.model.<site>.lora_magnitude_vector`` (out_features,) and ``use_dora: true`` in the
+config; a DoRA adapter loads only into a model compiled with ``use_dora=True`` (and a plain one
+only without it), which ``lorafx.load_adapter`` does from the config.
+
 Shortcut adapters (``shortcuts=True``, HeteroLoRA's LoRA-adapted shortcut
 connections), which PEFT cannot express, go to a third file, ``lorafx_shortcuts.safetensors``:
 ``<site>.lora_A`` (r, dim) and ``<site>.lora_B`` (dim, r) per site (``shortcuts.3.attn_skip``),
@@ -59,10 +64,13 @@ import torch
 from ._version import __version__
 from .dialect import SparseRecord
 from .graph_utils import get_attr, pattern_value
-from .meta import LoraRecord, get_record
+from .dialect.mha import peft_target
+from .meta import LoraRecord, get_record, graph_record
+from lorafx.passes.modules_to_save import saved_tensors
+from lorafx.passes.trainable_tokens import PEFT_DELTA, token_records, token_tensors
 
 __all__ = ["save_adapter", "load_adapter_weights", "read_adapter_config", "read_adapter", "read_adapter_files",
-           "compile_settings", "check_residual_init", "peft_keys", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
+           "compile_settings", "check_residual_init", "peft_keys", "trainable_tensors", "trained_settings", "shortcut_settings", "sparsity_settings", "sparse_sites", "copy_adapter_weights", "AdapterFiles", "SavedShortcut",
            "SCALE_OPTIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SHORTCUTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -84,9 +92,8 @@ PARAMETER_KIND = "lora_parameter"  # the op kind of target_parameters adapters (
 EMBEDDING_KIND = "lora_embedding"  # the op kind of embedding adapters (lorafx.dialect.embedding)
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
-_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, [], ()),
-                "use_qalora": (False, None),
-                "trainable_token_indices": (None,), "alora_invocation_tokens": (None,),
+_UNSUPPORTED = {"bias": ("none", None), "use_qalora": (False, None),
+                "alora_invocation_tokens": (None,),
                 "layer_replication": (None,), "use_bdlora": (None, False),
                 "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,)}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
@@ -153,10 +160,21 @@ def _expected_scale(config: dict, site: str) -> float:
     return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
 
 
+def _dora_flag(records) -> bool:
+    """PEFT's use_dora for these records (DoRA adapters carry a magnitude); PEFT has one flag
+    per adapter, so a mix of DoRA and plain LoRA sites cannot be saved as one."""
+    dora = {s for s, r in records.items() if r.magnitude}
+    if dora and len(dora) != len(records):
+        plain = sorted(set(records) - dora)
+        raise ValueError(f"cannot save the adapters in PEFT's format: {sorted(dora)[0]} is a DoRA adapter and "
+                         f"{plain[0]} is not, but PEFT's use_dora applies to every site of an adapter")
+    return bool(dora)
+
+
 def _pattern_name(rec: LoraRecord) -> str:
-    """The name PEFT matches rank/alpha_pattern keys against: the module's, or for a
-    target_parameters adapter the parameter's path."""
-    return rec.weight if rec.kind == PARAMETER_KIND else rec.site
+    """The name PEFT matches rank/alpha_pattern keys against: the module's (an nn.MultiheadAttention's
+    for its out_proj, ``peft_target``), or for a target_parameters adapter the parameter's path."""
+    return rec.weight if rec.kind == PARAMETER_KIND else peft_target(rec)
 
 
 def _target_parameters(cm, records) -> list:
@@ -176,7 +194,7 @@ def _peft_config(cm, records) -> dict:
     """The PEFT LoraConfig fields describing ``cm``'s adapters."""
     ranks = {_pattern_name(r): r.r for r in records.values()}
     alphas = {_pattern_name(r): r.alpha for r in records.values()}
-    modules = {s: r for s, r in records.items() if r.kind != PARAMETER_KIND}
+    modules = {peft_target(r): r for r in records.values() if r.kind != PARAMETER_KIND}  # (an MHA's out_proj: the MHA)
     parameters = _target_parameters(cm, records)
     r0, a0 = _most_common(ranks.values()), _most_common(alphas.values())
     recs = list(records.values())
@@ -199,7 +217,7 @@ def _peft_config(cm, records) -> dict:
         **layers,
         "rank_pattern": _pattern(ranks, r0),
         "alpha_pattern": _pattern(alphas, a0),
-        "lora_dropout": recs[0].dropout,
+        "lora_dropout": max(r.dropout for r in recs),  # (an nn.MultiheadAttention's adapters have none, as in PEFT)
         "use_rslora": _rslora_flag(records),
         # PEFT picks the layout per layer (Conv1D -> fan_in_fan_out) and the saved A/B
         # are (r, in) / (out, r) either way, so a mixed model round-trips too.
@@ -209,7 +227,8 @@ def _peft_config(cm, records) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": _dora_flag(records),
+        **_trainable_config(cm),  # modules_to_save, trainable_token_indices
         "revision": None,
     }
 
@@ -257,7 +276,7 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) -> None:
+def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None, records=None) -> None:
     """Write ``cm``'s adapters to ``directory`` in PEFT's format, and its shortcut adapters
     (if any) to ``lorafx_shortcuts.safetensors`` beside them.  ``tensors``: a state dict to
     take the adapter values from (by parameter name) instead of ``cm``'s parameters; adapters
@@ -265,10 +284,16 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
 
     Atomic: if any step fails, the adapter already in ``directory`` stays as it was
     and no staging files remain.  Other files in ``directory`` are left alone.
-    ``overwrite=False`` refuses to replace an adapter already there.
+    ``overwrite=False`` refuses to replace an adapter already there.  ``records``: the
+    {site: LoraRecord} of the one adapter to save (``cm.adapter_records(name)``); without it,
+    the model's adapters (and shortcut adapters), named ones (``add_adapter``) in PEFT's
+    multi-adapter layout (``cm.save_adapter``).
     """
-    records = cm.lora_records()
-    shortcuts = cm.shortcut_records()
+    if records is None and cm.__dict__.get("_adapter_state") is not None:  # named adapters: PEFT's layout
+        cm.save_adapter(directory, overwrite=overwrite, tensors=tensors)
+        return
+    shortcuts = cm.shortcut_records() if records is None else {}
+    records = cm.lora_records() if records is None else records
     if not records and not shortcuts:
         raise ValueError("this model has no LoRA adapters to save")
     paths = {site: tuple(peft_keys({site: r}).values()) for site, r in records.items()}
@@ -307,7 +332,8 @@ def save_adapter(cm, directory: str, *, overwrite: bool = True, tensors=None) ->
         config = _peft_config(cm, {**records, **{site: _converted_record(rec, rslora)
                                                  for site, rec in converted.items()}})
         extra = {SPARSITY_KEY: json.dumps({"sites": sparse, "merge": PEFT_MASK_HINT})} if sparse else {}
-        weights = {f"{PREFIX}{key}": tensor(path) for key, path in peft_keys(records).items()}
+        keys = {**peft_keys(records), **_trainable_tensors(cm)}  # LoRA, modules_to_save, trainable rows
+        weights = {f"{PREFIX}{key}": tensor(path) for key, path in keys.items()}
         _convert_residual(weights, converted, lambda path: get_attr(cm, path).detach().cpu())
         files[WEIGHTS_NAME] = (weights, extra)
     else:
@@ -625,6 +651,7 @@ def read_adapter_files(directory: str, trust_pickle: bool = False) -> AdapterFil
     else:
         try:
             weights, metas[_weights_file(directory)] = _read_weights(directory, trust_pickle)
+            _check_trained(_weights_file(directory), config, _trained_part(weights))
         except FileNotFoundError:
             raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_NAME}"
                                     + (f" (it has {SHORTCUTS_NAME}, but its {CONFIG_NAME} names linear adapters)"
@@ -764,12 +791,15 @@ def _without_saved_tables(cm, directory: str, records, tensors) -> Dict[str, tor
     return out
 
 
-def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> None:
-    """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters and ``shortcuts`` (site ->
-    SavedShortcut) into its shortcut adapters (shapes, and the scales of the linear ones when
-    ``config`` is given, must match; nothing is copied otherwise)."""
-    records = cm.lora_records()
+def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None, records=None) -> None:
+    """Copy ``tensors`` (PEFT key -> tensor) into ``cm``'s adapters (``records``, default
+    ``cm.lora_records()``) and ``shortcuts`` (site -> SavedShortcut) into its shortcut adapters
+    (shapes, and the scales of the linear ones when ``config`` is given, must match; nothing is
+    copied otherwise)."""
+    records = cm.lora_records() if records is None else records
     expected = peft_keys(records)
+    trained = _trained_part(tensors, _trainable_tensors(cm))  # modules_to_save, trainable rows
+    tensors = {k: v for k, v in tensors.items() if k not in trained}
     tensors = _without_saved_tables(cm, directory, records, tensors)
     if records and not tensors and shortcuts:
         raise ValueError(f"the adapter in {directory} has shortcut adapters only ({SHORTCUTS_NAME}, no PEFT weights) "
@@ -782,6 +812,8 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
             "has a bias on lora_B (lora_bias=True) but this model was compiled without: compile with lora_bias=True"
             if has else "has no bias on lora_B but this model was compiled with lora_bias=True: compile with "
             "lora_bias=False") + ", or use lorafx.load_adapter(model, directory)")
+    if config is not None and records:
+        _check_dora(cm, directory, records, config, tensors)
     missing = sorted({_site_of(k) for k in set(expected) - set(tensors)})
     extra = sorted({_site_of(k) for k in set(tensors) - set(expected)})
     if missing or extra:
@@ -800,7 +832,7 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
                              f"{_expected_scale(config, _pattern_name(rec)):g} (from r, lora_alpha, rank/alpha_pattern, "
                              f"use_rslora) but this model was compiled with scale {rec.scale:g}; compile with "
                              "the adapter's settings or use lorafx.load_adapter(model, directory)")
-    copies = _shortcut_copies(cm, directory, shortcuts or {})
+    copies = _shortcut_copies(cm, directory, shortcuts or {}) + _trained_copies(cm, directory, trained, config)
     was_merged = cm.merged
     cm.unmerge()
     with torch.no_grad():
@@ -810,6 +842,23 @@ def _copy_weights(cm, directory: str, tensors, config=None, shortcuts=None) -> N
             get_attr(cm, path).copy_(value)
     if was_merged:
         cm.merge()
+
+
+def _check_dora(cm, directory: str, records, config: dict, tensors) -> None:
+    """A DoRA adapter loads into a DoRA model only (and a plain one into a plain model): the
+    same A and B compute something else with and without the magnitude."""
+    saved = bool(config.get("use_dora"))
+    mine = any(r.magnitude for r in records.values())
+    if saved != mine:
+        raise ValueError(f"the adapter in {directory} has use_dora={saved} but this model was compiled with "
+                         f"use_dora={mine}; compile with use_dora={saved}, or use lorafx.load_adapter(model, "
+                         "directory), which compiles with the adapter's settings")
+    if saved:
+        lacking = sorted(k for k in peft_keys(records) if k.endswith(".lora_magnitude_vector") and k not in tensors)
+        if lacking:
+            raise ValueError(f"the adapter in {directory} says use_dora=True but has no DoRA magnitude for "
+                             f"{_site_of(lacking[0])} ({len(lacking)} site(s) lack '<site>.lora_magnitude_vector'): "
+                             f"{_fix(directory)}")
 
 
 def compile_settings(config: dict) -> dict:
@@ -828,12 +877,118 @@ def compile_settings(config: dict) -> dict:
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
         exclude_modules=tuple(exclude) if isinstance(exclude, list) else exclude,
+        **({"use_dora": True} if config.get("use_dora") else {}),
         **({"target_parameters": tuple(parameters)} if parameters else {}),
         **({"lora_bias": True} if config.get("lora_bias") else {}),
         **({"init": residual_init(config)} if residual_init(config) else {}),  # recomputed, as PEFT does
         **({"layers_to_transform": config["layers_to_transform"], "layers_pattern": config.get("layers_pattern")}
            if config.get("layers_to_transform") is not None else {}),
     )
+
+
+def trained_settings(files: "AdapterFiles") -> dict:
+    """The ``lorafx.compile`` options for the adapter's modules_to_save (the names whose
+    tensors it holds: PEFT's SEQ_CLS lists both 'classifier' and 'score') and
+    trainable_token_indices ({} for none)."""
+    out = {}
+    names = files.config.get("modules_to_save") or []
+    held = [n for n in names if any(_under(key, n) for key in _trained_part(files.tensors) if not _is_token_key(key))]
+    if held:
+        out["modules_to_save"] = held
+    if files.config.get("trainable_token_indices") is not None:
+        out["trainable_token_indices"] = files.config["trainable_token_indices"]
+    return out
+
+
+def _trained_part(tensors: Dict[str, torch.Tensor], mine=()) -> Dict[str, torch.Tensor]:
+    """The tensors (by PEFT key) that belong to modules_to_save or trainable rows: the keys of no LoRA
+    tensor (no ".lora_" in them), and ``mine`` (a model's own modules_to_save / row keys)."""
+    return {k: v for k, v in tensors.items() if ".lora_" not in k or k in mine}
+
+
+def _is_token_key(key: str) -> bool:
+    return key.endswith("." + PEFT_DELTA) or re.search(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", key) \
+        is not None
+
+
+def _token_module(key: str) -> str:
+    return re.sub(r"\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$", "", key)
+
+
+def _under(key: str, name: str) -> bool:
+    """Whether parameter ``key`` belongs to a module whose path ends with ``name`` (PEFT's rule)."""
+    parts = key.split(".")[:-1]
+    return any(".".join(parts[:i]).endswith(name) for i in range(1, len(parts) + 1))
+
+
+def _check_trained(path: str, config: dict, trained: Dict[str, torch.Tensor]) -> None:
+    """Every tensor of the weights file that is no LoRA pair is a modules_to_save parameter or
+    trainable rows the config names (else the file is refused as before)."""
+    names = config.get("modules_to_save") or []
+    if config.get("trainable_token_indices") is not None and not any(_is_token_key(k) for k in trained):
+        raise ValueError(f"{path}: the config has trainable_token_indices={config['trainable_token_indices']!r} but "
+                         f"the weights hold no trainable rows (...{PEFT_DELTA}); save the adapter again")
+    for key in trained:
+        if _is_token_key(key):
+            if config.get("trainable_token_indices") is None:
+                raise ValueError(f"{path}: unexpected entry {key!r}: trainable rows (token_adapter) but the config has "
+                                 "no trainable_token_indices; save the adapter again")
+        elif not any(_under(key, n) for n in names):
+            raise ValueError(f"{path}: unexpected entry {PREFIX + key!r} (lorafx loads lora_A/lora_B weights, and the "
+                             f"parameters of modules_to_save {names})")
+
+
+def trainable_tensors(cm) -> Dict[str, str]:
+    """{PEFT key without base_model.model.: parameter path} of cm's modules_to_save and trainable rows."""
+    return {**saved_tensors(cm), **token_tensors(cm)}
+
+
+_trainable_tensors = trainable_tensors
+
+
+def _trainable_config(cm) -> dict:
+    """The LoraConfig fields for cm's modules_to_save and trainable_token_indices."""
+    rec = graph_record(cm.graph_module)
+    out = {}
+    if rec.modules_to_save:
+        out["modules_to_save"] = list(rec.modules_to_save)
+    owners = [r for _, r in token_records(cm.graph_module) if not r.tied]
+    if owners:
+        if all(r.name is None for r in owners) and len({r.tokens for r in owners}) == 1:
+            out["trainable_token_indices"] = list(owners[0].tokens)
+        else:
+            out["trainable_token_indices"] = {r.name or r.module: list(r.tokens) for r in owners}
+    return out
+
+
+def _trained_copies(cm, directory: str, trained: Dict[str, torch.Tensor], config=None):
+    """[(parameter path, tensor)] that load ``trained`` into cm's modules_to_save and trainable
+    rows; ValueError, naming the fix, when they do not fit."""
+    mine = _trainable_tensors(cm)
+    missing, extra = sorted(set(mine) - set(trained)), sorted(set(trained) - set(mine))
+    if missing or extra:
+        raise ValueError(f"the adapter in {directory} does not fit this model's modules_to_save / "
+                         f"trainable_token_indices: tensors this model trains that it lacks {missing[:10]}, tensors it "
+                         f"holds that this model does not train {extra[:10]}; load it with lorafx.load_adapter(model, "
+                         "folder), which compiles with the adapter's modules_to_save and trainable_token_indices")
+    out = []
+    for key, path in mine.items():
+        have, saved = get_attr(cm, path), trained[key]
+        if tuple(have.shape) != tuple(saved.shape):
+            raise ValueError(f"{key}: saved shape {tuple(saved.shape)} does not match this model's {tuple(have.shape)}")
+        out.append((path, saved))
+    if config is not None and config.get("trainable_token_indices") is not None:
+        given = config["trainable_token_indices"]
+        for _, rec in token_records(cm.graph_module):
+            if rec.tied:
+                continue
+            want = given if not isinstance(given, dict) else next(
+                (v for k, v in given.items() if rec.module.endswith(k)), None)
+            if want is None or tuple(int(i) for i in want) != rec.tokens:
+                raise ValueError(f"{rec.module}: the adapter in {directory} trains rows {want} but this model was "
+                                 f"compiled with trainable_token_indices rows {list(rec.tokens)}; compile with the "
+                                 "adapter's trainable_token_indices or use lorafx.load_adapter(model, folder)")
+    return out
 
 
 def shortcut_settings(shortcuts: Dict[str, SavedShortcut]) -> dict:
@@ -851,8 +1006,9 @@ def read_adapter(directory: str, trust_pickle: bool = False):
     return _read_adapter(directory, trust_pickle)
 
 
-def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None) -> None:
+def copy_adapter_weights(cm, directory: str, weights, config=None, shortcuts=None, records=None) -> None:
     """Copy ``weights`` (PEFT key -> tensor, from ``read_adapter``) and ``shortcuts`` (``AdapterFiles.shortcuts``;
-    None: no shortcut adapters) into ``cm``'s adapters; with ``config``, first check that it
-    gives every site the scale ``cm`` was compiled with."""
-    _copy_weights(cm, directory, weights, config, shortcuts)
+    None: no shortcut adapters) into ``cm``'s adapters (``records``: one named adapter's, default
+    ``cm.lora_records()``); with ``config``, first check that it gives every site the scale ``cm``
+    was compiled with."""
+    _copy_weights(cm, directory, weights, config, shortcuts, records)

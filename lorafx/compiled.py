@@ -34,7 +34,7 @@ import torch.fx
 from lorafx.passes import MergeLoRA, freeze_base, set_training_mode
 
 from . import eager
-from .adapter_io import load_adapter_weights, save_adapter
+from .adapter_io import load_adapter_weights
 from .capture import bind_inputs, capture, check_input_ranks, signature_key
 from .capture import mode_dependent as has_batch_norm_modes
 from .context import CompileContext
@@ -212,6 +212,9 @@ class CompiledModel(torch.nn.Module):
                 "this model is merged (cm.merge()): its adapters are folded into the frozen weights and get no "
                 "gradient, so it cannot train. Call cm.unmerge() before training, or run inference with "
                 "cm.eval() or under torch.no_grad()")
+        if self.__dict__.get("_adapter_state") is not None and self.training and torch.is_grad_enabled():
+            from .adapters import check_training
+            check_training(self)  # several active adapters with dropout at one site
         key = self._key(signature_key(args, kwargs), self.training)
         gm = self._variants.get(key)
         if gm is None:
@@ -302,6 +305,9 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(gm, "_modules", {**primary._modules, **{k: v for k, v in own.items()
                                                                    if k not in primary._modules or k == "_guards_fn"}})
         _share_tensors(gm, primary)
+        if self.__dict__.get("_adapter_state") is not None:
+            from .adapters import prepare_variant
+            prepare_variant(self, gm)  # the active adapters (named adapters, lorafx/adapters.py)
         if device is not None:
             unbound = next((n for n, t in gm.state_dict(keep_vars=True).items() if t.is_meta), None)
             if unbound is not None:
@@ -328,6 +334,8 @@ class CompiledModel(torch.nn.Module):
         merged."""
         if self._merged:
             raise RuntimeError("cannot rebuild the graphs of a merged model: call cm.unmerge() first")
+        from .adapters import check_rebuild
+        check_rebuild(self)  # several named adapters: refused
         if self.__dict__.get("_materialized_on") is not None:
             raise RuntimeError("cannot rebuild the graphs of a model planned on the meta device and materialized: "
                                "its source has no weights to capture; compile the loaded model (from_pretrained) "
@@ -393,7 +401,15 @@ class CompiledModel(torch.nn.Module):
 
     def lora_records(self) -> Dict[str, LoraRecord]:
         """{site: LoraRecord} for every adapted linear (the adapters of every LoRA op node,
-        and the merged ones while merged)."""
+        and the merged ones while merged); with named adapters (``add_adapter``), the first
+        active adapter's (``adapter_records(name)`` gives any adapter's)."""
+        if self.__dict__.get("_adapter_state") is not None:
+            from .adapters import active_records
+            return active_records(self)
+        return self._graph_lora_records()
+
+    def _graph_lora_records(self) -> Dict[str, LoraRecord]:
+        """{site: LoraRecord} read from the primary graph's nodes."""
         out = {}
         for node in self.graph_module.graph.nodes:
             kind = kind_of(node)
@@ -426,15 +442,23 @@ class CompiledModel(torch.nn.Module):
     def merged(self) -> bool:
         return self._merged
 
-    def merge(self) -> "CompiledModel":
-        """Fold every adapter into its frozen weight (W + scale·BA, in float32 or wider).
+    def merge(self, names=None) -> "CompiledModel":
+        """Fold every active adapter into its frozen weight (W + scale·BA, in float32 or wider);
+        ``names``: the named adapters to fold (``add_adapter``; they become the active ones).
         Shortcut adapters (``shortcuts=True``) have no weight to fold into: they keep running, and
         so do the SRAM adapters of ``target="cim"`` (folding them into the crossbars would program a
         new, differently noisy chip; ``merge_and_unload`` gives the digital merged model)."""
+        from .adapters import merge
+        merge(self, names)
+        return self
+
+    def _merge_active(self) -> "CompiledModel":
         from lorafx.passes import MergeLoRA
+        from .adapters import merge_weights
         if not self._merged:
             # unmerge() restores these graphs exactly, with every later pass's choices
             self.__dict__["_unmerged_graphs"] = {k: copy.deepcopy(gm.graph) for k, gm in self._variants.items()}
+            merge_weights(self)  # sites with several active adapters (named adapters)
             for gm in self._variants.values():
                 MergeLoRA()(gm)
             self.__dict__["_merged"] = True
@@ -444,10 +468,13 @@ class CompiledModel(torch.nn.Module):
         """Undo ``merge()`` exactly: the unmerged weights and graphs were kept."""
         from lorafx.passes import UnmergeLoRA, set_training_mode
         from lorafx.passes.merge_lora import unmerge_site_weight
+        from lorafx.passes.trainable_tokens import unmerge_token_weights
+        from .adapters import all_records
         if self._merged:
             saved = self.__dict__.pop("_unmerged_graphs", {})
-            for rec in self.lora_records().values():
+            for rec in all_records(self):
                 unmerge_site_weight(self.graph_module, rec)
+            unmerge_token_weights(self.graph_module)  # trainable_token_indices
             for key, gm in self._variants.items():
                 if key in saved:
                     gm.graph = saved[key]
@@ -458,7 +485,17 @@ class CompiledModel(torch.nn.Module):
             self.__dict__["_merged"] = False
         return self
 
-    def merge_and_unload(self) -> torch.fx.GraphModule:
+    def merge_and_unload(self, names=None) -> torch.fx.GraphModule:
+        """``_merge_and_unload_active`` of the active adapters, or of the named adapters ``names``
+        (``add_adapter``; lorafx/adapters.py)."""
+        if self.__dict__.get("_adapter_state") is None and names in (None, "default", ["default"]):
+            return self._merge_and_unload_active()
+        from .adapters import merge_and_unload
+        gm = merge_and_unload(self, names)
+        _source_state_dict_keys(gm, self._source)
+        return gm
+
+    def _merge_and_unload_active(self) -> torch.fx.GraphModule:
         """A new plain GraphModule with merged weights and no lorafx ops or adapters,
         in eval mode (for ``target="cim"``: the digital model, on the ideal weights).  Shortcut
         adapters (``shortcuts=True``), which no weight can hold, become plain aten ops
@@ -527,14 +564,19 @@ class CompiledModel(torch.nn.Module):
         return out
 
     # -- adapters ---------------------------------------------------------------------
-    def save_adapter(self, directory: str, *, overwrite: bool = True) -> None:
+    def save_adapter(self, directory: str, *, overwrite: bool = True, selected_adapters=None,
+                     tensors: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors),
         and the shortcut adapters, which PEFT cannot express, to lorafx_shortcuts.safetensors,
-        atomically; ``overwrite=False`` refuses to replace an adapter already there."""
-        save_adapter(self, directory, overwrite=overwrite)
+        atomically; ``overwrite=False`` refuses to replace an adapter already there.  Named adapters
+        (``add_adapter``) in PEFT's multi-adapter layout: "default" in ``directory``, each other one
+        in ``directory/<name>/`` (``selected_adapters``: only those).  ``tensors``: a state dict to
+        take the values from (``lorafx.save_adapter``)."""
+        from .adapters import save_adapters
+        save_adapters(self, directory, overwrite=overwrite, selected_adapters=selected_adapters, tensors=tensors)
 
     def save_pretrained(self, save_directory: str, *, state_dict: Optional[Dict[str, torch.Tensor]] = None,
-                        is_main_process: bool = True, **ignored) -> None:
+                        is_main_process: bool = True, selected_adapters=None, **ignored) -> None:
         """``save_adapter`` under the name transformers and PEFT use (``lorafx.AdapterTrainer``,
         accelerate's ``unwrap_model(...).save_pretrained``): the adapters in PEFT's format.
         ``state_dict`` (a gathered one, as the Trainer passes under FSDP or DeepSpeed) supplies
@@ -542,20 +584,85 @@ class CompiledModel(torch.nn.Module):
         keywords of ``PreTrainedModel.save_pretrained`` (``safe_serialization``, ...) are accepted
         and ignored: the adapter is always safetensors."""
         if is_main_process:
-            save_adapter(self, save_directory, tensors=state_dict)
+            from .adapters import save_adapters
+            save_adapters(self, save_directory, tensors=state_dict, selected_adapters=selected_adapters)
 
-    def load_adapter(self, directory: str, *, trust_pickle: bool = False) -> "CompiledModel":
+    def load_adapter(self, directory: str, adapter_name: Optional[str] = None, *,
+                     trust_pickle: bool = False) -> "CompiledModel":
         """Load adapter weights (saved by lorafx or PEFT) into this model's adapters, the
         shortcut adapters too (the saved sites must be this model's); ``trust_pickle=True``
-        lets a ``.bin`` file run the pickle code it holds."""
-        load_adapter_weights(self, directory, trust_pickle=trust_pickle)
+        lets a ``.bin`` file run the pickle code it holds.  ``adapter_name``: load it as that
+        named adapter (created from the saved configuration if new, not active; PEFT's
+        ``load_adapter``); without it, into the active adapter."""
+        if adapter_name is not None:
+            from .adapters import load_adapter
+            load_adapter(self, directory, adapter_name, trust_pickle=trust_pickle)
+        else:
+            load_adapter_weights(self, directory, trust_pickle=trust_pickle)
         return self
+
+    # -- named adapters (PEFT's API; lorafx/adapters.py) ---------------------------------
+    def add_adapter(self, adapter_name: str, **options) -> "CompiledModel":
+        """A new adapter with its own options (r, alpha, target_modules, exclude_modules,
+        rank_pattern, alpha_pattern, use_rslora, dropout, init, seed, adapter_dtype), initialised as
+        compile would; not active until ``set_adapter`` (PEFT's rule).  The compile's is "default"."""
+        from .adapters import add_adapter
+        add_adapter(self, adapter_name, **options)
+        return self
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> "CompiledModel":
+        """Make one adapter, or a list of adapters whose deltas add, the active (and only trainable;
+        none with ``inference_mode=True``) ones.  The graphs are rewritten in place, never captured
+        again (lorafx/adapters.py says what a switch costs)."""
+        from .adapters import set_adapter
+        set_adapter(self, adapter_name, inference_mode=inference_mode)
+        return self
+
+    def disable_adapters(self):
+        """A context manager: inside, the model computes the base model's outputs exactly (every
+        adapter site runs its plain layer); the adapters come back on exit, also on an exception."""
+        from .adapters import disable_adapters
+        return disable_adapters(self)
+
+    disable_adapter = disable_adapters  # PeftModel's name
+
+    def delete_adapter(self, adapter_name: str) -> "CompiledModel":
+        """Delete a named adapter and its tensors (not the last one; not while merged)."""
+        from .adapters import delete_adapter
+        delete_adapter(self, adapter_name)
+        return self
+
+    @property
+    def active_adapters(self) -> List[str]:
+        """The names of the active adapters."""
+        from .adapters import active_adapters
+        return active_adapters(self)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name (PEFT's ``active_adapter``)."""
+        return self.active_adapters[0]
+
+    @property
+    def adapter_names(self) -> List[str]:
+        """Every adapter's name, "default" (the compile's) first."""
+        st = self.__dict__.get("_adapter_state")
+        return list(st.records) if st is not None else ["default"]
+
+    def adapter_records(self, adapter_name: str) -> Dict[str, LoraRecord]:
+        """{site: LoraRecord} of any adapter (``lora_records()`` is the active one's)."""
+        from .adapters import adapter_records
+        return adapter_records(self, adapter_name)
 
     def save_program(self, directory: str, *, overwrite: bool = False) -> None:
         """Save the whole program: every captured graph (torch.export), the weights, the
         adapters in PEFT's format and the lorafx records, atomically; ``lorafx.load_program``
         loads it without the source model (``lorafx/program_io.py``, which sets the saver: it
         imports this module, so this one does not import it)."""
+        if len(self.adapter_names) > 1 or self.active_adapters != ["default"]:
+            raise ValueError(f"save_program saves one adapter; this model has adapters {self.adapter_names} (active: "
+                             f"{self.active_adapters}). Save them with cm.save_adapter(folder) (PEFT's multi-adapter "
+                             "layout), or delete the others (cm.delete_adapter) and set_adapter('default') first")
         if PROGRAM_SAVER[0] is None:
             raise RuntimeError("cm.save_program needs lorafx.program_io: import lorafx (or lorafx.program_io) first")
         PROGRAM_SAVER[0](self, directory, overwrite=overwrite)
@@ -565,9 +672,11 @@ class CompiledModel(torch.nn.Module):
         """The unmerged state: base weights as compiled (also while merged, so a state dict
         always loads into a merged or unmerged model alike) plus ``lora_A``/``lora_B``."""
         from lorafx.passes.merge_lora import kept_unmerged_weight
+        from lorafx.passes.trainable_tokens import kept_token_weights
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         if self._merged:
-            for rec in self.lora_records().values():
+            from .adapters import all_records
+            for rec in all_records(self):
                 kept = kept_unmerged_weight(self, rec)
                 if kept is not None and prefix + rec.weight in out:
                     out[prefix + rec.weight] = kept if keep_vars else kept.detach()
@@ -579,6 +688,9 @@ class CompiledModel(torch.nn.Module):
                         kept = kept_unmerged_weight(self, rec, rec.bias)
                         if kept is not None and path in out:
                             out[path] = kept if keep_vars else kept.detach()
+            for path, kept in kept_token_weights(self).items():  # trainable_token_indices
+                if prefix + path in out:
+                    out[prefix + path] = kept if keep_vars else kept.detach()
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -274,7 +274,7 @@ def load_adapter(model, directory: str, *, example_inputs=None, example_kwargs=N
     shortcut = adapter_io.shortcut_settings(files.shortcuts)
     if files.tensors:
         settings = {**adapter_io.compile_settings(files.config), **shortcut, **adapter_io.sparsity_settings(files),
-                    **options}
+                    **adapter_io.trained_settings(files), **options}
         cm = compile(model, example_inputs=example_inputs, example_kwargs=example_kwargs, **settings)
     else:  # shortcut adapters only: the default pipeline without InsertLoRA and the passes that need it
         mine = {k: v for k, v in options.items() if k in COMPILE_KEYWORDS}

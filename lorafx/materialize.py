@@ -12,7 +12,8 @@ holding them under the source model's state-dict names (``save_pretrained``'s fo
 Provides: every tensor of every captured graph on ``device``: base weights read from the
 checkpoint one tensor at a time (cast to the planned dtype), adapters drawn exactly as
 ``lorafx.compile`` draws them on real weights (from each pass's recorded seed and draw
-order, ``GraphRecord.deferred_init``), the non-persistent buffers the checkpoint does
+order, ``GraphRecord.deferred_init``), DoRA magnitudes (``use_dora=True``) computed as
+||W + s·B A|| from those, the non-persistent buffers the checkpoint does
 not hold (rotary ``inv_freq``) rebuilt, a noisy chip (``target="cim"``) programmed from
 its recorded seed, and the ``device=meta`` arguments export baked into the graphs
 rewritten.  Later call signatures are captured from the meta source and bound to these
@@ -31,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
+from lorafx.dialect.dora import dora_norm
 from lorafx.passes.fold_lora import FOLDED_SUFFIX
 from lorafx.passes.insert_lora import draw_A
 from lorafx.passes.program_chip import CHIP, chip_buffer
@@ -221,13 +223,16 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
     # fold_a=True: a buffer [W; A] of which W and A are views (FoldLoRAIntoBase)
     folds = {rec.weight + FOLDED_SUFFIX: (rec.weight, rec.lora_A) for rec in cm.lora_records().values()
              if rec.weight + FOLDED_SUFFIX in planned}
+    # use_dora=True: each magnitude starts at ||W + s·B A|| of the loaded W and the drawn A, B
+    magnitudes = {rec.magnitude: rec for rec in cm.lora_records().values()
+                  if rec.magnitude and rec.magnitude in planned}
 
     # 1. where every planned tensor's value comes from
     from_ckpt: Dict[str, str] = {}  # path -> checkpoint key
     missing, rebuilt = [], {}
     constructed: Optional[Dict[str, torch.Tensor]] = None
     for path, (kind, t) in planned.items():
-        if path in adapters or path in chip_paths or path in folds:
+        if path in adapters or path in chip_paths or path in folds or path in magnitudes:
             continue
         key = next((k for k in aliases.get(path, [path]) if k in ckpt), None)
         if key is not None:
@@ -277,6 +282,13 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
         ref = planned[path][1]
         values[path] = (torch.zeros(ref.shape, dtype=ref.dtype, device=device) if A is None
                         else A.to(device=device, dtype=ref.dtype))
+    for path, rec in magnitudes.items():
+        W = values[rec.weight] if rec.weight in values else None
+        if W is None or rec.lora_A not in values or rec.lora_B not in values:
+            continue  # (reported as unset below)
+        with torch.no_grad():
+            n = dora_norm(W.t() if rec.weight_transposed else W, values[rec.lora_A], values[rec.lora_B], rec.scale)
+        values[path] = n.to(device=device, dtype=planned[path][1].dtype)
     for path in chip_paths:
         if path in planned:
             values[path] = torch.empty(planned[path][1].shape, dtype=planned[path][1].dtype, device=device)

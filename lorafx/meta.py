@@ -68,7 +68,7 @@ class LoraRecord:
     merged: bool = False
     kind: str = "lora_linear"
     layer: str = "Linear"
-    magnitude: Optional[str] = None
+    magnitude: Optional[str] = None  # DoRA (kind "lora_dora"): attribute path of the magnitude m, (out_features,)
     lora_bias: Optional[str] = None
     adapter: str = "default"
     # PiSSA/OLoRA (a base-changing init): the initial A and B, kept frozen; ``weight`` is then the residual
@@ -80,6 +80,7 @@ class LoraRecord:
         return (f"lora(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}"
                 + (f", dropout={self.dropout:g}" if self.dropout else "")
                 + (f", {self.layer}" if self.layer != "Linear" else "")
+                + (", dora" if self.magnitude else "")
                 + (f", adapter {self.adapter}" if self.adapter != "default" else "")
                 + (", merged" if self.merged else "") + ")")
 
@@ -217,6 +218,10 @@ class GraphRecord:
     placement: Any = field(default=None, metadata={"graph_property": "placement"})
     # adapters made on the meta device (one DeferredInit per pass that made some), drawn by lorafx.materialize
     deferred_init: Tuple[DeferredInit, ...] = ()
+    # PEFT's modules_to_save (passes/modules_to_save.py): the names given, and the module paths they selected,
+    # whose parameters are trainable private copies (freeze_base leaves them, InsertLoRA adapts nothing inside)
+    modules_to_save: Tuple[str, ...] = ()
+    saved_modules: Tuple[str, ...] = ()
 
     def forget(self, properties) -> None:
         """Clear the fields that describe any of ``properties``; drop them from ``provided``."""

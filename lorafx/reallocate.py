@@ -270,6 +270,11 @@ class ReallocateRanks:
         self.every = _check_every(every)
         self._key = _allocation_key(cm)
         _refuse_merged(cm)
+        dora = next((site for site, rec in cm.lora_records().items() if rec.magnitude), None)
+        if dora is not None:
+            raise ValueError(f"lorafx.ReallocateRanks does not support DoRA adapters yet (use_dora=True, e.g. {dora}): "
+                             "moving rank rebuilds the adapters, and their learned magnitudes would restart at "
+                             "||W + s·B·A||; compile with use_dora=False to reallocate ranks while training")
         self.rule = next(p for p in _passes(cm._pipeline) if isinstance(p, AllocateRanks))
         self.proxy = self.rule.proxy if proxy is None else proxy
         if self.proxy not in PROXIES:

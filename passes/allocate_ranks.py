@@ -83,8 +83,9 @@ def candidate_sites(gm: torch.fx.GraphModule, target_modules=ALL_LINEAR, exclude
     allows (one per module), then the shortcut sites when ``shortcuts``."""
     out: Dict[str, Candidate] = {}
     for s in select_linear_sites(gm, find_adapter_sites(gm), target_modules, exclude_modules, "AllocateRanks"):
-        if s.kind != "lora_linear":
-            continue  # other layer kinds get no rank here: InsertLoRA then refuses them, naming them
+        if s.kind != "lora_linear" or s.layer == "MultiheadAttention":
+            continue  # other layer kinds (and an MHA, whose two projections PEFT ranks as one) get no rank here:
+            # InsertLoRA then refuses them, naming them
         out.setdefault(s.module, Candidate(s.module, "linear", s.in_features, s.out_features,
                                            weight=s.weight.target, transposed=s.weight_transposed))
     if shortcuts:
@@ -178,6 +179,8 @@ class AllocateRanks(Pass):
         kwargs = {k: values[k] for k in ("rank_budget", "proxy", "allocation", "max_rank", "score_batches",
                                          "score_loss", "target_modules", "exclude_modules", "r", "shortcuts")
                   if k in values}
+        if kwargs.get("target_modules", ALL_LINEAR) is None:  # InsertLoRA's default: all-linear
+            kwargs["target_modules"] = ALL_LINEAR
         return cls(**kwargs)
 
     def __post_init__(self):

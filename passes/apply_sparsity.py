@@ -30,7 +30,7 @@ import torch
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.dialect import LINEAR, kind_of
+from lorafx.dialect import DORA, LINEAR, kind_of
 from lorafx.dialect.sparse import GRAD_MODES, SPARSE, SparseRecord
 from lorafx.graph_utils import get_attr
 from lorafx.meta import LoraRecord, get_record, graph_record
@@ -74,6 +74,11 @@ class ApplySparsity(Pass):
             if kind is None or kind is SPARSE:
                 continue
             on_pruned = [r.site for r in kind.adapters(node) if r.weight in pruned]
+            if kind is DORA and on_pruned:
+                raise ValueError(
+                    f"ApplySparsity: use_dora=True and sparsity= cannot be combined yet: the DoRA adapter of "
+                    f"{on_pruned[0]} rescales the dense W + s·B·A, which would fill the pruned zeros (lorafx has no "
+                    "sparse DoRA op). Compile with use_dora=False for sparse adapters (LoRS), or without sparsity=")
             if kind is not LINEAR and on_pruned:
                 raise ValueError(
                     f"ApplySparsity: the {kind.name} node {node.name} runs a dense adapter on the pruned weight of "

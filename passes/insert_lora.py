@@ -34,6 +34,13 @@ untouched), keeping A₀, B₀ as buffers ``lora_A0``/``lora_B0`` for ``save_ada
 After AllocateRanks
 (``rank_budget=...``) it adapts exactly the sites the graph record's ``allocation`` gives
 a rank, at that rank.
+
+``use_dora=True`` (PEFT's option; DoRA, arXiv 2402.09353) builds ``lorafx.lora_dora`` nodes
+instead on linear sites (``lorafx/dialect/dora.py``), with a trainable magnitude
+``<site>.lora_magnitude`` (out_features,) that starts at ||W + s·B A|| row-wise as PEFT's does
+(||W|| while B = 0), so the model is still the identity at init.  Sites of other layer kinds
+are refused with use_dora (nothing is built).  On the meta device the magnitude is planned
+empty and ``lorafx.materialize`` computes it from the loaded W and the drawn A and B.
 """
 from __future__ import annotations
 
@@ -48,14 +55,16 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.dialect import LINEAR, PARAMETER, kind_named, kinds
+from lorafx.dialect import DORA, LINEAR, PARAMETER, kind_named, kinds
+from lorafx.dialect.dora import MAGNITUDE, dora_norm
 from lorafx.graph_utils import (LinearSite, Site, get_attr, module_matches, node_module,
                                 owner_and_name, pattern_value, set_parameter, unique)
-from lorafx.meta import DeferredInit, LoraRecord, OriginRecord, get_record, graph_record
+from lorafx.meta import DeferredInit, LoraRecord, graph_record
 from lorafx.options import Option
 from lorafx.pipeline import CAPTURED, Pass, PassResult
 
 from . import peft_init
+from .modules_to_save import is_saved_module
 from .score_sites import Candidate, mean_weight_gradients
 
 __all__ = ["InsertLoRA", "draw_A", "freeze_base", "find_adapter_sites", "select_linear_sites", "shared_weight_user"]
@@ -81,9 +90,6 @@ def draw_A(shape, init: str, r: int, gen: torch.Generator) -> torch.Tensor:
 log = logging.getLogger("lorafx")
 
 ALL_LINEAR = "all-linear"
-# module types whose linear layers lorafx cannot adapt as PEFT does yet: nn.MultiheadAttention runs its
-# packed in_proj and its out_proj inside its own forward, so they appear as linears of the MHA module
-UNSUPPORTED_CONTAINERS = ("MultiheadAttention",)
 INITS = ("kaiming", "gaussian", "lors")
 LORS_BATCHES = 16  # calibration batches init="lors" averages the weight gradient over
 _ALPHA_WHY = (": the adapters' output is scaled by alpha / r (alpha / sqrt(r) with use_rslora), so 0 means "
@@ -127,7 +133,7 @@ def _as_tuple(v):
 class InsertLoRA(Pass):
     r: int = 8
     alpha: float = 16.0
-    target_modules: Union[str, Tuple[str, ...], None] = ALL_LINEAR
+    target_modules: Union[str, Tuple[str, ...], None] = None  # None: all-linear, or none with target_parameters
     exclude_modules: Union[str, Tuple[str, ...], None] = None
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
@@ -142,6 +148,7 @@ class InsertLoRA(Pass):
     freeze: bool = True
     adapter_dtype: Optional[str] = None
     autocast_adapter_dtype: bool = False
+    use_dora: bool = False
     target_parameters: Optional[Tuple[str, ...]] = None
 
     requires = frozenset({CAPTURED})
@@ -150,10 +157,11 @@ class InsertLoRA(Pass):
     options = (
         Option("r", int, 8, "LoRA rank", check=O.check_positive_int),
         Option("alpha", float, 16.0, "LoRA alpha; scale = alpha / r", check=_check_alpha),
-        Option("target_modules", (str, list), ALL_LINEAR,
+        Option("target_modules", (str, list, type(None)), None,
                "'all-linear' (every linear but the output layer), a list of module names (PEFT's suffix rule) "
-               "or a regex; [] or None with target_parameters: no modules",
-               check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
+               "or a regex; None (PEFT's default): 'all-linear', or no modules when target_parameters is given",
+               check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True),
+               default_text="None ('all-linear')"),
         Option("exclude_modules", (str, list, type(None)), None, "module names or a regex to leave alone",
                check=lambda name, value, where: O.check_modules(name, value, where, allow_none=True)),
         Option("rank_pattern", dict, {}, "PEFT-style {regex: rank}",
@@ -190,14 +198,19 @@ class InsertLoRA(Pass):
         Option("autocast_adapter_dtype", bool, False,
                "PEFT's option: adapters on float16/bfloat16 weights in float32 (PEFT's default is True, lorafx's "
                "False: adapters in the weight's dtype)"),
+        Option("use_dora", bool, False,
+               "DoRA (arXiv 2402.09353), PEFT's option: each adapted linear's rows rescaled to a trained magnitude "
+               "m / ||W + s·B·A||, m starting at that norm (linear layers only)"),
         Option("target_parameters", (list, type(None)), None,
                "PEFT's target_parameters: names of 2-d parameters used directly (x @ self.weight) to adapt as "
                "W + s·B A where they are read ('module.param', PEFT's suffix rule)", check=_check_parameters),
     )
 
     def __post_init__(self):
-        super().__post_init__()  # validate the options as given, then normalise them
         put = lambda name, value: object.__setattr__(self, name, value)
+        if self.target_modules is None and not self.target_parameters:  # PEFT: None adapts parameters only
+            put("target_modules", ALL_LINEAR)
+        super().__post_init__()  # validate the options as given, then normalise them
         put("r", int(self.r))
         put("alpha", float(self.alpha))
         put("dropout", float(self.dropout))
@@ -238,6 +251,10 @@ class InsertLoRA(Pass):
         peft_init.check_init("init", self.init, where, INITS)
         peft_init.check_layer_options(self.layers_to_transform, self.layers_pattern, self.target_modules, where)
         O.check_bool("lora_bias", self.lora_bias, where)
+        if self.use_dora and (self.lora_bias or peft_init.is_residual_init(self.init)):
+            what = "lora_bias=True" if self.lora_bias else f"init={self.init!r}"
+            raise ValueError(f"{where}use_dora=True with {what} is not implemented in lorafx (PEFT refuses DoRA with "
+                             f"lora_bias too); drop one of them")
         if self.lora_bias and self.init not in ("kaiming", "gaussian", False):
             raise ValueError(f"{where}lora_bias=True works with init 'kaiming', 'gaussian' or False (as in PEFT), "
                              f"got init={self.init!r}; pass lora_bias=False or another init")
@@ -245,6 +262,7 @@ class InsertLoRA(Pass):
         O.check_bool("freeze", self.freeze, where)
         _check_adapter_dtype("adapter_dtype", self.adapter_dtype, where)
         O.check_bool("autocast_adapter_dtype", self.autocast_adapter_dtype, where)
+        O.check_bool("use_dora", self.use_dora, where)
         if self.adapter_dtype is not None and self.autocast_adapter_dtype:
             raise ValueError(f"{where}adapter_dtype={self.adapter_dtype!r} and autocast_adapter_dtype=True both choose "
                              "the adapters' dtype; pass one of them")
@@ -296,9 +314,16 @@ class InsertLoRA(Pass):
             b.copy_((torch.rand(site.out_features, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(r))
         return torch.nn.Parameter(b)
 
+    def _make_magnitude(self, gm, site: LinearSite, A: torch.Tensor, B: torch.Tensor, scale: float):
+        """DoRA's magnitude m = ||W + s·B A|| row-wise (PEFT's init), in the adapters' dtype."""
+        W = get_attr(gm, site.weight.target).detach()
+        with torch.no_grad():
+            n = dora_norm(W.t() if site.weight_transposed else W, A.detach(), B.detach(), scale)
+        return torch.nn.Parameter(n.to(A.dtype))
+
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        sites = select_linear_sites(gm, find_adapter_sites(gm), self.target_modules, self.exclude_modules) \
-            if self.target_modules else []
+        found = [s for s in find_adapter_sites(gm) if not is_saved_module(gm, s.module)]  # modules_to_save wins (PEFT)
+        sites = select_linear_sites(gm, found, self.target_modules, self.exclude_modules) if self.target_modules else []
         sites = self._in_layers(sites)  # PEFT's layers_to_transform (target_modules only)
         if self.target_parameters:  # PEFT's target_parameters: bare parameters, adapted where they are read
             sites = _with_parameter_sites(gm, sites, self.target_parameters, self.dropout)
@@ -308,9 +333,12 @@ class InsertLoRA(Pass):
             _refuse_unallocated_kinds(sites)
             sites = [s for s in sites if allocation.get(s.module, 0) > 0]
         _refuse_shared_weights(gm, [s for s in sites if s.kind != PARAMETER.name])  # (parameter_sites checks those)
+        if self.use_dora:
+            _refuse_dora_on_other_layers(sites)
         configs = [self.site_config(s, allocation) for s in sites]  # validate all before touching the graph
         self._check_peft_options(gm, ctx, sites, configs)
-        above = [(s, r) for s, (r, _) in zip(sites, configs) if r > min(s.in_features, s.out_features)]
+        above = [(s, r) for s, (r, _) in zip(sites, configs)
+                 if r > min(s.extra.get("fan_in", s.in_features), s.out_features)]  # (a conv: in · kernel size)
         if above:
             if self.init == "lors":
                 s, r = above[0]
@@ -337,12 +365,16 @@ class InsertLoRA(Pass):
         replaced: Dict[torch.fx.Node, torch.fx.Node] = {}  # a site's node -> its adapter node (a site fed by one)
         train = graph_record(gm).training is not False
         for site, (r, alpha) in zip(sites, configs):
+            kind = DORA if self.use_dora else kind_named(site.kind)
+            scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             residual = residuals.get(site.module)
             if site.module not in made:  # a module called twice shares its adapter
                 weight = get_attr(gm, site.weight.target)
                 tensors = self._make_adapters(weight, site, r, gen, lors, deferred, residual)
                 if self.lora_bias:
                     tensors["lora_bias"] = self._make_bias(weight, site, r, gen)
+                if self.use_dora:  # m = ||W + s·B A|| from the drawn A and B
+                    tensors[MAGNITUDE] = self._make_magnitude(gm, site, tensors["lora_A"], tensors["lora_B"], scale)
                 for name, value in tensors.items():
                     set_parameter(gm, f"{site.module}.{name}", value)
                 made[site.module] = {name: f"{site.module}.{name}" for name in tensors}
@@ -353,17 +385,15 @@ class InsertLoRA(Pass):
                         owner.register_buffer(attr, value.detach().clone())  # the init, for save_adapter
                         made[site.module][name] = f"{site.module}.{name}"
             paths = made[site.module]
-            scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             bias_path = site.bias.target if isinstance(site.bias, torch.fx.Node) and site.bias.op == "get_attr" else None
             record = LoraRecord(site=site.module, weight=site.weight.target, lora_A=paths["lora_A"],
                                 lora_B=paths["lora_B"], r=r, alpha=alpha, scale=scale, in_features=site.in_features,
                                 out_features=site.out_features, bias=bias_path, dropout=self.dropout,
-                                weight_transposed=site.weight_transposed, kind=site.kind, layer=site.layer,
-                                lora_bias=paths.get("lora_bias"), lora_A0=paths.get("lora_A0"),
-                                lora_B0=paths.get("lora_B0"))
+                                weight_transposed=site.weight_transposed, kind=kind.name, layer=site.layer,
+                                magnitude=paths.get(MAGNITUDE), lora_bias=paths.get("lora_bias"),
+                                lora_A0=paths.get("lora_A0"), lora_B0=paths.get("lora_B0"))
             x = replaced.get(site.x, site.x)
-            replaced[site.node] = kind_named(site.kind).insert(gm, site, record, x, train=train,
-                                                               created_by=self.name)
+            replaced[site.node] = kind.insert(gm, site, record, x, train=train, created_by=self.name)
         gm.graph.eliminate_dead_code()
         if deferred:
             graph_record(gm).deferred_init += (DeferredInit(seed, tuple(deferred)),)
@@ -481,6 +511,19 @@ def lors_directions(gm: torch.fx.GraphModule, ctx: CompileContext, sites, config
     return out
 
 
+def _refuse_dora_on_other_layers(sites) -> None:
+    """lorafx's DoRA op is a linear one: use_dora with embedding or convolution sites selected
+    is refused, naming them (PEFT adapts those with DoRA too; lorafx does not yet)."""
+    other = [s for s in sites if s.kind != LINEAR.name]
+    if other:
+        shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:6]) + (
+            f" and {len(other) - 6} more" if len(other) > 6 else "")
+        raise ValueError(f"InsertLoRA: use_dora=True adapts linear layers only, but {len(other)} other site(s) "
+                         f"are selected: {shown}. PEFT supports DoRA on embeddings and convolutions; lorafx does "
+                         "not yet, and nothing was compiled. Leave them out of target_modules (or add them to "
+                         "exclude_modules) and target_parameters, or compile without use_dora")
+
+
 def _warn_rank_above_limit(above) -> bool:
     site, r = above[0]
     log.warning("lorafx: %d adapter(s) have a rank above min(in, out) of their layer (e.g. r=%d on %s, %d -> %d); "
@@ -499,15 +542,17 @@ def _module_types(gm: torch.fx.GraphModule) -> Dict[str, str]:
     return out
 
 
-def _site_type(site) -> str:
-    rec = get_record(site.node, OriginRecord)
-    return rec.module_type if rec is not None else ""
+def target_name(site) -> str:
+    """The module name ``target_modules`` selects ``site`` by: its module's, or for the projections of an
+    nn.MultiheadAttention the attention module's (PEFT adapts both when it is named)."""
+    return site.extra.get("target", site.module)
 
 
 def pattern_name(site) -> str:
-    """The name rank_pattern/alpha_pattern keys are matched against: the module's, or for a
-    target_parameters site the parameter's ('module.param'), as PEFT matches them."""
-    return f"{site.module}.{site.extra['parameter']}" if site.kind == PARAMETER.name else site.module
+    """The name rank_pattern/alpha_pattern keys are matched against: the module's, for a
+    target_parameters site the parameter's ('module.param'), and for an nn.MultiheadAttention's
+    projections the attention's (``target_name``), as PEFT matches them."""
+    return f"{site.module}.{site.extra['parameter']}" if site.kind == PARAMETER.name else target_name(site)
 
 
 def _with_parameter_sites(gm: torch.fx.GraphModule, sites, names, dropout: float = 0.0) -> List[Site]:
@@ -550,11 +595,12 @@ def find_adapter_sites(gm: torch.fx.GraphModule) -> List[Site]:
 
 def _refuse_unallocated_kinds(sites) -> None:
     """AllocateRanks scores linear layers only: a selected site of another kind would silently get no adapter."""
-    other = [s for s in sites if s.kind != LINEAR.name]
+    other = [s for s in sites if s.kind != LINEAR.name or s.layer == "MultiheadAttention"]  # (PEFT: one rank for both)
     if other:
-        shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:4])
+        shown = ", ".join(unique(f"{target_name(s)!r} ({s.layer})" for s in other)[:4])
         raise ValueError(f"InsertLoRA: rank_budget allocates ranks to linear layers only, but target_modules also "
-                         f"selects {shown}; leave them out of target_modules, or compile without rank_budget")
+                         f"selects {shown}; leave them out of target_modules (or add them to exclude_modules), "
+                         "or compile without rank_budget")
 
 
 def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude_modules, where: str) -> None:
@@ -562,14 +608,14 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
     and lorafx cannot adapt (an embedding, a convolution, a norm, a container such as an
     attention block, an nn.MultiheadAttention) is an error naming it, its kind and what to
     do, before anything is built.  Parameter-free modules (activations) are ignored."""
-    linear = {s.module for s in sites if _site_type(s) not in UNSUPPORTED_CONTAINERS}  # every adaptable site
+    linear = {s.module for s in sites} | {target_name(s) for s in sites}  # every adaptable site
     holding = set()  # modules holding parameters, themselves or below (a parameter-free act_fn is never an adapter site)
     for name, _ in gm.named_parameters():
         parts = name.split(".")[:-1]
         holding.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     bad = [(path, mtype) for path, mtype in _module_types(gm).items()
            if path in holding and path not in linear and module_matches(path, target_modules)
-           and not module_matches(path, exclude_modules)]
+           and not module_matches(path, exclude_modules) and not is_saved_module(gm, path)]
     if not bad:
         return
     shown = ", ".join(f"{p!r} ({t})" for p, t in bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
@@ -585,7 +631,7 @@ def _refuse_unadaptable(gm: torch.fx.GraphModule, sites, target_modules, exclude
 
 def adaptable_layers() -> List[str]:
     """The layer types some registered op kind adapts ("Linear (nn.Linear, transformers' Conv1D)", ...)."""
-    names = {"Linear": "Linear (nn.Linear, transformers' Conv1D)"}
+    names = {"Linear": "Linear (nn.Linear, transformers' Conv1D, nn.MultiheadAttention's projections)"}
     return unique(names.get(k.layer, k.layer) for k in kinds() if k.layer)
 
 
@@ -593,23 +639,37 @@ def select_linear_sites(gm: torch.fx.GraphModule, sites, target_modules, exclude
                         where: str = "InsertLoRA") -> list:
     """The linear sites ``target_modules`` selects ("all-linear": every linear but the model's
     output layer) and ``exclude_modules`` does not exclude.  Raises if none is selected, or if
-    ``target_modules`` names a module lorafx cannot adapt (never a silent partial adaptation);
-    "all-linear" leaves the linears of an nn.MultiheadAttention alone, with a warning."""
+    ``target_modules`` names a module lorafx cannot adapt (never a silent partial adaptation) or a
+    selected site its kind cannot adapt as PEFT does (``Site.extra["problem"]``: a dilated convolution,
+    a cross-attention; "all-linear" leaves those alone with a warning).  An nn.MultiheadAttention's
+    two projections are selected by the attention's name (``target_name``)."""
     outputs = set(graph_record(gm).output_modules)
     if target_modules != ALL_LINEAR:
         _refuse_unadaptable(gm, sites, target_modules, exclude_modules, where)
-    chosen, skipped = [], []
+    chosen = []
     for s in sites:
+        name = target_name(s)
         if target_modules == ALL_LINEAR:  # PEFT's all-linear: linear layers only, not the output layer
             ok = s.kind == LINEAR.name and s.module not in outputs
         else:
-            ok = module_matches(s.module, target_modules)
-        if ok and not module_matches(s.module, exclude_modules):
-            (skipped if _site_type(s) in UNSUPPORTED_CONTAINERS else chosen).append(s)
-    if skipped:
-        log.warning("lorafx: %s: all-linear leaves the linears of %d nn.MultiheadAttention module(s) unadapted (%s): "
-                    "lorafx cannot adapt them as PEFT does yet", where, len(unique(s.module for s in skipped)),
-                    ", ".join(unique(s.module for s in skipped)[:5]))
+            ok = module_matches(name, target_modules)
+            if not ok and name != s.module and module_matches(s.module, target_modules):
+                raise ValueError(
+                    f"{where}: target_modules={target_modules!r} names {s.module!r}, a projection of the "
+                    f"{s.layer} {name!r}, which runs it inside its own forward (never calling out_proj's, so PEFT's "
+                    "adapter on out_proj alone never runs): PEFT adapts the input and output projections together "
+                    f"when the attention module is named. Target {name!r} instead (nothing was compiled)")
+        if ok and not module_matches(name, exclude_modules):
+            chosen.append(s)
+    problems = [s for s in chosen if s.extra.get("problem")]
+    if problems and target_modules == ALL_LINEAR:  # not named by the user: left alone, said once
+        log.warning("lorafx: %s: all-linear leaves %s unadapted: %s", where,
+                    ", ".join(unique(f"{target_name(s)} ({s.layer})" for s in problems)[:5]), problems[0].extra["problem"])
+        chosen, problems = [s for s in chosen if not s.extra.get("problem")], []
+    if problems:
+        s = problems[0]
+        raise ValueError(f"{where}: cannot adapt {target_name(s)!r} ({s.layer}): {s.extra['problem']}. Leave it out "
+                         "of target_modules (or add it to exclude_modules); nothing was compiled")
     if not chosen:
         names = unique(s.module for s in sites)
         shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
@@ -657,12 +717,15 @@ def _refuse_shared_weights(gm: torch.fx.GraphModule, sites) -> None:
 
 def freeze_base(gm: torch.nn.Module) -> int:
     """Replace every parameter by a frozen one sharing its storage (the caller's
-    model keeps its own Parameter objects and flags).  Returns how many."""
+    model keeps its own Parameter objects and flags).  Returns how many.  The
+    parameters of the graph record's ``saved_modules`` (modules_to_save) stay as they are."""
     seen: Dict[int, torch.nn.Parameter] = {}
     count = 0
+    saved = graph_record(gm).saved_modules if isinstance(gm, torch.fx.GraphModule) else ()
+    kept = {id(p) for path in saved for p in gm.get_submodule(path).parameters()}
     for module in gm.modules():
         for name, p in list(module._parameters.items()):
-            if p is None:
+            if p is None or id(p) in kept:
                 continue
             if id(p) not in seen:
                 seen[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=False)

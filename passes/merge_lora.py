@@ -16,7 +16,8 @@ PEFT's ``lora_bias`` (B's bias b, which every kind receives added into its bias 
 layer without bias gets one (``<site>.bias``), which unmerge removes again.
 
 Kinds that cannot be folded into a weight (``mergeable = False``: the shortcut
-connections of ``lora_shortcut``) are left running by MergeLoRA; ``unload=True`` turns
+connections of ``lora_shortcut``), and nodes whose kind names a ``merge_problem`` (a grouped
+convolution's adapter, whose update is no grouped weight), are left running by MergeLoRA; ``unload=True`` turns
 them into plain aten ops with their A and B kept as frozen tensors (``lower_unmergeable``).
 
 Preserves: outputs (merged equals unmerged up to float rounding; dropout is
@@ -45,6 +46,7 @@ from lorafx.meta import LoraRecord, OriginRecord, get_record, graph_record, set_
 from lorafx.pipeline import Pass, PassResult
 
 from .fold_lora import FOLDED_SUFFIX
+from .trainable_tokens import merge_tokens, merged_token_weights, unmerge_tokens
 
 __all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", "kept_unmerged_weight",
            "mergeable", "unmergeable_nodes", "lower_unmergeable", "merged_bias_path", "merged_bias"]
@@ -52,14 +54,15 @@ __all__ = ["MergeLoRA", "UnmergeLoRA", "merged_weights", "unmerge_site_weight", 
 _KEPT = "_lorafx_unmerged"
 
 
-def mergeable(kind) -> bool:
-    """Whether an op kind's adapters fold into a frozen weight (``OpKind.mergeable``)."""
-    return kind.mergeable
+def mergeable(kind, node=None) -> bool:
+    """Whether an op kind's adapters fold into a frozen weight (``OpKind.mergeable``); with ``node``,
+    whether that node's does (its kind's ``merge_problem``: a grouped convolution's does not)."""
+    return kind.mergeable and (node is None or kind.merge_problem(node) is None)
 
 
 def unmergeable_nodes(graph: torch.fx.Graph) -> List[torch.fx.Node]:
-    """The adapter nodes whose kind cannot be merged into a weight (shortcut connections)."""
-    return [n for n in graph.nodes if kind_of(n) is not None and not mergeable(kind_of(n))]
+    """The adapter nodes that cannot be merged into a weight (shortcut connections, grouped convolutions)."""
+    return [n for n in graph.nodes if kind_of(n) is not None and not mergeable(kind_of(n), n)]
 
 
 def lower_unmergeable(gm: torch.fx.GraphModule) -> int:
@@ -90,6 +93,7 @@ def merged_weights(gm: torch.fx.GraphModule) -> Dict[str, torch.Tensor]:
             out.setdefault(rec.weight, kind_of(node).merged_weight(gm, node))
             if rec.lora_bias is not None:
                 out.setdefault(merged_bias_path(rec), merged_bias(gm, rec))
+    out.update(merged_token_weights(gm, aliases=True))  # trainable_token_indices: W with its rows written
     return out
 
 
@@ -171,7 +175,7 @@ class MergeLoRA(Pass):
         unloaded = set()
         for node in canonicalize(gm.graph):  # one single-adapter node per adapter
             kind, rec = kind_of(node), get_record(node, LoraRecord)
-            if not mergeable(kind):
+            if not mergeable(kind, node):
                 continue  # no weight to fold it into: it keeps running (lowered below when unloading)
             merged_bias = None
             if rec.lora_bias is not None:  # PEFT's lora_bias: s·b folded into the layer's bias
@@ -200,6 +204,7 @@ class MergeLoRA(Pass):
             gm.graph.erase_node(node)
             count += 1
         lowered = lower_unmergeable(gm) if self.unload else 0
+        tokens = merge_tokens(gm, unload=self.unload, rebind=self.rebind_weights)  # trainable_token_indices
         gm.graph.eliminate_dead_code()
         if self.unload:
             for path, weight in unloaded:
@@ -209,10 +214,10 @@ class MergeLoRA(Pass):
                 for suffix in (_KEPT, FOLDED_SUFFIX):  # the kept weight; FoldLoRAIntoBase's [W; A] buffer
                     if hasattr(owner, name + suffix):
                         delattr(owner, name + suffix)
-        info = {"merged_sites": count}
+        info = {"merged_sites": count, **({"merged_token_layers": tokens} if tokens else {})}
         if lowered:
             info["lowered_nodes"] = lowered  # unmergeable adapters (shortcuts) as aten ops
-        return PassResult(gm, count + lowered > 0, info)
+        return PassResult(gm, count + lowered + tokens > 0, info)
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,7 @@ class UnmergeLoRA(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             count += 1
+        count += unmerge_tokens(gm, rebind=self.rebind_weights)  # trainable_token_indices
         gm.graph.eliminate_dead_code()
         return PassResult(gm, count > 0, {"unmerged_sites": count})
 

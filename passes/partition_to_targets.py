@@ -47,7 +47,7 @@ import torch
 import torch.fx
 
 from lorafx.context import CompileContext
-from lorafx.dialect import (LINEAR, RRAM, SHORTCUT, SRAM_ADAPTER, args_of, canonicalize, kind_of, owner_of,
+from lorafx.dialect import (DORA, LINEAR, RRAM, SHORTCUT, SRAM_ADAPTER, args_of, canonicalize, kind_of, owner_of,
                             replace_node)
 from lorafx.dialect.cim import mask_of
 from lorafx.graph_utils import find_linear_sites, get_attr
@@ -95,6 +95,11 @@ class PartitionToTargets(Pass):
             kind = kind_of(node)
             if kind is SHORTCUT:
                 continue  # an adapter between two points of the residual stream: all in SRAM
+            if kind is DORA:
+                raise ValueError(
+                    f"PartitionToTargets: use_dora=True is not supported with target='cim' yet: the DoRA adapter "
+                    f"{node.name} rescales every output row of its layer by m / ||W + s·B·A||, which neither the RRAM "
+                    "crossbars nor the SRAM adapter path computes. Compile with use_dora=False for target='cim'")
             if kind is not LINEAR:
                 raise ValueError(
                     f"PartitionToTargets: the {kind.name} adapter {node.name} has no compute-in-memory lowering: only "

@@ -231,8 +231,9 @@ def test_an_unknown_option_names_close_matches_and_every_declaration():
 def test_custom_pipelines_and_how_they_meet_options():
     model = _net().eval()
     passes = [p for p in lorafx.default_passes(r=2, fuse_siblings=False) if not isinstance(p, AnnotateCost)]
-    # switched on by fold_a, rank_budget, shortcuts, sparsity
-    off = ("FoldLoRAIntoBase", "AllocateRanks", "InsertShortcuts", "PruneWeights", "ApplySparsity")
+    # switched on by fold_a, rank_budget, shortcuts, sparsity, modules_to_save, trainable_token_indices
+    off = ("FoldLoRAIntoBase", "AllocateRanks", "InsertShortcuts", "PruneWeights", "ApplySparsity", "ModulesToSave",
+           "TrainableTokens")
     eager = [t for t in (*DEFAULT_PASSES, *FINAL_PASSES) if t.__name__ not in off]
     assert [type(p) for p in lorafx.default_passes()] == eager  # eager: FuseSiblings on, FoldLoRAIntoBase off
     assert FuseSiblings not in [type(p) for p in lorafx.default_passes(backend="inductor")]

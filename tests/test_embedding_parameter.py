@@ -468,3 +468,15 @@ def test_dynamic_shapes_match_peft():
     for shape in [(5, 3), (1, 11)]:
         x = torch.randint(0, 30, shape, generator=torch.Generator().manual_seed(shape[1]))
         torch.testing.assert_close(cm(x), pm(x))
+
+
+def test_target_parameters_alone_adapts_only_the_parameters():
+    """PEFT's default target_modules=None: with target_parameters and no target_modules, no
+    module is adapted (not all-linear)."""
+    model = _model("emb")
+    cm = lorafx.compile(model, example_inputs=(_input("emb"),), dynamic=False, seed=0, r=2,
+                        target_parameters=["proj.weight"])
+    assert {rec.layer for rec in cm.lora_records().values()} == {"Parameter"}
+    assert list(cm.report().sites_by_layer) == ["Parameter"]
+    plain = lorafx.compile(_model("emb"), example_inputs=(_input("emb"),), dynamic=False, seed=0, r=2)
+    assert {rec.layer for rec in plain.lora_records().values()} == {"Linear"}  # no target_parameters: all-linear

@@ -24,7 +24,7 @@ LAYERS = [
     # a target builds its lowering passes; a pass sees the target only through ctx.target
     ("targets", ["lorafx.hw_targets", "lorafx.hw_targets.*"]),
     ("driver", ["lorafx.compiler", "lorafx.compiled", "lorafx.adapter_io", "lorafx.reallocate", "lorafx.pruning", "lorafx.testing",
-                "lorafx.training", "lorafx.program_io", "lorafx.materialize"]),
+                "lorafx.training", "lorafx.program_io", "lorafx.materialize", "lorafx.adapters"]),
     ("face", ["lorafx", "lorafx.__main__", "lorafx.cli", "lorafx.inspect", "lorafx.models"]),
 ]
 APPLICATION = ["lorafx.eval", "lorafx.eval.*"]

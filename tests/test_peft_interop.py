@@ -8,7 +8,7 @@ holding the same random nonzero A/B.  Then:
 * lorafx -> PEFT: ``cm.save_adapter`` loads with ``PeftModel.from_pretrained``;
 * PEFT -> lorafx: ``save_pretrained`` loads with ``lorafx.load_adapter`` and
   ``cm.load_adapter`` (also into a merged model);
-* unsupported adapters (DoRA, other PEFT types, ...), shapes, sites or scales
+* DoRA adapters both ways; unsupported adapters (other PEFT types, ...), shapes, sites or scales
   that do not fit, and missing files are refused with clear errors;
 * ``save_adapter`` leaves no partial files when it fails.
 
@@ -248,10 +248,31 @@ def _assert_refused(b, directory, exc, match):
         assert torch.equal(A, before[site][0]) and torch.equal(B, before[site][1]), site
 
 
-def test_dora_adapter_is_refused(built, tmp_path):
+def test_dora_adapter_round_trip(built, tmp_path):
+    """A PEFT DoRA adapter (use_dora=True, with its magnitude vectors) loads into lorafx with
+    PEFT's outputs, and lorafx saves it back in a form PEFT loads with the same outputs; a
+    model compiled without use_dora refuses it, naming use_dora."""
     b = built("llama")
-    _peft_saved(b.base, tmp_path, peft_config("llama", b.settings, use_dora=True))
-    _assert_refused(b, tmp_path, ValueError, "use_dora")
+    pm = peft.get_peft_model(copy.deepcopy(b.base), peft_config("llama", b.settings, use_dora=True))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "lora_magnitude_vector" in n:
+                p.copy_(p * (1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=DTYPE)) if "magnitude" in n
+                        else torch.randn(p.shape, generator=gen, dtype=DTYPE) * 0.3)
+    pm.eval().save_pretrained(str(tmp_path / "peft"))
+    want = logits(pm, b.x)
+    cm = lorafx.load_adapter(b.base, str(tmp_path / "peft"), **compile_options("llama", b.x)).eval()
+    assert {r.kind for r in cm.lora_records().values()} == {"lora_dora"}
+    torch.testing.assert_close(logits(cm, b.x), want, **TOL)
+    cm.save_adapter(str(tmp_path / "lorafx"))
+    assert json.loads((tmp_path / "lorafx" / "adapter_config.json").read_text())["use_dora"] is True
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(b.base), str(tmp_path / "lorafx")).eval()
+    torch.testing.assert_close(logits(loaded, b.x), want, **TOL)
+    before = lora_state(b.cm)
+    with pytest.raises(ValueError, match="use_dora=True but this model was compiled with use_dora=False"):
+        b.cm.load_adapter(str(tmp_path / "peft"))
+    assert all(torch.equal(lora_state(b.cm)[s][1], before[s][1]) for s in before)
 
 
 def test_non_lora_adapter_is_refused(built, tmp_path):
@@ -261,17 +282,9 @@ def test_non_lora_adapter_is_refused(built, tmp_path):
     _assert_refused(b, tmp_path, ValueError, "peft_type 'IA3' is not supported")
 
 
-def test_peft_seq_cls_adapter_with_modules_to_save_is_refused(built, tmp_path):
-    """PEFT trains (and saves) BERT's classifier for SEQ_CLS: lorafx cannot load that."""
-    b = built("bert")
-    _peft_saved(b.base, tmp_path, peft_config("bert", CASES["bert"][1], task_type="SEQ_CLS"))
-    _assert_refused(b, tmp_path, ValueError, "modules_to_save")
-
-
 @pytest.mark.parametrize("key,value", [
-    ("use_dora", True), ("bias", "all"), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
-    ("init_lora_weights", "pissa_niter_4"), ("trainable_token_indices", [1, 2]),
-    ("alora_invocation_tokens", [5]),
+    ("bias", "all"), ("lora_bias", True),
+    ("init_lora_weights", "pissa_niter_4"), ("alora_invocation_tokens", [5]),
 ])
 def test_unsupported_config_is_refused(built, tmp_path, key, value):
     b = built("llama")

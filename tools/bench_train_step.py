@@ -5,7 +5,7 @@
         [--intermediate 1376] [--heads 8] [--vocab 8000] [--batch 4] [--seq 256] [--steps 60] [--warmup 3]
         [--threads T] [--device cpu|cuda] [--dtype float32|bfloat16]
         [--modes floor,peft,peft_native,lorafx] [--floor exact|embeds] [--json out.json] [--no-check]
-        [--no-memory] [--no-progress] [--lorafx-passes SPEC[;SPEC...]]
+        [--no-memory] [--no-progress] [--lorafx-passes SPEC[;SPEC...]] [--dora]
 
 A LLaMA-shaped ``transformers.LlamaForCausalLM`` is built from a config (random
 init, fixed seed, sdpa attention, no KV cache) and deep-copied once per mode, so
@@ -37,6 +37,12 @@ peft_native
         the same model as ``peft``).
 lorafx  ``lorafx.compile(copy, example_kwargs={input_ids, labels}, r, alpha=2r,
         target_modules=[same], dropout=0)`` + AdamW on its trainable params.
+
+DoRA (``--dora``): ``peft`` and ``lorafx`` both train weight-decomposed adapters
+(``use_dora=True``, Liu et al. 2024): PEFT forms the merged weight W + s·B A of every
+adapted layer each step to take its row norms; lorafx's ``lora_dora`` op takes them
+from W Aᵀ and A Aᵀ without it.  The check also copies PEFT's magnitude vectors into
+lorafx, and the table adds each mode's min-max step time.
 
 Presets (``--preset``) set the model shape; explicit shape options override them:
 ``default`` is the shape above (hidden 512, 4 layers, batch 4 x seq 256, vocab 8000);
@@ -171,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true", help="skip the PEFT == lorafx correctness check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--dora", action="store_true",
+                   help="DoRA: PEFT and lorafx with use_dora=True (weight-decomposed adapters)")
     p.add_argument("--lorafx-passes", default=None, metavar="SPEC[;SPEC...]",
                    help="edit lorafx's default pass list: 'default' or items +Name / -Name (comma-separated); "
                         "several ';'-separated SPECs add modes lorafx[SPEC] (see the notes below)")
@@ -282,24 +290,26 @@ def make_train_step(model, ids, opt):
     return step
 
 
-def make_peft(base, ids, r, name: str = "peft") -> Mode:
-    """PEFT's LoRA; ``peft_native`` passes ``autocast_adapter_dtype=False`` (adapters in the
-    model's dtype instead of float32)."""
+def make_peft(base, ids, r, name: str = "peft", dora: bool = False) -> Mode:
+    """PEFT's LoRA (DoRA with ``dora``); ``peft_native`` passes ``autocast_adapter_dtype=False``
+    (adapters in the model's dtype instead of float32)."""
     import peft
     t0 = time.perf_counter()
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), lora_dropout=0.0, use_dora=dora)
     model = peft.get_peft_model(copy.deepcopy(base), cfg, autocast_adapter_dtype=(name != "peft_native"))
     model.train()
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
     return Mode(name, model, make_train_step(model, ids, opt), opt, time.perf_counter() - t0)
 
 
-def make_lorafx(base, ids, r, spec: Optional[str] = None, name: str = "lorafx") -> Mode:
+def make_lorafx(base, ids, r, spec: Optional[str] = None, name: str = "lorafx", dora: bool = False) -> Mode:
     import lorafx
     t0 = time.perf_counter()
     source = copy.deepcopy(base)
     kwargs = {"input_ids": ids, "labels": ids}
     options = dict(r=r, alpha=2 * r, target_modules=list(TARGETS), dropout=0.0)
+    if dora:
+        options["use_dora"] = True
     if spec is not None and spec != "default":  # the default pipeline, edited
         model = lorafx.compile(source, example_kwargs=kwargs, seed=0,
                                passes=edit_passes(lorafx.default_passes(**options), spec))
@@ -342,8 +352,11 @@ def edit_passes(passes: list, spec: str) -> list:
 
 
 # ----------------------------------------------------------------------------- checks
+_PEFT_NAMES = {"lora_magnitude": "lora_magnitude_vector"}  # lorafx's DoRA magnitude -> PEFT's module
+
+
 def _peft_name(site: str, which: str) -> str:
-    return f"base_model.model.{site}.{which}.default.weight"
+    return f"base_model.model.{site}.{_PEFT_NAMES.get(which, which)}.default.weight"
 
 
 def adapter_pairs(peft_model, fx_model):
@@ -644,13 +657,16 @@ def summarize(args, modes: Dict[str, Mode], check: dict, env: dict) -> dict:
 def print_table(summary: dict) -> None:
     rows = summary["modes"]
     has_mem = all("peak_mb" in r for r in rows.values())
-    head = ["mode", "median ms", "p10-p90 ms", "vs floor", "paired", "cpu ms"]
+    ranges = summary["config"].get("dora")
+    head = ["mode", "median ms", "p10-p90 ms"] + (["min-max ms"] if ranges else []) + ["vs floor", "paired", "cpu ms"]
     if has_mem:
         head += ["peak MB", "vs floor", "saved MB"]
     table = [head]
     for name, r in rows.items():
-        line = [name, f"{r['median_ms']:.1f}", f"{r['p10_ms']:.0f}-{r['p90_ms']:.0f}",
-                f"{r['vs_floor']:.3f}x" if r["vs_floor"] else "-",
+        line = [name, f"{r['median_ms']:.1f}", f"{r['p10_ms']:.0f}-{r['p90_ms']:.0f}"]
+        if ranges:
+            line.append(f"{min(r['times_ms']):.0f}-{max(r['times_ms']):.0f}")
+        line += [f"{r['vs_floor']:.3f}x" if r["vs_floor"] else "-",
                 f"{r['vs_floor_paired']:.3f}x" if r.get("vs_floor_paired") else "-", f"{r['cpu_median_ms']:.0f}"]
         if has_mem:
             over = r.get("peak_over_floor_mb")
@@ -702,7 +718,8 @@ def main(argv=None) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
 
     print(f"LlamaForCausalLM: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"{args.heads} heads, vocab {args.vocab}; batch {args.batch} x seq {args.seq}; LoRA r={args.rank} "
+          f"{args.heads} heads, vocab {args.vocab}; batch {args.batch} x seq {args.seq}; "
+          f"{'DoRA' if args.dora else 'LoRA'} r={args.rank} "
           f"alpha={2 * args.rank} on {','.join(TARGETS)}")
     print(f"device {device} {args.dtype}, {env['threads']} threads, torch {env['torch']}, "
           f"transformers {env['transformers']}, peft {env.get('peft', '-')}")
@@ -711,13 +728,14 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     makers = {"floor": lambda: make_floor(base, ids, args.floor),
-              "peft": lambda: make_peft(base, ids, args.rank),
-              "peft_native": lambda: make_peft(base, ids, args.rank, "peft_native"),
-              "lorafx": lambda: make_lorafx(base, ids, args.rank, args.lorafx_specs[0] if args.lorafx_specs else None)}
+              "peft": lambda: make_peft(base, ids, args.rank, dora=args.dora),
+              "peft_native": lambda: make_peft(base, ids, args.rank, "peft_native", dora=args.dora),
+              "lorafx": lambda: make_lorafx(base, ids, args.rank, args.lorafx_specs[0] if args.lorafx_specs else None,
+                                            dora=args.dora)}
     names = list(args.modes)
     for spec in args.lorafx_specs[1:]:  # further --lorafx-passes SPECs: one more lorafx mode each
         name = f"lorafx[{spec}]"
-        makers[name] = lambda spec=spec, name=name: make_lorafx(base, ids, args.rank, spec, name)
+        makers[name] = lambda spec=spec, name=name: make_lorafx(base, ids, args.rank, spec, name, dora=args.dora)
         names.append(name)
     modes: Dict[str, Mode] = {}
     for name in names:

@@ -13,8 +13,11 @@ One module per kind, each registering itself on import:
   zero pattern (LoRS), with its ``SparseRecord``;
 * ``cim``        ``rram_linear`` (a frozen linear on noisy RRAM crossbars, optionally reading a
   programmed chip) and ``lora_sram`` (its adapter in exact SRAM): the compute-in-memory lowering;
+* ``dora``       ``lora_dora``, weight-decomposed LoRA (DoRA): the adapted linear's rows rescaled to a
+  trained magnitude, with the row norms of W + s·B A computed without forming it;
 * ``embedding``  ``lora_embedding``, an adapted ``nn.Embedding`` (a lookup into A, then B);
 * ``parameter``  ``lora_parameter``, an adapted bare parameter (PEFT's ``target_parameters``): W + s·B A;
+* ``conv``       ``lora_conv``, PEFT's LoRA on a convolution (Conv1d/2d/3d, grouped or not);
 * ``shortcut``   ``lora_shortcut``, a LoRA-adapted shortcut connection (HeteroLoRA):
   y + s·(h Aᵀ) Bᵀ between two points of the residual stream, with its ``ShortcutRecord``.
 
@@ -33,11 +36,13 @@ from .folded import FOLDED
 from .shortcut import SHORTCUT, ShortcutRecord
 from .sparse import SPARSE, SparseRecord
 from .cim import RRAM, SRAM_ADAPTER
+from .dora import DORA
 from .embedding import EMBEDDING
 from .parameter import PARAMETER
+from .conv import CONV
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
     "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "replace_node", "set_args",
-    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "EMBEDDING", "PARAMETER", "lora_linear_reference", "schedule_counts",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "EMBEDDING", "PARAMETER", "DORA", "CONV", "lora_linear_reference", "schedule_counts",
 ]

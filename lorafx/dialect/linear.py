@@ -48,6 +48,7 @@ getitem users).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import operator
 from typing import List, Optional, Sequence, Tuple
@@ -63,6 +64,7 @@ from lorafx.graph_utils import find_linear_sites, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 from lorafx.schedules import DEFAULT_KEEP_XA_SCHEDULE, DEFAULT_SCHEDULE, Rule, effective, lora_flops
 
+from .mha import MHA, mha_peft_tensors, mha_sites
 from .registry import (InputQuery, NodeCost, OpKind, ScheduleFamily, args_of, copy_meta, create, getitem_index,
                        register_kind, set_args)
 
@@ -581,10 +583,16 @@ class LinearKind(AdapterKind):
         return new
 
     def find_sites(self, gm):
-        return find_linear_sites(gm)
+        return mha_sites(find_linear_sites(gm))  # (an nn.MultiheadAttention's two projections named as PEFT does)
 
     def insert(self, gm, site, record: LoraRecord, x, *, train: bool, created_by: str):
         g = gm.graph
+        if site.layer == MHA and getattr(record, "lora_bias", None) is not None:
+            raise ValueError(f"InsertLoRA: lora_bias=True on {site.module} ({MHA}): PEFT merges only B·A into an "
+                             "attention's weights, so B's bias would never apply; compile with lora_bias=False, or "
+                             f"leave {site.extra.get('target', site.module)} out of target_modules")
+        if site.layer == MHA and record.dropout:  # PEFT runs these merged: its lora_dropout never applies
+            record = dataclasses.replace(record, dropout=0.0)
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, site.bias, record, train=train, created_by=created_by)
         for key in ("nn_module_stack", "stack_trace", "val"):
@@ -593,6 +601,9 @@ class LinearKind(AdapterKind):
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
         return new
+
+    def peft_tensors(self, record: LoraRecord):
+        return mha_peft_tensors(record) if record.layer == MHA else super().peft_tensors(record)
 
     def unmerge(self, graph, linear, record: LoraRecord, *, train: bool, created_by: str):
         v = args_of(linear)

@@ -321,6 +321,12 @@ class OpKind:
         kind merges them (``lora_linear``, or this kind's own); returns those nodes."""
         return [node]
 
+    def merge_problem(self, node: torch.fx.Node) -> Optional[str]:
+        """Why this (mergeable) kind's node cannot be folded into its weight, or None.  MergeLoRA
+        leaves such a node running, as it leaves an unmergeable kind's (and ``merge_and_unload``
+        rewrites it with ``lower``); ``merged_weight`` refuses it."""
+        return None
+
     def kept_records(self, node: torch.fx.Node) -> list:
         """Records MergeLoRA keeps on the merged linear, for ``unmerge`` to read back (the
         LoraRecord and MergedFrom are kept for every kind)."""
