@@ -50,6 +50,7 @@ import torch
 import torch.fx
 
 from lorafx.passes.insert_lora import InsertLoRA, draw_A, find_adapter_sites, select_linear_sites
+from lorafx.passes.peft_init import is_residual_init
 from lorafx.passes.merge_lora import _KEPT
 from lorafx.passes.set_training_mode import set_training_mode
 
@@ -212,6 +213,10 @@ def add_adapter(cm, name: str, **options) -> None:
     if options.get("init") == "lors":
         raise ValueError("add_adapter: init='lors' needs calibration data, which add_adapter does not take; use "
                          "init='kaiming' or 'gaussian', or compile a separate model with init='lors'")
+    if is_residual_init(options.get("init")):
+        raise ValueError(f"add_adapter: init={options['init']!r} replaces the frozen weights by residuals, which "
+                         "every adapter of the model reads; use init='kaiming', 'gaussian' or False, or compile a "
+                         f"separate model with init={options['init']!r}")
     ilora = InsertLoRA(**options)  # validates every option, naming the bad one
     ilora.validate()
     if cm.merged:
@@ -264,7 +269,10 @@ def _new_adapter(cm, name: str, ilora: InsertLoRA, seed: int):
         if W.is_meta:
             raise ValueError("add_adapter: the base weights are on the meta device; load them first")
         paths = {}
-        for tname, (shape, rule) in kind_named(site.kind).adapter_init(site, r, ilora.init).items():
+        init = "kaiming" if ilora.init is False else ilora.init
+        for tname, (shape, rule) in kind_named(site.kind).adapter_init(site, r, init).items():
+            if ilora.init is False and rule == "zeros":
+                rule = "kaiming"  # init=False: every tensor drawn (PEFT's rule, as InsertLoRA)
             value = draw_A(shape, rule, r, gen)
             path = f"{site.module}.{tname}" if name == DEFAULT else f"{site.module}.{tname}_{name}"
             _refuse_taken(cm, path)

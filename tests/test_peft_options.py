@@ -496,3 +496,12 @@ def test_lora_bias_and_pissa_name_a_layer_kind_that_lacks_them():
     for options in (dict(lora_bias=True), dict(init="pissa", r=2)):
         with pytest.raises(lorafx.PassError, match="does not implement .* for Embedding layers.*'emb'"):
             lorafx.compile(WithEmbedding(), example_inputs=(ids,), target_modules=["emb", "q"], **options)
+
+
+def test_add_adapter_takes_init_false_and_refuses_pissa():
+    cm = compiled(base_model(), target_modules=["q"], r=2)
+    cm.add_adapter("other", target_modules=["q"], r=2, init=False)
+    for rec in cm.adapter_records("other").values():
+        assert get_attr(cm, rec.lora_A).abs().max() > 0 and get_attr(cm, rec.lora_B).abs().max() > 0
+    with pytest.raises(ValueError, match="replaces the frozen weights by residuals"):
+        cm.add_adapter("third", target_modules=["q"], r=2, init="pissa")
