@@ -214,8 +214,7 @@ def test_lora_bias_merges_into_the_layers_bias_and_a_layer_without_gets_one(tmp_
 
 
 @pytest.mark.parametrize("rewrite", [dict(fold_a=True), dict(fuse_siblings=True),
-                                     pytest.param(dict(schedule="f2b5"), marks=pytest.mark.slow),
-                                     pytest.param(dict(schedule="f1b1k"), marks=pytest.mark.slow)])
+                                     dict(schedule="f2b5"), dict(schedule="f1b1k")])
 def test_lora_bias_survives_the_rewrites_of_adapter_nodes(rewrite):
     """B's bias reaches every kind through its bias argument: the same outputs, grads and merge."""
     base, x = base_model(), inputs()
@@ -248,10 +247,9 @@ def test_an_adapter_without_lora_bias_does_not_load_into_a_model_with_it(tmp_pat
 # -- layers_to_transform ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layers", [dict(layers_to_transform=[0, 2]),
-                                    pytest.param(dict(layers_to_transform=1), marks=pytest.mark.slow),
+                                    dict(layers_to_transform=1),
                                     dict(layers_to_transform=[1], layers_pattern="layers"),
-                                    pytest.param(dict(layers_to_transform=[0], layers_pattern=["h", "layers"]),
-                                                 marks=pytest.mark.slow)])
+                                    dict(layers_to_transform=[0], layers_pattern=["h", "layers"])])
 def test_layers_to_transform_adapts_the_sites_peft_adapts_and_round_trips(tmp_path, layers):
     base, x = base_model(), inputs()
     pm, cm = peft_pair(tmp_path, base, r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=False,
@@ -322,7 +320,7 @@ def test_pissa_and_olora_equal_peft_at_init_and_leave_the_model_alone(init):
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
-@pytest.mark.parametrize("init", ["pissa", pytest.param("olora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_save_a_plain_lora_that_peft_loads_on_the_original_base(tmp_path, init):
     base, x = base_model(), inputs()
     cm = compiled(base, r=3, lora_alpha=6, target_modules=["q", "v"], init=init, use_rslora=init == "olora",
