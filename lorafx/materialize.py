@@ -32,7 +32,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from lorafx.dialect.dora import dora_norm
+from lorafx.dialect import kind_named
 from lorafx.passes.fold_lora import FOLDED_SUFFIX
 from lorafx.passes.insert_lora import draw_A
 from lorafx.passes.program_chip import CHIP, chip_buffer
@@ -287,7 +287,8 @@ def materialize(cm: CompiledModel, checkpoint: Union[str, os.PathLike, Mapping],
         if W is None or rec.lora_A not in values or rec.lora_B not in values:
             continue  # (reported as unset below)
         with torch.no_grad():
-            n = dora_norm(W.t() if rec.weight_transposed else W, values[rec.lora_A], values[rec.lora_B], rec.scale)
+            n = kind_named(rec.kind).initial_magnitude(W, values[rec.lora_A], values[rec.lora_B], rec.scale,
+                                                       rec.weight_transposed)
         values[path] = n.to(device=device, dtype=planned[path][1].dtype)
     for path in chip_paths:
         if path in planned:

@@ -36,9 +36,10 @@ After AllocateRanks
 a rank, at that rank.
 
 ``use_dora=True`` (PEFT's option; DoRA, arXiv 2402.09353) builds ``lorafx.lora_dora`` nodes
-instead on linear sites (``lorafx/dialect/dora.py``), with a trainable magnitude
-``<site>.lora_magnitude`` (out_features,) that starts at ||W + s·B A|| row-wise as PEFT's does
-(||W|| while B = 0), so the model is still the identity at init.  Sites of other layer kinds
+instead on linear sites (``lorafx/dialect/dora.py``), and ``lora_dora_conv`` /
+``lora_dora_embedding`` on convolution and embedding sites (``lorafx/dialect/dora_layers.py``), with
+a trainable magnitude ``<site>.lora_magnitude`` (PEFT's shape) that starts at ||W + s·ΔW|| as PEFT's
+does, so the model is still the identity at init.  Sites of other layer kinds (target_parameters)
 are refused with use_dora (nothing is built).  On the meta device the magnitude is planned
 empty and ``lorafx.materialize`` computes it from the loaded W and the drawn A and B.
 """
@@ -55,8 +56,8 @@ import torch.fx
 
 from lorafx import options as O
 from lorafx.context import CompileContext
-from lorafx.dialect import DORA, LINEAR, PARAMETER, kind_named, kinds
-from lorafx.dialect.dora import MAGNITUDE, dora_norm
+from lorafx.dialect import CONV, DORA, DORA_CONV, DORA_EMBEDDING, EMBEDDING, LINEAR, PARAMETER, kind_named, kinds
+from lorafx.dialect.dora import MAGNITUDE
 from lorafx.graph_utils import (LinearSite, Site, get_attr, module_matches, node_module,
                                 owner_and_name, pattern_value, set_parameter, unique)
 from lorafx.meta import DeferredInit, LoraRecord, graph_record
@@ -314,11 +315,12 @@ class InsertLoRA(Pass):
             b.copy_((torch.rand(site.out_features, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(r))
         return torch.nn.Parameter(b)
 
-    def _make_magnitude(self, gm, site: LinearSite, A: torch.Tensor, B: torch.Tensor, scale: float):
-        """DoRA's magnitude m = ||W + s·B A|| row-wise (PEFT's init), in the adapters' dtype."""
+    def _make_magnitude(self, gm, site: Site, A: torch.Tensor, B: torch.Tensor, scale: float):
+        """DoRA's magnitude m = ||W + s·ΔW|| (PEFT's init: its DoRA kind's ``initial_magnitude``, in PEFT's
+        shape), in the adapters' dtype."""
         W = get_attr(gm, site.weight.target).detach()
         with torch.no_grad():
-            n = dora_norm(W.t() if site.weight_transposed else W, A.detach(), B.detach(), scale)
+            n = DORA_KIND_OF[site.kind].initial_magnitude(W, A.detach(), B.detach(), scale, site.weight_transposed)
         return torch.nn.Parameter(n.to(A.dtype))
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
@@ -365,7 +367,7 @@ class InsertLoRA(Pass):
         replaced: Dict[torch.fx.Node, torch.fx.Node] = {}  # a site's node -> its adapter node (a site fed by one)
         train = graph_record(gm).training is not False
         for site, (r, alpha) in zip(sites, configs):
-            kind = DORA if self.use_dora else kind_named(site.kind)
+            kind = DORA_KIND_OF[site.kind] if self.use_dora else kind_named(site.kind)
             scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             residual = residuals.get(site.module)
             if site.module not in made:  # a module called twice shares its adapter
@@ -511,17 +513,21 @@ def lors_directions(gm: torch.fx.GraphModule, ctx: CompileContext, sites, config
     return out
 
 
+# use_dora=True: the DoRA kind built on each LoRA kind's sites
+DORA_KIND_OF = {LINEAR.name: DORA, CONV.name: DORA_CONV, EMBEDDING.name: DORA_EMBEDDING}
+
+
 def _refuse_dora_on_other_layers(sites) -> None:
-    """lorafx's DoRA op is a linear one: use_dora with embedding or convolution sites selected
-    is refused, naming them (PEFT adapts those with DoRA too; lorafx does not yet)."""
-    other = [s for s in sites if s.kind != LINEAR.name]
+    """use_dora with a selected site no DoRA kind adapts (a target_parameters parameter) is refused,
+    naming it (nothing is built)."""
+    other = [s for s in sites if s.kind not in DORA_KIND_OF]
     if other:
         shown = ", ".join(f"{s.module!r} ({s.layer})" for s in other[:6]) + (
             f" and {len(other) - 6} more" if len(other) > 6 else "")
-        raise ValueError(f"InsertLoRA: use_dora=True adapts linear layers only, but {len(other)} other site(s) "
-                         f"are selected: {shown}. PEFT supports DoRA on embeddings and convolutions; lorafx does "
-                         "not yet, and nothing was compiled. Leave them out of target_modules (or add them to "
-                         "exclude_modules) and target_parameters, or compile without use_dora")
+        raise ValueError(f"InsertLoRA: use_dora=True adapts linear, convolution and embedding layers, but "
+                         f"{len(other)} other site(s) are selected: {shown}; nothing was compiled. Leave them out "
+                         "of target_modules (or add them to exclude_modules) and target_parameters, or compile "
+                         "without use_dora")
 
 
 def _warn_rank_above_limit(above) -> bool:

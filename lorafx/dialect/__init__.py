@@ -18,6 +18,7 @@ One module per kind, each registering itself on import:
 * ``embedding``  ``lora_embedding``, an adapted ``nn.Embedding`` (a lookup into A, then B);
 * ``parameter``  ``lora_parameter``, an adapted bare parameter (PEFT's ``target_parameters``): W + s·B A;
 * ``conv``       ``lora_conv``, PEFT's LoRA on a convolution (Conv1d/2d/3d, grouped or not);
+* ``dora_layers`` ``lora_dora_conv`` and ``lora_dora_embedding``, DoRA on convolutions and embeddings;
 * ``shortcut``   ``lora_shortcut``, a LoRA-adapted shortcut connection (HeteroLoRA):
   y + s·(h Aᵀ) Bᵀ between two points of the residual stream, with its ``ShortcutRecord``.
 
@@ -40,9 +41,11 @@ from .dora import DORA
 from .embedding import EMBEDDING
 from .parameter import PARAMETER
 from .conv import CONV
+from .dora_layers import DORA_CONV, DORA_EMBEDDING
 
 __all__ = [
     "ArgView", "InputQuery", "MergedFrom", "NodeCost", "OpKind", "ScheduleFamily", "args_of", "canonicalize",
     "create", "kind_named", "kind_of", "kinds", "lint", "lora_nodes", "owner_of", "register_kind", "replace_node", "set_args",
-    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "EMBEDDING", "PARAMETER", "DORA", "CONV", "lora_linear_reference", "schedule_counts",
+    "write", "LINEAR", "RECOMPUTE", "SIBLINGS", "FOLDED", "SHORTCUT", "ShortcutRecord", "SPARSE", "SparseRecord", "RRAM", "SRAM_ADAPTER", "EMBEDDING", "PARAMETER", "DORA", "CONV", "DORA_CONV", "DORA_EMBEDDING",
+    "lora_linear_reference", "schedule_counts",
 ]

@@ -373,6 +373,11 @@ class DoraKind(OpKind):
     def describe(self, node) -> str:
         return "dora"
 
+    def initial_magnitude(self, W: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+                          transposed: bool = False) -> Tensor:
+        """m = ||W + s·B A|| row-wise at init (PEFT's), (out,), float32 or wider (``transposed``: W is (in, out))."""
+        return dora_norm(W.t() if transposed else W, lora_A, lora_B, scale)
+
     def adapter_tensors(self, node) -> List[str]:
         return [path for rec in self.adapters(node) for path in (rec.lora_A, rec.lora_B, rec.magnitude)]
 

@@ -100,10 +100,8 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(ids, weight, lora_A, lora_B)  # never A^T[ids], never a (num, dim) tensor
 
 
-def _backward(ctx, dy):
-    ids, weight, lora_A, lora_B = ctx.saved_tensors
-    _, need_w, need_a, need_b = ctx.needs_input_grad[:4]
-    s, pad = ctx.scale, ctx.padding_idx
+def backward(dy, ids, weight, lora_A, lora_B, s: float, pad: int, need_w: bool, need_a: bool, need_b: bool):
+    """(dW, dA, dB) of ``lora_embedding`` for the output gradient ``dy`` (None where not needed)."""
     ids_flat = ids.reshape(-1)
     dy2 = dy.reshape(-1, dy.shape[-1])
     dya = dy2.to(lora_A.dtype) if lora_A.dtype != dy2.dtype else dy2
@@ -119,6 +117,13 @@ def _backward(ctx, dy):
             da[:, pad].zero_()
     if need_b:
         db = dya.t().mm(_lookup_a(ids_flat, lora_A)).mul_(s)  # s dy^T A^T[ids], (dim, r)
+    return dw, da, db
+
+
+def _backward(ctx, dy):
+    ids, weight, lora_A, lora_B = ctx.saved_tensors
+    _, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+    dw, da, db = backward(dy, ids, weight, lora_A, lora_B, ctx.scale, ctx.padding_idx, need_w, need_a, need_b)
     return None, dw, da, db, None, None
 
 
