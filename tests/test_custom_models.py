@@ -191,7 +191,7 @@ PROBES = {
     "olora": ("MLP", {"target_modules": ["lin0"], "r": 2, "init_lora_weights": "olora"}, "lin0"),
     "lora_bias": ("MLP", {"target_modules": ["lin0"], "lora_bias": True}, "lin0"),
     "dora": ("MLP", {"target_modules": ["lin0"], "use_dora": True}, "lin0"),
-    # DoRA on the other layer kinds (lorafx's lora_dora is a linear op: refused there for now)
+    # DoRA on the other layer kinds (lora_dora_embedding, lora_dora_conv)
     "dora_embedding": ("EmbMLP", {"target_modules": ["emb"], "use_dora": True}, "emb"),
     "dora_conv": ("Conv2d", {"target_modules": ["conv2d"], "use_dora": True}, "conv2d"),
     "modules_to_save": ("MLP", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}, "lin1"),

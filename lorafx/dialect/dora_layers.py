@@ -421,7 +421,7 @@ class DoraConvKind(C.ConvKind):
         V = W.detach().to(acc) + rec.scale * conv_delta(A, B).reshape(W.shape)
         n = torch.linalg.vector_norm(V.flatten(1), dim=1)
         c = get_attr(root, rec.magnitude).detach().to(acc).reshape(-1) / n
-        return (V * c.view(_channel_shape(W))).to(W.dtype)
+        return (V * c.view(-1, *(1,) * (W.dim() - 1))).to(W.dtype)
 
     def lower(self, graph, node) -> torch.fx.Node:
         """``merge_and_unload`` of a grouped layer's adapter: c (from W, A, B and m, as aten ops) ⊙ (the
