@@ -439,9 +439,9 @@ def test_planned_on_meta_then_materialized_equals_compiling_the_loaded_model():
     torch.testing.assert_close(planned(X.float()), real(X.float()))
 
 
-def test_other_layer_kinds_are_refused_by_name():
-    """An embedding selected with use_dora is refused, naming it and its kind, and nothing is
-    compiled (PEFT adapts embeddings with DoRA; lorafx's DoRA op is a linear one)."""
+def test_dora_on_embeddings_compiles_and_parameters_are_refused_by_name():
+    """use_dora on an embedding beside a linear builds a DoRA op on each (lorafx/dialect/dora_layers.py);
+    a target_parameters site (PEFT refuses DoRA there too) is refused, naming it and its kind."""
     from types import SimpleNamespace
     from passes.insert_lora import _refuse_dora_on_other_layers
 
@@ -455,14 +455,15 @@ def test_other_layer_kinds_are_refused_by_name():
             return self.lin(self.emb(i))
 
     i = torch.randint(0, 10, (2, 4))
-    with pytest.raises(Exception, match=r"use_dora=True adapts linear layers only.*'emb' \(Embedding\)"):
-        lorafx.compile(EmbLinear(), example_inputs=(i,), dynamic=False, r=2, target_modules=["emb", "lin"],
-                       use_dora=True)
+    cm = lorafx.compile(EmbLinear(), example_inputs=(i,), dynamic=False, r=2, target_modules=["emb", "lin"],
+                        use_dora=True)
+    assert sorted(r.kind for r in cm.lora_records().values()) == ["lora_dora", "lora_dora_embedding"]
     sites = [SimpleNamespace(module="q", kind="lora_linear", layer="Linear"),
-             SimpleNamespace(module="c", kind="lora_conv", layer="Conv2d")]
-    with pytest.raises(ValueError, match=r"'c' \(Conv2d\).*lorafx does\s+not yet"):
+             SimpleNamespace(module="c", kind="lora_conv", layer="Conv2d"),
+             SimpleNamespace(module="p", kind="lora_parameter", layer="Parameter")]
+    with pytest.raises(ValueError, match=r"'p' \(Parameter\); nothing was compiled"):
         _refuse_dora_on_other_layers(sites)
-    _refuse_dora_on_other_layers(sites[:1])
+    _refuse_dora_on_other_layers(sites[:2])
 
 
 def test_conv1d_layout_peft_parity_and_merge():
