@@ -62,6 +62,7 @@ from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 from . import conv as C
 from . import embedding as E
 from .dora import _hand_over, _take_norm, dora_norm
+from .linear import _traced
 from .registry import InputQuery, NodeCost, create, register_kind, replace_node
 
 __all__ = ["lora_dora_conv", "lora_dora_embedding", "lora_dora_conv_reference", "lora_dora_embedding_reference",
@@ -224,6 +225,8 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, dy):
     x, weight, bias, lora_A, lora_B, magnitude, mask, y, n = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
+    if _traced(dy, x):  # no data-dependent branch (a zero in m) in a traced backward: u is recomputed
+        y = None
     grads = conv_dora_backward(dy, x, weight, bias, lora_A, lora_B, magnitude, mask, y, n, ctx.scale, ctx.p,
                                ctx.geometry, (need_x, need_w, need_b and ctx.has_bias, need_a, need_bb, need_m))
     return (*grads, None, None, None, None, None, None, None)
@@ -326,6 +329,8 @@ def embedding_dora_backward(dy, ids, weight, lora_A, lora_B, magnitude, y, n, s,
 def _emb_backward(ctx, dy):
     ids, weight, lora_A, lora_B, magnitude, y, n = ctx.saved_tensors
     _, need_w, need_a, need_b, need_m = ctx.needs_input_grad[:5]
+    if _traced(dy, weight):  # no data-dependent branch (a zero in m) in a traced backward: u is recomputed
+        y = None
     dw, da, db, dm = embedding_dora_backward(dy, ids, weight, lora_A, lora_B, magnitude, y, n, ctx.scale,
                                              ctx.padding_idx, (need_w, need_a, need_b, need_m))
     return None, dw, da, db, dm, None, None
