@@ -201,7 +201,7 @@ class InsertLoRA(Pass):
                "False: adapters in the weight's dtype)"),
         Option("use_dora", bool, False,
                "DoRA (arXiv 2402.09353), PEFT's option: each adapted linear's rows rescaled to a trained magnitude "
-               "m / ||W + s·B·A||, m starting at that norm (linear layers only)"),
+               "m / ||W + s·B·A||, m starting at that norm (linear, convolution and embedding layers)"),
         Option("target_parameters", (list, type(None)), None,
                "PEFT's target_parameters: names of 2-d parameters used directly (x @ self.weight) to adapt as "
                "W + s·B A where they are read ('module.param', PEFT's suffix rule)", check=_check_parameters),
