@@ -288,3 +288,19 @@ def test_cost_model_counts_what_flop_counter_counts():
         with FlopCounterMode(display=False) as bwd:
             y.sum().backward()
         assert (int(total.fwd_flops), int(total.bwd_flops)) == (fwd.get_total_flops(), bwd.get_total_flops()), case
+
+
+@pytest.mark.parametrize("case", ["conv", "embedding"])
+def test_switching_between_a_dora_adapter_and_a_lora_one(case):
+    """A DoRA default adapter on a convolution or embedding and an added (plain LoRA) one: switching
+    away and back restores the DoRA outputs exactly, with its kind rebuilt from the base op."""
+    base, x, cm, pm, target = _pair(case)
+    _copy_from_peft(cm, pm)
+    cm.eval()
+    with torch.no_grad():
+        want = cm(x)
+        cm.add_adapter("other", r=2, target_modules=[target], init=False)
+        cm.set_adapter("other")
+        assert not torch.allclose(cm(x), want)
+        cm.set_adapter("default")
+        assert torch.equal(cm(x), want)
