@@ -33,8 +33,10 @@ and n the norm of the adapted weight V = W + s·ΔW, treated as a constant for a
     A, B, s)`` (Wᵀ A's product Aᵀ, 2·num·dim·r FLOPs; never the num × dim V).  No dropout (PEFT
     applies none to embeddings); ``padding_idx``: no gradient into A's column of that id.
 
-**Autograd** saves the inputs, the output y and n (the forward kernel's n handed over as linear
-DoRA does; recomputed where the link is missing).  dy' = dy ⊙ c; the LoRA kind's backward on dy'
+**Autograd** saves the inputs, the output y (not under dropout, where y does not give u) and n
+(out or dim numbers: the forward kernel's n handed over as linear DoRA does; recomputed where the
+link is missing, e.g. a traced backward, which also recomputes u for dm rather than branch on m's
+zeros).  Nothing W-sized or x-sized beyond those is kept.  dy' = dy ⊙ c; the LoRA kind's backward on dy'
 gives dx (dids: none), dW, dA and dB; db = Σ dy; dm = Σ dy ⊙ (y − b) / m over every dim but the
 channel (or Σ dy ⊙ u / n with u recomputed, under dropout or where some m is 0).  Under dropout
 the frozen term adds g = the input gradient of conv(·, W) on dy: dx = g + D(dx' − g), and dW
