@@ -367,11 +367,7 @@ class ConvKind(OpKind):
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, site.bias, record, site.extra, train=train, created_by=created_by,
                              layer=site.layer)
-        for key in ("nn_module_stack", "stack_trace", "val"):
-            if key in site.node.meta:
-                new.meta[key] = site.node.meta[key]
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
+        replace_node(g, site.node, new)  # its users, provenance and value
         return new
 
     def check(self, node):

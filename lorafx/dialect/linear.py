@@ -66,7 +66,7 @@ from lorafx.schedules import DEFAULT_KEEP_XA_SCHEDULE, DEFAULT_SCHEDULE, Rule, e
 
 from .mha import MHA, mha_peft_tensors, mha_sites
 from .registry import (InputQuery, NodeCost, OpKind, ScheduleFamily, args_of, copy_meta, create, getitem_index,
-                       register_kind, set_args)
+                       register_kind, replace_node, set_args)
 
 __all__ = [
     "lora_linear", "lora_linear_xa", "lora_linear_backward", "dropout_mask", "lora_linear_reference",
@@ -595,11 +595,7 @@ class LinearKind(AdapterKind):
             record = dataclasses.replace(record, dropout=0.0)
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, site.bias, record, train=train, created_by=created_by)
-        for key in ("nn_module_stack", "stack_trace", "val"):
-            if key in site.node.meta:
-                new.meta[key] = site.node.meta[key]
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
+        replace_node(g, site.node, new)  # its users, provenance and value
         return new
 
     def peft_tensors(self, record: LoraRecord):
