@@ -434,7 +434,7 @@ class InsertLoRA(Pass):
         if self.init is False and self.lora_bias and any(get_attr(gm, s.weight.target).is_meta for s in sites):
             raise ValueError("InsertLoRA: init=False with lora_bias=True draws B's bias, which lorafx.materialize "
                              "does not replay; compile with real weights, or use init='kaiming' on the meta device")
-        # lora_bias needs a kind that adds B's bias (``supports_lora_bias``: lora_linear, with_lora_bias); PiSSA/OLoRA
+        # lora_bias needs a kind that adds B's bias (``supports_lora_bias``: lora_linear, lora_conv); PiSSA/OLoRA
         # factorise a 2-d (out, in) weight: linear layers only
         other = next((s for s in sites if (peft_init.is_residual_init(self.init) and s.kind != LINEAR.name)
                       or (self.lora_bias and not getattr(kind_named(s.kind), "supports_lora_bias", False))), None)

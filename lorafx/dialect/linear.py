@@ -610,7 +610,7 @@ class LinearKind(AdapterKind):
         return self.build(graph, v.input, weight, bias, record, train=train, created_by=created_by)
 
 
-def with_lora_bias(graph, bias, weight, record: LoraRecord, created_by: str):
+def with_lora_bias(graph, bias, weight, record: LoraRecord, created_by: str, layer: str = "Linear"):
     """The bias argument of an adapter node: ``bias`` itself, or with PEFT's ``lora_bias`` the
     layer's bias plus s·b (b: B's bias, ``record.lora_bias``; s·b alone for a layer without
     bias), in the weight's dtype.  Every kind passes its bias argument through and returns its
@@ -624,7 +624,7 @@ def with_lora_bias(graph, bias, weight, record: LoraRecord, created_by: str):
         total = graph.call_function(torch.ops.aten.add.Tensor, (bias, lb), {"alpha": record.scale})
     out = graph.call_function(torch.ops.aten.type_as.default, (total, weight))
     for n in (total, out):
-        set_record(n, OriginRecord(record.site, "Linear", created_by=created_by))
+        set_record(n, OriginRecord(record.site, layer, created_by=created_by))
     return out
 
 
