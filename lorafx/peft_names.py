@@ -52,10 +52,8 @@ ALIASES: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "init_lora_weights": ("init", init_from_peft),
 }
 
-# LoraConfig fields lorafx reads under PEFT's name when a pass declares them, with PEFT's default:
-# those no pass declares are dropped at that value and refused at any other.  Fields other
-# helpers' passes declare (use_dora, target_parameters, modules_to_save, trainable_token_indices)
-# are listed too: until their pass is in the pipeline they are refused like the rest.
+# Every LoraConfig field with PEFT's default: one a pass declares (r, use_dora, modules_to_save, ...)
+# passes through; the others are dropped at that value and refused at any other.
 PEFT_FIELDS: Dict[str, Any] = {
     "r": 8, "target_modules": None, "exclude_modules": None, "lora_alpha": 8, "lora_dropout": 0.0,
     "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "modules_to_save": None,

@@ -1,4 +1,8 @@
-"""InsertLoRA: replace matched linears with ``lorafx.lora_linear`` ops.
+"""InsertLoRA: replace matched layers with their op kind's LoRA op (``lorafx.lora_linear`` for a linear).
+
+Every registered op kind with a ``layer`` finds its sites (``OpKind.find_sites``: linears,
+embeddings, convolutions; ``target_parameters`` names bare parameters), says which adapter
+tensors to draw (``adapter_init``) and builds its node (``insert``).
 
 Requires: a captured graph.  Provides: ``"lora"``.
 Preserves: outputs and gradients w.r.t. inputs exactly while B = 0 (the default
@@ -31,9 +35,8 @@ bias b (0 at init; the node's bias argument becomes bias + s·b); ``init=False``
 (kaiming-uniform, not the identity); ``init="pissa"``/``"pissa_niter_N"``/``"olora"`` take A and
 B from the SVD/QR of W and replace the frozen W by a private residual W − s·B A (the model's W is
 untouched), keeping A₀, B₀ as buffers ``lora_A0``/``lora_B0`` for ``save_adapter``'s conversion.
-After AllocateRanks
-(``rank_budget=...``) it adapts exactly the sites the graph record's ``allocation`` gives
-a rank, at that rank.
+After AllocateRanks (``rank_budget=...``) it adapts exactly the sites the graph record's
+``allocation`` gives a rank, at that rank.
 
 ``use_dora=True`` (PEFT's option; DoRA, arXiv 2402.09353) builds ``lorafx.lora_dora`` nodes
 instead on linear sites (``lorafx/dialect/dora.py``), and ``lora_dora_conv`` /
@@ -433,7 +436,7 @@ class InsertLoRA(Pass):
         if self.init is False and self.lora_bias and any(get_attr(gm, s.weight.target).is_meta for s in sites):
             raise ValueError("InsertLoRA: init=False with lora_bias=True draws B's bias, which lorafx.materialize "
                              "does not replay; compile with real weights, or use init='kaiming' on the meta device")
-        # lora_bias needs a kind that adds B's bias (``supports_lora_bias``: lora_linear, with_lora_bias); PiSSA/OLoRA
+        # lora_bias needs a kind that adds B's bias (``supports_lora_bias``: lora_linear, lora_conv); PiSSA/OLoRA
         # factorise a 2-d (out, in) weight: linear layers only
         other = next((s for s in sites if (peft_init.is_residual_init(self.init) and s.kind != LINEAR.name)
                       or (self.lora_bias and not getattr(kind_named(s.kind), "supports_lora_bias", False))), None)

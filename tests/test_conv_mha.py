@@ -348,6 +348,85 @@ def test_conv_rank_above_its_smaller_side_is_accepted_with_the_warning():
     assert not any("rank above" in r.getMessage() for r in records)
 
 
+
+def _conv_lora_bias_pair(base, x):
+    """(lorafx, PEFT) with lora_bias=True on every layer of ConvNet, PEFT's non-zero A/B/b copied into lorafx."""
+    cm = lorafx.compile(base, example_inputs=(x,), r=4, alpha=8, target_modules=CONV_TARGETS, lora_bias=True).eval()
+    torch.testing.assert_close(cm(x), base(x), **TOL)  # B = 0 and b = 0 at init
+    with warnings_ignored():
+        pm = _peft_model(base, CONV_TARGETS, r=4, lora_alpha=8, lora_bias=True).eval()
+    return cm, pm, _copy_from_peft(cm, pm)
+
+
+def test_conv_lora_bias_matches_peft_and_merges():
+    """lora_bias=True on convolutions (PEFT's B: a 1x1 conv with a bias b; y += s·b per channel): with
+    A/B/b copied from PEFT, outputs and adapter gradients (lora_B.bias's included) equal PEFT's; merge
+    folds s·b into the layer's bias (a conv without one, e2, gets one, removed again by unmerge), a
+    grouped conv keeps running with its b; merge_and_unload equals the unmerged model; merged_state_dict
+    refuses a bias-less layer as for linear, and loads into the source without one."""
+    base, x = _conv_net(groups=2)
+    cm, pm, keys = _conv_lora_bias_pair(base, x)
+    recs = cm.lora_records()
+    assert all(r.lora_bias == f"{s}.lora_bias" for s, r in recs.items())
+    assert tuple(get_attr(cm, recs["c1"].lora_bias).shape) == (8,)
+    assert {"c1.lora_B.bias", "c2.lora_B.bias", "e2.lora_B.bias", "fc.lora_B.bias"} <= set(keys)
+    assert get_attr(cm, recs["c1"].lora_bias).abs().max() > 0  # PEFT's init_lora_weights=False: b non-zero
+    _assert_parity(cm, pm, x, keys)
+    want = pm(x).detach()
+    cm.zero_grad(set_to_none=True)
+    weights = {n: p.clone() for n, p in cm.named_parameters()}
+
+    cm.merge()
+    assert get_attr(cm, "e2.bias").shape == (4,) and not get_attr(cm, "e2.bias").requires_grad
+    assert [n.name for n in cm.graph_module.graph.nodes if n.target is op.default] == ["c2_lora"]  # grouped
+    torch.testing.assert_close(cm(x), want, **TOL)
+    with pytest.raises(ValueError, match=r"c2 \(a convolution with groups=2\)"):  # (as without lora_bias)
+        cm.merged_state_dict()
+    cm.unmerge()
+    assert not hasattr(cm.graph_module.e2, "bias") or cm.graph_module.e2.bias is None
+    assert {n for n, _ in cm.named_parameters()} == set(weights)
+    assert all(torch.equal(p, weights[n]) for n, p in cm.named_parameters())
+    torch.testing.assert_close(cm(x), want, **TOL)
+    assert "e2.bias" not in cm.state_dict()
+
+    gm = cm.merge_and_unload()
+    assert not any(str(n.target).startswith("lorafx.") for n in gm.graph.nodes if n.op == "call_function")
+    assert not any(p.requires_grad for p in gm.parameters())
+    assert {n for n, _ in gm.named_parameters() if ".lora_" in n} == {"c2.lora_A", "c2.lora_B", "c2.lora_bias"}
+    torch.testing.assert_close(gm(x=x), want, **TOL)
+
+    # merged_state_dict: refused for a conv without bias (as for linear); without it the source holds the state
+    base1, _ = _conv_net(groups=1)
+    cm1 = lorafx.compile(base1, example_inputs=(x,), r=4, target_modules=["c2", "e2"], lora_bias=True, init=False)
+    with pytest.raises(ValueError, match=r"'e2.bias'.*lora_bias=True adapted a layer without bias"):
+        cm1.merged_state_dict()
+    cm1 = lorafx.compile(base1, example_inputs=(x,), r=4, target_modules=["c1", "c2", "d1", "e1"], lora_bias=True,
+                         init=False).eval()
+    want1 = cm1(x).detach()
+    assert not torch.allclose(want1, base1(x))
+    merged = copy.deepcopy(base1)
+    merged.load_state_dict(cm1.merged_state_dict(), strict=True)
+    torch.testing.assert_close(merged(x), want1, **TOL)
+
+
+@pytest.mark.slow
+def test_conv_lora_bias_round_trips_with_peft(tmp_path):
+    """lora_bias=True on convolutions in PEFT's format: save_adapter writes <site>.lora_B.bias and loads in
+    PEFT with PEFT's outputs; PEFT's save_pretrained loads in lorafx with the biases and the same outputs."""
+    base, x = _conv_net(groups=2)
+    cm, pm, _ = _conv_lora_bias_pair(base, x)
+    want = pm(x).detach()
+    cm.save_adapter(str(tmp_path / "lorafx"))
+    assert json.loads((tmp_path / "lorafx" / "adapter_config.json").read_text())["lora_bias"] is True
+    with warnings_ignored():
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lorafx")).eval()
+    torch.testing.assert_close(back(x), want, **TOL)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    loaded = lorafx.load_adapter(base, str(tmp_path / "peft"), example_inputs=(x,)).eval()
+    assert all(r.lora_bias is not None for r in loaded.lora_records().values())
+    torch.testing.assert_close(loaded(x), want, **TOL)
+
+
 # -- nn.MultiheadAttention ---------------------------------------------------------------------------
 
 MHA_KEYS = {"mha.lora_A.weight": (8, 10), "mha.lora_B.weight": (30, 8),  # the packed in_proj (3E = 30 rows)

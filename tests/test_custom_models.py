@@ -205,7 +205,7 @@ PROBES = {
     "conv2d_groups": ("Conv2dGroups2", {"target_modules": ["conv2d"]}, "conv2d"),
     "conv3d": ("Conv3d", {"target_modules": ["conv3d"]}, "conv3d"),
     "mha": ("MHA", {"target_modules": ["mha"]}, "mha"),
-    "conv_lora_bias": ("Conv2d", {"target_modules": ["conv2d"], "lora_bias": True}, "conv2d"),  # (linear only so far)
+    "conv_lora_bias": ("Conv2d", {"target_modules": ["conv2d"], "lora_bias": True}, "conv2d"),
     "target_parameters": ("MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}, "lin1"),
     # PEFT's names for lorafx's alpha, dropout and init (see test_compile_takes_peft_option_names)
     "peft_names": ("MLP", {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.0,

@@ -30,6 +30,11 @@ into the layer's weight (PEFT refuses to merge it).  lorafx's ``merge()`` leaves
 running (``merge_problem``), ``merge_and_unload()`` writes it as plain aten convolutions
 (``lower``), and ``merged_state_dict()`` refuses it (the source architecture has no place for it).
 
+PEFT's ``lora_bias`` (B a 1x1 convolution with a bias b, so the adapter adds s·b to every output
+position) needs no op argument: ``build`` feeds the bias argument with the layer's bias + s·b, shaped
+(out,) (``with_lora_bias``, as the linear kind does), whose gradient is b's; MergeLoRA folds s·b into
+the layer's bias (a layer without one gets one).
+
 Kind: ``CONV`` (name ``"lora_conv"``; layers ``"Conv1d"``, ``"Conv2d"``, ``"Conv3d"``).  Not
 scheduled (SelectSchedule leaves it alone); the passes that rewrite ``lora_linear`` (RecomputeInputs,
 FoldLoRAIntoBase, FuseSiblings, ApplySparsity) ask for that kind and leave it alone too.
@@ -324,6 +329,7 @@ class ConvKind(OpKind):
     name = "lora_conv"
     ops = (OP,)
     layer = "Conv1d/Conv2d/Conv3d"
+    supports_lora_bias = True  # PEFT's lora_bias (B a 1x1 conv with a bias): s·b added into the bias argument
 
     # sites and adapters --------------------------------------------------------------------
     def find_sites(self, gm):
@@ -344,7 +350,9 @@ class ConvKind(OpKind):
               layer: str = "") -> torch.fx.Node:
         """A new ``lora_conv`` node for ``record`` before the insertion point (its get_attrs, a
         dropout mask when ``record.dropout`` > 0, the Origin and Lora records)."""
-        from .linear import MASK_OP
+        from .linear import MASK_OP, with_lora_bias
+        layer = layer or getattr(record, "layer", "") or "Conv"
+        bias = with_lora_bias(graph, bias, weight, record, created_by, layer)
         a, b = graph.get_attr(record.lora_A), graph.get_attr(record.lora_B)
         mask = None
         if record.dropout > 0:
@@ -354,24 +362,16 @@ class ConvKind(OpKind):
                      lora_B=b, scale=record.scale, stride=list(geometry["stride"]), padding=list(geometry["padding"]),
                      dilation=list(geometry["dilation"]), groups=int(geometry["groups"]), dropout_mask=mask,
                      dropout_p=record.dropout)
-        set_record(new, OriginRecord(record.site, layer or getattr(record, "layer", "") or "Conv", created_by=created_by))
+        set_record(new, OriginRecord(record.site, layer, created_by=created_by))
         set_record(new, record)
         return new
 
     def insert(self, gm, site, record, x, *, train: bool, created_by: str):
-        if getattr(record, "lora_bias", None) is not None:
-            raise ValueError(f"InsertLoRA: lora_bias=True on {site.module} ({site.layer}): lorafx gives B a bias on "
-                             "linear layers only so far; compile with lora_bias=False, or leave "
-                             f"{site.module} out of target_modules")
         g = gm.graph
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, site.bias, record, site.extra, train=train, created_by=created_by,
                              layer=site.layer)
-        for key in ("nn_module_stack", "stack_trace", "val"):
-            if key in site.node.meta:
-                new.meta[key] = site.node.meta[key]
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
+        replace_node(g, site.node, new)  # its users, provenance and value
         return new
 
     def check(self, node):
@@ -437,6 +437,8 @@ class ConvKind(OpKind):
         a = list(base.args) + [None] * (9 - len(base.args))
         x, weight, bias, stride, padding, dilation, _t, _op, groups = a[:9]
         geo = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+        if record.lora_bias is not None:  # the merged conv reads the merged bias: build from the layer's own
+            bias = graph.get_attr(record.bias) if record.bias is not None else None
         return self.build(graph, x, weight, bias, record, geo, train=train, created_by=created_by)
 
     # memory and cost --------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 from lorafx.schedules import Rule, lora_flops
 
 from . import linear as L
-from .registry import InputQuery, NodeCost, OpKind, args_of, create, register_kind
+from .registry import InputQuery, NodeCost, OpKind, args_of, create, register_kind, replace_node
 
 __all__ = ["lora_dora", "lora_dora_backward", "lora_dora_reference", "dora_norm", "dora_forward", "dora_backward",
            "dora_flops", "merged_dora_weight", "DoraKind", "DORA", "MAGNITUDE"]
@@ -444,11 +444,7 @@ class DoraKind(OpKind):
         g = gm.graph
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, site.bias, record, train=train, created_by=created_by)
-        for key in ("nn_module_stack", "stack_trace", "val"):
-            if key in site.node.meta:
-                new.meta[key] = site.node.meta[key]
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
+        replace_node(g, site.node, new)  # its users, provenance and value
         return new
 
     def unmerge(self, graph, linear, record: LoraRecord, *, train: bool, created_by: str):

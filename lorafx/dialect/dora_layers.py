@@ -383,6 +383,8 @@ class DoraConvKind(C.ConvKind):
     name = "lora_dora_conv"
     ops = (CONV_OP,)
     layer = ""  # InsertLoRA builds it on lora_conv sites (use_dora=True)
+    own_records = True
+    supports_lora_bias = False  # (use_dora with lora_bias is refused, as in PEFT)
 
     def find_sites(self, gm):
         return []

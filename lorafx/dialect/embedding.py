@@ -43,7 +43,7 @@ from torch.utils.flop_counter import register_flop_formula
 from lorafx.graph_utils import Site, get_attr, node_module, safe_name
 from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
-from .registry import InputQuery, NodeCost, OpKind, create, register_kind
+from .registry import InputQuery, NodeCost, OpKind, create, register_kind, replace_node
 
 __all__ = ["lora_embedding", "lora_embedding_reference", "embedding_flops", "EmbeddingKind", "EMBEDDING"]
 
@@ -175,6 +175,7 @@ class EmbeddingKind(OpKind):
     """
 
     name = "lora_embedding"
+    own_records = True
     layer = "Embedding"
     ops = (OP,)
 
@@ -184,14 +185,6 @@ class EmbeddingKind(OpKind):
     def saved_inputs(self, node) -> set:
         v = self.view(node)
         return {a for a in (v.ids, v.weight, v.lora_A, v.lora_B) if isinstance(a, torch.fx.Node)}
-
-    def check(self, node) -> Optional[str]:
-        rec = get_record(node, LoraRecord)
-        if rec is None:
-            return f"{self.name} node {node.name} has no LoraRecord in node.meta['lorafx']"
-        if rec.kind != self.name:
-            return f"{self.name} node {node.name} carries a LoraRecord of kind {rec.kind!r}"
-        return None
 
     def cost(self, node, q: InputQuery) -> NodeCost:
         v = self.view(node)
@@ -265,11 +258,7 @@ class EmbeddingKind(OpKind):
         g = gm.graph
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, record, site.extra.get("padding_idx", -1), created_by=created_by)
-        for key in ("nn_module_stack", "stack_trace", "val"):
-            if key in site.node.meta:
-                new.meta[key] = site.node.meta[key]
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
+        replace_node(g, site.node, new)  # its users, provenance and value
         return new
 
     # MergeLoRA / UnmergeLoRA --------------------------------------------------------------------

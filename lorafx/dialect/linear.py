@@ -66,7 +66,7 @@ from lorafx.schedules import DEFAULT_KEEP_XA_SCHEDULE, DEFAULT_SCHEDULE, Rule, e
 
 from .mha import MHA, mha_peft_tensors, mha_sites
 from .registry import (InputQuery, NodeCost, OpKind, ScheduleFamily, args_of, copy_meta, create, getitem_index,
-                       register_kind, set_args)
+                       register_kind, replace_node, set_args)
 
 __all__ = [
     "lora_linear", "lora_linear_xa", "lora_linear_backward", "dropout_mask", "lora_linear_reference",
@@ -595,11 +595,7 @@ class LinearKind(AdapterKind):
             record = dataclasses.replace(record, dropout=0.0)
         with g.inserting_before(site.node):
             new = self.build(g, x, site.weight, site.bias, record, train=train, created_by=created_by)
-        for key in ("nn_module_stack", "stack_trace", "val"):
-            if key in site.node.meta:
-                new.meta[key] = site.node.meta[key]
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
+        replace_node(g, site.node, new)  # its users, provenance and value
         return new
 
     def peft_tensors(self, record: LoraRecord):
@@ -614,7 +610,7 @@ class LinearKind(AdapterKind):
         return self.build(graph, v.input, weight, bias, record, train=train, created_by=created_by)
 
 
-def with_lora_bias(graph, bias, weight, record: LoraRecord, created_by: str):
+def with_lora_bias(graph, bias, weight, record: LoraRecord, created_by: str, layer: str = "Linear"):
     """The bias argument of an adapter node: ``bias`` itself, or with PEFT's ``lora_bias`` the
     layer's bias plus s·b (b: B's bias, ``record.lora_bias``; s·b alone for a layer without
     bias), in the weight's dtype.  Every kind passes its bias argument through and returns its
@@ -628,7 +624,7 @@ def with_lora_bias(graph, bias, weight, record: LoraRecord, created_by: str):
         total = graph.call_function(torch.ops.aten.add.Tensor, (bias, lb), {"alpha": record.scale})
     out = graph.call_function(torch.ops.aten.type_as.default, (total, weight))
     for n in (total, out):
-        set_record(n, OriginRecord(record.site, "Linear", created_by=created_by))
+        set_record(n, OriginRecord(record.site, layer, created_by=created_by))
     return out
 
 

@@ -127,6 +127,7 @@ class ParameterKind(OpKind):
     """
 
     name = "lora_parameter"
+    own_records = True
     layer = "Parameter"
     ops = (OP,)
 
@@ -136,14 +137,6 @@ class ParameterKind(OpKind):
     def saved_inputs(self, node) -> set:
         v = self.view(node)
         return {a for a in (v.lora_A, v.lora_B) if isinstance(a, torch.fx.Node)}
-
-    def check(self, node) -> Optional[str]:
-        rec = get_record(node, LoraRecord)
-        if rec is None:
-            return f"{self.name} node {node.name} has no LoraRecord in node.meta['lorafx']"
-        if rec.kind != self.name:
-            return f"{self.name} node {node.name} carries a LoraRecord of kind {rec.kind!r}"
-        return None
 
     def cost(self, node, q: InputQuery) -> NodeCost:
         v = self.view(node)

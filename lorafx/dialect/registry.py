@@ -279,10 +279,15 @@ class OpKind:
         return [path for rec in self.adapters(node)
                 for path in (rec.lora_A, rec.lora_B, getattr(rec, "lora_bias", None)) if path is not None]
 
+    own_records: bool = False  # its nodes' LoraRecords name this kind (not a linear's, as a fused group's do)
+
     def check(self, node: torch.fx.Node) -> Optional[str]:
         """Why the node is malformed (the graph lint), or None."""
-        if get_record(node, LoraRecord) is None:
+        rec = get_record(node, LoraRecord)
+        if rec is None:
             return f"{self.name} node {node.name} has no LoraRecord in node.meta['lorafx']"
+        if self.own_records and rec.kind != self.name:
+            return f"{self.name} node {node.name} carries a LoraRecord of kind {rec.kind!r}"
         return None
 
     def describe(self, node: torch.fx.Node) -> str:
