@@ -60,6 +60,7 @@ from .dialect import LINEAR, canonicalize, kind_named, kind_of
 from .dialect.registry import copy_meta, set_args
 from .graph_utils import del_attr, get_attr, owner_and_name, set_parameter
 from .meta import LoraRecord, get_record, graph_record, records as node_records, set_record
+from .peft_names import ALIASES
 
 __all__ = ["DEFAULT", "ADD_OPTIONS", "ActiveAdapters", "AdapterSlot", "AdapterState", "add_adapter", "set_adapter",
            "disable_adapters", "delete_adapter", "adapter_records", "active_adapters", "active_records",
@@ -202,9 +203,16 @@ def add_adapter(cm, name: str, **options) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"add_adapter: an adapter name is letters, digits and '_' (it becomes part of the tensor "
                          f"names <site>.lora_A_<name>), got {name!r}")
+    for peft, (mine, convert) in ALIASES.items():  # PEFT's names: lora_alpha, lora_dropout, init_lora_weights
+        if peft in options:
+            if mine in options:
+                raise TypeError(f"add_adapter got both {mine}={options[mine]!r} and {peft}={options[peft]!r}, which "
+                                f"are the same option ({peft} is PEFT's name for {mine}); pass one of them")
+            options[mine] = convert(options.pop(peft))
     unknown = sorted(set(options) - set(ADD_OPTIONS))
     if unknown:
-        raise TypeError(f"add_adapter: unknown option(s) {unknown}; it takes {', '.join(ADD_OPTIONS)}")
+        raise TypeError(f"add_adapter: unknown option(s) {unknown}; it takes {', '.join(ADD_OPTIONS)} (and PEFT's "
+                        f"names {', '.join(ALIASES)}); compile a separate model for the others")
     st = _state(cm)
     if name in _names(st):
         raise ValueError(f"add_adapter: this model already has an adapter named {name!r}; pick another name or "

@@ -163,6 +163,19 @@ def test_add_adapter_refusals_leave_the_model_as_it_was():
     assert set(cm.state_dict()) == set(before)
 
 
+def test_add_adapter_takes_peft_names():
+    """lora_alpha / lora_dropout / init_lora_weights work as in compile; both names for one option is an error."""
+    cm, model, x = two_adapters()
+    cm.add_adapter("peft_named", r=3, lora_alpha=6, lora_dropout=0.0, init_lora_weights=True,
+                   target_modules=["a", "c"], seed=22)
+    named, other = values(cm, "peft_named"), values(cm, "other")
+    assert set(named) == set(other) and all(torch.equal(named[k], v) for k, v in other.items())  # same seed
+    assert {r.scale for r in cm.adapter_records("peft_named").values()} == {2.0}
+    with pytest.raises(TypeError, match="both alpha=6 and lora_alpha=6"):
+        cm.add_adapter("twice", alpha=6, lora_alpha=6)
+    assert "twice" not in cm.adapter_names
+
+
 # -- switching --------------------------------------------------------------------------------
 
 def test_switching_outputs_and_no_capture(monkeypatch):
