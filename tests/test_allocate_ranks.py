@@ -280,6 +280,7 @@ def test_peft_loads_the_allocated_adapter(tiny_model, tmp_path):
         torch.testing.assert_close(pm(input_ids=x).logits, cm.eval()(input_ids=x).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # the CLI itself is tested in test_cli.py; this adds rank_budget through it
 def test_cli_compile_with_a_rank_budget(tmp_path):
     from lorafx.cli import main
     import io, contextlib

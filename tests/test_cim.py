@@ -179,6 +179,7 @@ def _chip(cm):
     return {k: v.clone() for k, v in cm.graph_module.named_buffers() if k.startswith("lorafx_chip_")}
 
 
+@pytest.mark.slow  # test_replay_reuses_the_same_chip_and_reprogram_samples_a_new_one covers reprogram by default
 def test_seeded_chip_is_reproducible_and_differs_across_seeds(tiny_model):
     model = _llama(tiny_model)
     x = {"input_ids": ids(2, 8)}
@@ -321,6 +322,7 @@ def test_halora_warns_when_a_training_graph_has_no_loss(tiny_model):
     assert any("computes no loss" in r.getMessage() and "labels=" in r.getMessage() for r in records)
 
 
+@pytest.mark.slow  # the Trainer path of plain adapters is in test_trainer.py
 def test_halora_trains_with_the_transformers_trainer(tiny_model, tmp_path):
     transformers = pytest.importorskip("transformers")
     model = _llama(tiny_model)

@@ -52,8 +52,9 @@ def _same_training_step(a, b, ids):
 
 
 @pytest.mark.parametrize("options,folder", [(dict(r=4, seed=0, fold_a=True), "one"),
-                                            (dict(rank_budget=1.0, proxy="constant", shortcuts=True, seed=3),
-                                             "sharded")], ids=["uniform+fold_a-one-file", "allocated+shortcuts-sharded"])
+                                            pytest.param(dict(rank_budget=1.0, proxy="constant", shortcuts=True, seed=3),
+                                                         "sharded", marks=pytest.mark.slow)],
+                         ids=["uniform+fold_a-one-file", "allocated+shortcuts-sharded"])
 def test_materialize_equals_compiling_the_loaded_model(saved, options, folder):
     model, one, sharded = saved
     cm = _plan(_config(), **options)

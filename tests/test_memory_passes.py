@@ -46,7 +46,7 @@ def _lora_graph(family, passes=(), **options):
 
 
 # -- CausalMaskToIsCausal -------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "opt"])
+@pytest.mark.parametrize("family", ["llama"] + [pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "mistral", "opt")])
 def test_causal_mask_rewrite_equals_masked(family):
     model = _tiny(family, torch.float64).eval()
     if family == "mistral":
@@ -135,7 +135,7 @@ def test_causal_mask_rewrites_exactly_the_causal_masks(cmp, shift, seed):
 
 
 # -- RecomputeInputs ------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "bert"])
+@pytest.mark.parametrize("family", ["llama", "bert"] + [pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "gpt2", "opt")])
 def test_recompute_inputs_is_bit_exact(family):
     gm = _lora_graph(family)
     after = copy.deepcopy(gm)

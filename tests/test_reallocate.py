@@ -117,7 +117,7 @@ def test_allocation_keeps_adapted_sites_within_the_budget():
 
 # -- on a compiled model --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options", [{}, {"fold_a": True}], ids=["default", "fold_a"])
+@pytest.mark.parametrize("options", [{}, pytest.param({"fold_a": True}, marks=pytest.mark.slow)], ids=["default", "fold_a"])
 def test_growth_keeps_the_function_the_adam_state_and_the_other_parameters(tiny_model, monkeypatch, options):
     model = tiny_model("llama")
     source = {k: v.clone() for k, v in model.state_dict().items()}

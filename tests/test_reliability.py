@@ -109,7 +109,7 @@ def test_concurrent_first_calls_all_succeed_and_leave_the_model_unchanged():
         assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("trials", [pytest.param(2, id="2-trials"),
+@pytest.mark.parametrize("trials", [pytest.param(2, id="2-trials", marks=pytest.mark.slow),
                                     pytest.param(20, id="20-trials", marks=pytest.mark.slow)])
 def test_concurrent_first_calls_on_a_transformers_model(trials):
     model, _ = tiny_llama()
