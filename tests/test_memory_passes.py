@@ -281,7 +281,7 @@ def test_recipe_language():
 
 
 # -- FuseSiblings ---------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "bert"])
+@pytest.mark.parametrize("family", ["llama", "bert"] + [pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "opt")])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_fuse_siblings_equals_separate(family, recompute):
     gm = _lora_graph(family)

@@ -203,6 +203,7 @@ def test_shrink_is_the_truncated_svd_and_resets_the_state(tiny_model, monkeypatc
     assert not torch.equal(A2, before)  # the optimizer steps the new Parameter
 
 
+@pytest.mark.slow  # growth, shrink and the budget are each tested by default above
 def test_real_reallocations_stay_within_the_budget_and_training_goes_on(tiny_model):
     cm, batch = _compile(tiny_model("llama"), rank_budget=0.5, proxy="random")
     budget = next(r.info["budget"] for r in cm.report().passes if r.name == "AllocateRanks")
