@@ -89,7 +89,7 @@ PEFT_MASK_HINT = ("merge each of these sites as W + (s·B @ A) * (W != 0) on the
                   "'default'); layer.base_layer.weight.data += delta * (layer.base_layer.weight != 0)")
 logger = logging.getLogger("lorafx")
 PARAMETER_KIND = "lora_parameter"  # the op kind of target_parameters adapters (lorafx.dialect.parameter)
-EMBEDDING_KIND = "lora_embedding"  # the op kind of embedding adapters (lorafx.dialect.embedding)
+EMBEDDING_KINDS = ("lora_embedding", "lora_dora_embedding")  # the op kinds of embedding adapters (lorafx.dialect)
 # LoraConfig fields whose non-default values change what the adapter computes (or which
 # weights it has): lorafx refuses such adapters instead of silently computing something else.
 _UNSUPPORTED = {"bias": ("none", None), "use_qalora": (False, None),
@@ -769,6 +769,9 @@ def _shortcut_copies(cm, directory: str, shortcuts: Dict[str, SavedShortcut]):
     return out
 
 
+SAVED_TABLE_SUFFIX = ".base_layer.weight"  # PEFT's save_embedding_layers: an embedding's own table
+
+
 def _without_saved_tables(cm, directory: str, records, tensors) -> Dict[str, torch.Tensor]:
     """``tensors`` without the embedding tables PEFT saves beside an embedding's adapter
     (``<site>.base_layer.weight``: its ``save_embedding_layers="auto"`` for names such as
@@ -777,7 +780,7 @@ def _without_saved_tables(cm, directory: str, records, tensors) -> Dict[str, tor
     from lorafx.passes.merge_lora import kept_unmerged_weight
     out = dict(tensors)
     for site, rec in records.items():
-        saved = out.pop(f"{site}.base_layer.weight", None) if rec.kind == EMBEDDING_KIND else None
+        saved = out.pop(site + SAVED_TABLE_SUFFIX, None) if rec.kind in EMBEDDING_KINDS else None
         if saved is None:
             continue
         mine = kept_unmerged_weight(cm, rec)
@@ -902,8 +905,11 @@ def trained_settings(files: "AdapterFiles") -> dict:
 
 def _trained_part(tensors: Dict[str, torch.Tensor], mine=()) -> Dict[str, torch.Tensor]:
     """The tensors (by PEFT key) that belong to modules_to_save or trainable rows: the keys of no LoRA
-    tensor (no ".lora_" in them), and ``mine`` (a model's own modules_to_save / row keys)."""
-    return {k: v for k, v in tensors.items() if ".lora_" not in k or k in mine}
+    tensor (no ".lora_" in them), and ``mine`` (a model's own modules_to_save / row keys).  An
+    embedding table PEFT saves beside an embedding's adapter (``<site>.base_layer.weight``) is
+    neither: ``_without_saved_tables`` checks it."""
+    return {k: v for k, v in tensors.items()
+            if k in mine or (".lora_" not in k and not k.endswith(SAVED_TABLE_SUFFIX))}
 
 
 def _is_token_key(key: str) -> bool:
