@@ -350,7 +350,30 @@ OP = torch.ops.lorafx.lora_dora.default
 BACKWARD_OP = torch.ops.lorafx.lora_dora_backward.default
 
 
-class DoraKind(OpKind):
+MAGNITUDE_KEY = "lora_magnitude_vector"  # PEFT's state-dict key of the magnitude under the site (no ".weight")
+
+
+class DoraAdapter:
+    """What every DoRA kind adds to its LoRA kind (mixed in before it): the record names a
+    magnitude, which is one more adapter tensor and one more PEFT key."""
+
+    def check(self, node) -> Optional[str]:
+        problem = super().check(node)
+        if problem is None and not get_record(node, LoraRecord).magnitude:
+            return f"{self.name} node {node.name}'s LoraRecord names no magnitude (LoraRecord.magnitude)"
+        return problem
+
+    def describe(self, node) -> str:
+        return "dora"
+
+    def adapter_tensors(self, node) -> List[str]:
+        return [path for rec in self.adapters(node) for path in (rec.lora_A, rec.lora_B, rec.magnitude)]
+
+    def peft_tensors(self, record: LoraRecord) -> dict:
+        return {**super().peft_tensors(record), f"{record.site}.{MAGNITUDE_KEY}": record.magnitude}
+
+
+class DoraKind(DoraAdapter, OpKind):
     """``lora_dora``: y = m / ||W + s·B A|| ⊙ (x Wᵀ + s·(d(x) Aᵀ) Bᵀ) + b (PEFT's DoRA linear).
 
     Requires a LoraRecord with ``magnitude`` set.  Provides its cost, merged weight and
@@ -362,24 +385,10 @@ class DoraKind(OpKind):
     helper_ops = (BACKWARD_OP,)
     layer = ""  # InsertLoRA creates it on linear sites (use_dora=True), never finds sites of its own
 
-    def check(self, node) -> Optional[str]:
-        rec = get_record(node, LoraRecord)
-        if rec is None:
-            return f"{self.name} node {node.name} has no LoraRecord in node.meta['lorafx']"
-        if not getattr(rec, "magnitude", None):
-            return f"{self.name} node {node.name}'s LoraRecord names no magnitude (LoraRecord.magnitude)"
-        return None
-
-    def describe(self, node) -> str:
-        return "dora"
-
     def initial_magnitude(self, W: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
                           transposed: bool = False) -> Tensor:
         """m = ||W + s·B A|| row-wise at init (PEFT's), (out,), float32 or wider (``transposed``: W is (in, out))."""
         return dora_norm(W.t() if transposed else W, lora_A, lora_B, scale)
-
-    def adapter_tensors(self, node) -> List[str]:
-        return [path for rec in self.adapters(node) for path in (rec.lora_A, rec.lora_B, rec.magnitude)]
 
     def saved_inputs(self, node) -> set:
         v = self.view(node)
@@ -417,10 +426,6 @@ class DoraKind(OpKind):
     def base_op(self, graph, node) -> torch.fx.Node:
         v = self.view(node)
         return graph.call_function(torch.ops.aten.linear.default, (v.x, v.weight, v.bias))
-
-    def peft_tensors(self, record: LoraRecord) -> dict:
-        return {f"{record.site}.lora_A.weight": record.lora_A, f"{record.site}.lora_B.weight": record.lora_B,
-                f"{record.site}.lora_magnitude_vector": record.magnitude}
 
     # building -------------------------------------------------------------------------------
     def build(self, graph, x, weight, bias, record: LoraRecord, *, train: bool, created_by: str,

@@ -51,7 +51,7 @@ the LoRA kinds), and PEFT's keys (the LoRA kind's plus ``<site>.lora_magnitude_v
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import sympy
 import torch
@@ -63,7 +63,7 @@ from lorafx.meta import LoraRecord, OriginRecord, get_record, set_record
 
 from . import conv as C
 from . import embedding as E
-from .dora import _hand_over, _take_norm, dora_norm
+from .dora import DoraAdapter, _hand_over, _take_norm, dora_norm
 from .linear import _traced
 from .registry import InputQuery, NodeCost, create, register_kind, replace_node
 
@@ -359,23 +359,11 @@ def lora_dora_embedding_reference(ids, weight, lora_A, lora_B, magnitude, scale,
 
 # -- the kinds ---------------------------------------------------------------------------------------
 
-MAGNITUDE_KEY = "lora_magnitude_vector"  # PEFT's state-dict key under the site (no ".weight")
-
-
-def _check_magnitude(kind, node) -> Optional[str]:
-    rec = get_record(node, LoraRecord)
-    if rec is None:
-        return f"{kind.name} node {node.name} has no LoraRecord in node.meta['lorafx']"
-    if not getattr(rec, "magnitude", None):
-        return f"{kind.name} node {node.name}'s LoraRecord names no magnitude (LoraRecord.magnitude)"
-    return None
-
-
 CONV_OP = torch.ops.lorafx.lora_dora_conv.default
 EMB_OP = torch.ops.lorafx.lora_dora_embedding.default
 
 
-class DoraConvKind(C.ConvKind):
+class DoraConvKind(DoraAdapter, C.ConvKind):
     """``lora_dora_conv``: PEFT's DoRA convolution (module docstring).  Requires a LoraRecord with
     ``magnitude``; merged for groups == 1 (c ⊙ (W + s·B ∘ A), per output channel), lowered to
     aten ops by ``merge_and_unload`` otherwise.  Not scheduled."""
@@ -385,18 +373,6 @@ class DoraConvKind(C.ConvKind):
     layer = ""  # InsertLoRA builds it on lora_conv sites (use_dora=True)
     own_records = True
     supports_lora_bias = False  # (use_dora with lora_bias is refused, as in PEFT)
-
-    def find_sites(self, gm):
-        return []
-
-    def check(self, node):
-        return _check_magnitude(self, node) or super().check(node)
-
-    def describe(self, node) -> str:
-        return "dora"
-
-    def adapter_tensors(self, node) -> List[str]:
-        return [p for rec in self.adapters(node) for p in (rec.lora_A, rec.lora_B, rec.magnitude)]
 
     def initial_magnitude(self, W: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, transposed=False) -> Tensor:
         """m = n at init (PEFT's), in PEFT's shape (1, out, 1, ...), float32 or wider."""
@@ -468,10 +444,6 @@ class DoraConvKind(C.ConvKind):
         replace_node(graph, node, y, *made[:-1])
         return y
 
-    def peft_tensors(self, record: LoraRecord) -> Dict[str, str]:
-        return {f"{record.site}.lora_A.weight": record.lora_A, f"{record.site}.lora_B.weight": record.lora_B,
-                f"{record.site}.{MAGNITUDE_KEY}": record.magnitude}
-
     def saved_inputs(self, node) -> set:
         v = self.view(node)
         return {a for a in (v.x, v.weight, v.bias, v.lora_A, v.lora_B, v.magnitude, v.dropout_mask)
@@ -504,25 +476,13 @@ class DoraConvKind(C.ConvKind):
         return NodeCost(sympy.sympify(fwd), sympy.sympify(bwd), sympy.sympify(base.other + extra))
 
 
-class DoraEmbeddingKind(E.EmbeddingKind):
+class DoraEmbeddingKind(DoraAdapter, E.EmbeddingKind):
     """``lora_dora_embedding``: PEFT's DoRA embedding (module docstring).  Requires a LoraRecord with
     ``magnitude``; merged weight (W + s·(B A)ᵀ) with column j scaled by c_j.  Not scheduled."""
 
     name = "lora_dora_embedding"
     ops = (EMB_OP,)
     layer = ""  # InsertLoRA builds it on lora_embedding sites (use_dora=True)
-
-    def find_sites(self, gm):
-        return []
-
-    def check(self, node):
-        return _check_magnitude(self, node) or super().check(node)
-
-    def describe(self, node) -> str:
-        return "dora"
-
-    def adapter_tensors(self, node) -> List[str]:
-        return [p for rec in self.adapters(node) for p in (rec.lora_A, rec.lora_B, rec.magnitude)]
 
     def saved_inputs(self, node) -> set:
         v = self.view(node)
@@ -549,9 +509,6 @@ class DoraEmbeddingKind(E.EmbeddingKind):
         V = W.detach().to(acc) + rec.scale * A.t().mm(B.t())
         c = get_attr(root, rec.magnitude).detach().to(acc) / torch.linalg.vector_norm(V, dim=0)
         return (V * c.view(1, -1)).to(W.dtype)
-
-    def peft_tensors(self, record: LoraRecord) -> Dict[str, str]:
-        return {**super().peft_tensors(record), f"{record.site}.{MAGNITUDE_KEY}": record.magnitude}
 
     def cost(self, node, q: InputQuery) -> NodeCost:
         base = super().cost(node, q)
