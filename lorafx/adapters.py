@@ -56,7 +56,7 @@ from lorafx.passes.set_training_mode import set_training_mode
 
 from .capture import capture
 from .adapter_io import copy_adapter_weights, read_adapter_files, save_adapter as _save_one, compile_settings
-from .dialect import LINEAR, canonicalize, kind_named, kind_of
+from .dialect import canonicalize, kind_named, kind_of
 from .dialect.registry import copy_meta, set_args
 from .graph_utils import del_attr, get_attr, owner_and_name, set_parameter
 from .meta import LoraRecord, get_record, graph_record, records as node_records, set_record
@@ -346,7 +346,7 @@ def _check_combinable(st: AdapterState, active: List[str]) -> None:
                                  f"{extra.adapter!r} has {'a DoRA magnitude' if extra.magnitude else 'a lora_bias'}: "
                                  "lorafx runs several adapters at one site together only as plain LoRA deltas; "
                                  "activate one of them")
-            if not getattr(kind, "combinable", kind is LINEAR):
+            if not kind.combinable:
                 raise ValueError(f"set_adapter: adapters {[n for n, _ in recs]} all adapt {site} ({kind.name}), and "
                                  f"lorafx cannot run several {kind.name} adapters at one site together; activate "
                                  "one of them")

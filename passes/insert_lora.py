@@ -439,7 +439,7 @@ class InsertLoRA(Pass):
         # lora_bias needs a kind that adds B's bias (``supports_lora_bias``: lora_linear, lora_conv); PiSSA/OLoRA
         # factorise a 2-d (out, in) weight: linear layers only
         other = next((s for s in sites if (peft_init.is_residual_init(self.init) and s.kind != LINEAR.name)
-                      or (self.lora_bias and not getattr(kind_named(s.kind), "supports_lora_bias", False))), None)
+                      or (self.lora_bias and not kind_named(s.kind).supports_lora_bias)), None)
         if other is not None:
             what = "lora_bias=True" if self.lora_bias else f"init={self.init!r}"
             raise ValueError(f"InsertLoRA: lorafx does not implement {what} for {other.layer} layers, and "

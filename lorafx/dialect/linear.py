@@ -474,6 +474,7 @@ class LinearKind(AdapterKind):
     name = "lora_linear"
     layer = "Linear"
     supports_lora_bias = True  # PEFT's lora_bias: build adds B's bias into the bias argument (with_lora_bias)
+    combinable = True  # several adapters at one site: A and scale·B stacked (lorafx/adapters.py)
     ops = (OP, XA_OP)
     helper_ops = (MASK_OP, torch.ops.lorafx.lora_linear_backward.default)
     scheduled = True

@@ -251,6 +251,9 @@ class OpKind:
     ops: Tuple[OpOverload, ...] = ()
     helper_ops: Tuple[OpOverload, ...] = ()
     scheduled: bool = False  # SelectSchedule chooses its nodes' rules (from ``schedule_family``)
+    # several active adapters at one site run as one node of this kind, A and scale·B stacked (lorafx/adapters.py)
+    combinable: bool = False
+    supports_lora_bias: bool = False  # PEFT's lora_bias: its build adds B's bias into the bias argument
     mergeable: bool = True  # MergeLoRA folds its adapters into a frozen weight (else they keep running)
 
     # arguments -------------------------------------------------------------------------
@@ -277,7 +280,7 @@ class OpKind:
         """Attribute paths of the trainable tensors of the node's adapters (what
         ``merge_and_unload`` deletes): A and B (and B's bias, ``lora_bias``) by default."""
         return [path for rec in self.adapters(node)
-                for path in (rec.lora_A, rec.lora_B, getattr(rec, "lora_bias", None)) if path is not None]
+                for path in (rec.lora_A, rec.lora_B, rec.lora_bias) if path is not None]
 
     own_records: bool = False  # its nodes' LoraRecords name this kind (not a linear's, as a fused group's do)
 
@@ -388,7 +391,7 @@ class OpKind:
         """``{PEFT state-dict key (without "base_model.model." and the adapter name): attribute
         path}`` for one adapter: what ``save_adapter`` writes and ``load_adapter`` reads."""
         out = {f"{record.site}.lora_A.weight": record.lora_A, f"{record.site}.lora_B.weight": record.lora_B}
-        if getattr(record, "lora_bias", None) is not None:  # PEFT's lora_bias: lora_B is an nn.Linear with a bias
+        if record.lora_bias is not None:  # PEFT's lora_bias: lora_B is an nn.Linear with a bias
             out[f"{record.site}.lora_B.bias"] = record.lora_bias
         return out
 
